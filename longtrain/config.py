@@ -1,0 +1,284 @@
+"""Typed configuration schema, registered in Hydra's ConfigStore.
+
+YAML recipes in ``recipes/`` only give values; this module defines every key, its type, its
+default and what it means. The entry point converts the composed config once with
+``OmegaConf.to_object`` (which runs each ``__post_init__`` check) and hands typed sub-configs
+down: nothing below ``longtrain.train`` sees a ``DictConfig``.
+
+User errors raise :class:`ConfigError` (a ``ValueError``) naming the key and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: config, metrics, checkpoints and plots go here. launch/run.sh computes it once."""
+    name: Optional[str] = None
+    """Human-readable run name (W&B run name); defaults to the run directory's base name."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Entry of the size registry (longtrain.models.registry): tiny, llama1b, llama8b, qwen3_0_6b, ..."""
+    hf_path: Optional[str] = None
+    """Local Hugging Face directory to initialise weights and geometry from (overrides `name`)."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; null keeps the registry's value (must cover the tokenizer's ids)."""
+    hidden_size: Optional[int] = None
+    """Model width."""
+    intermediate_size: Optional[int] = None
+    """SwiGLU inner width."""
+    num_layers: Optional[int] = None
+    """Number of decoder layers."""
+    num_heads: Optional[int] = None
+    """Number of query heads."""
+    num_kv_heads: Optional[int] = None
+    """Number of key/value heads (grouped-query attention when smaller than num_heads)."""
+    head_dim: Optional[int] = None
+    """Per-head dimension; null means hidden_size // num_heads."""
+    rope_theta: Optional[float] = None
+    """RoPE base frequency."""
+    max_position_embeddings: Optional[int] = None
+    """Longest position the model is meant for (used by Llama-3 RoPE scaling)."""
+    tie_embeddings: Optional[bool] = None
+    """Share the input embedding and the LM head weight."""
+    init_std: Optional[float] = None
+    """Standard deviation of the random initialisation."""
+
+
+@dataclass
+class PasskeyConfig:
+    num_train: int = 512
+    """Number of synthetic training documents."""
+    num_eval: int = 64
+    """Number of synthetic evaluation documents (each evaluated for passkey accuracy)."""
+    min_chars: int = 256
+    """Shortest document, in characters of filler text."""
+    max_chars: int = 1024
+    """Longest document, in characters of filler text."""
+    digits: int = 5
+    """Number of digits of the passkey."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "passkey"
+    """`passkey` (the embedded synthetic dataset), or a local jsonl/json/parquet/txt file, a folder
+    of such files, or a folder written by datasets' save_to_disk."""
+    eval_source: Optional[str] = None
+    """Evaluation data in the same forms; null uses the passkey eval split or no eval data."""
+    tokenizer: str = "byte"
+    """`byte` (byte-level, no files needed) or a local Hugging Face tokenizer directory."""
+    mode: str = "pretrain"
+    """`pretrain` (loss on every token) or `sft` (loss on responses only)."""
+    text_field: str = "text"
+    """Field holding the document text in pretrain mode."""
+    seq_len: int = 1024
+    """Tokens per packed training sequence."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward/backward."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all ranks and accumulation steps; null means
+    micro_batch_size * grad_accum * data-parallel degree. Fixing it makes runs with different
+    layouts see the same tokens at every step."""
+    overlong: str = "split"
+    """What to do with documents longer than seq_len: `split` into seq_len pieces or `drop`."""
+    add_bos: bool = True
+    """Prepend the tokenizer's BOS token to each document (when it has one)."""
+    add_eos: bool = True
+    """Append the tokenizer's EOS token to each document (when it has one)."""
+    cache_dir: Optional[str] = None
+    """Cache for tokenised and packed data; null means ~/.cache/longtrain."""
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+    """Settings of the embedded passkey dataset."""
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, "data.seq_len", f"must be at least 2, got {self.seq_len}")
+        _require(self.micro_batch_size >= 1, "data.micro_batch_size",
+                 f"must be at least 1, got {self.micro_batch_size}")
+        _require(self.global_batch_size is None or self.global_batch_size >= 1, "data.global_batch_size",
+                 f"must be null or at least 1, got {self.global_batch_size}")
+        _require(self.mode in ("pretrain", "sft"), "data.mode", f"must be pretrain or sft, got {self.mode!r}")
+        _require(self.overlong in ("split", "drop"), "data.overlong",
+                 f"must be split or drop, got {self.overlong!r}")
+        pk = self.passkey
+        _require(0 < pk.min_chars <= pk.max_chars, "data.passkey.min_chars",
+                 f"need 0 < min_chars <= max_chars, got {pk.min_chars} and {pk.max_chars}")
+        _require(pk.num_train >= 1 and pk.num_eval >= 0, "data.passkey.num_train",
+                 "num_train must be >= 1 and num_eval >= 0")
+        _require(1 <= pk.digits <= 18, "data.passkey.digits", f"must be in 1..18, got {pk.digits}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine end, or WSD decay end)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not norms, biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    fused: str = "auto"
+    """`auto` (fused kernel on CUDA, foreach elsewhere), `true` or `false`."""
+    schedule: str = "cosine"
+    """`cosine` (warmup then cosine decay), `wsd` (warmup, stable, decay) or `constant`."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    decay_fraction: float = 0.2
+    """WSD only: fraction of max_steps spent in the final decay."""
+    clip_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule",
+                 f"must be cosine, wsd or constant, got {self.schedule!r}")
+        _require(str(self.fused).lower() in ("auto", "true", "false"), "optim.fused",
+                 f"must be auto, true or false, got {self.fused!r}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        _require(self.clip_grad_norm >= 0, "optim.clip_grad_norm", f"must be >= 0, got {self.clip_grad_norm}")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    seed: int = 0
+    """Seed of model initialisation and of the data order."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step on each rank."""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`. Master weights stay fp32."""
+    eval_every: int = 0
+    """Evaluate every N steps (and at the end); 0 disables evaluation."""
+    eval_rows: int = 64
+    """Sequences per evaluation, split over the data-parallel ranks (0: the whole eval set)."""
+    loss_chunk_size: int = 4096
+    """Tokens per chunk of the LM head + loss; the full logits tensor is never materialised."""
+    stop_at_step: int = 0
+    """Stop (with a checkpoint) after this step, as a preempted job would; the schedule still runs to
+    max_steps. 0 runs to max_steps. Used to split a long run over several jobs."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "trainer.max_steps", f"must be at least 1, got {self.max_steps}")
+        _require(self.grad_accum >= 1, "trainer.grad_accum", f"must be at least 1, got {self.grad_accum}")
+        _require(self.device in ("auto", "cpu", "cuda"), "trainer.device",
+                 f"must be auto, cpu or cuda, got {self.device!r}")
+        _require(self.precision in ("auto", "bf16", "fp32"), "trainer.precision",
+                 f"must be auto, bf16 or fp32, got {self.precision!r}")
+        _require(self.eval_every >= 0, "trainer.eval_every", f"must be >= 0, got {self.eval_every}")
+        _require(self.eval_rows >= 0, "trainer.eval_rows", f"must be >= 0, got {self.eval_rows}")
+        _require(0 <= self.stop_at_step, "trainer.stop_at_step", f"must be >= 0, got {self.stop_at_step}")
+        _require(self.loss_chunk_size >= 1, "trainer.loss_chunk_size",
+                 f"must be at least 1, got {self.loss_chunk_size}")
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"
+    """torch.distributed backend: `auto` (nccl on CUDA, gloo on CPU), `nccl` or `gloo`."""
+    timeout_s: int = 600
+    """Collective timeout in seconds: a dead rank makes the others fail instead of hanging."""
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("auto", "nccl", "gloo"), "parallel.backend",
+                 f"must be auto, nccl or gloo, got {self.backend!r}")
+
+
+@dataclass
+class MemoryConfig:
+    checkpointing: bool = False
+    """Recompute each decoder layer in the backward (activation checkpointing)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """`disabled`, `offline` (no network needed; sync later) or `online`."""
+    project: str = "longtrain"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); null uses the default."""
+    group: Optional[str] = None
+    """W&B group."""
+    tags: List[str] = field(default_factory=list)
+    """W&B tags."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("disabled", "offline", "online"), "logging.wandb.mode",
+                 f"must be disabled, offline or online, got {self.mode!r}")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Write metrics every N steps."""
+    progress: bool = True
+    """Show a progress bar on the writing rank."""
+    peak_tflops: Optional[float] = None
+    """Peak dense bf16 TFLOP/s of one device for MFU; null detects known GPUs (MFU null on CPU)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases tracking."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_every >= 1, "logging.log_every", f"must be at least 1, got {self.log_every}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N steps (and always at the end); 0 saves only at the end."""
+    keep: int = 3
+    """Keep the last K checkpoints; older ones are deleted after a successful save."""
+    resume: str = "auto"
+    """`auto` (the latest complete checkpoint of run.dir, or a fresh start if none), `none` (fresh
+    start; refused when run.dir already holds checkpoints), or a checkpoint or run directory."""
+    save_final: bool = True
+    """Save a checkpoint at the end of the run."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        _require(self.keep >= 1, "checkpoint.keep", f"must be at least 1, got {self.keep}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register_configs() -> None:
+    """Register the schema as ``longtrain_schema`` so recipes can list it in their defaults."""
+    ConfigStore.instance().store(name="longtrain_schema", node=Config)
