@@ -1,0 +1,233 @@
+"""Llama-family causal decoder (Llama 2/3, Qwen2, Qwen3) for long-sequence training.
+
+Parameter names are exactly those of Hugging Face's ``*ForCausalLM`` (``model.layers.0.self_attn.
+q_proj.weight``, ``lm_head.weight``, ...) and RoPE uses the same rotate-half convention, so HF
+checkpoints load by a plain copy (see :mod:`longtrain.models.hf`).
+
+Attention is delegated to ``self_attn.attn_fn`` (default
+:func:`longtrain.parallel.attention.local_attention`), a plain attribute that sequence-parallel
+code swaps with :meth:`Transformer.set_attention_fn`. Packed documents travel as ``doc_ids`` and
+per-document ``position_ids``; a shard of a sequence passes its true (global) positions.
+
+Layout legend: x_bsh [batch, seq, hidden]; q_bshd/k_bshd/v_bshd [batch, seq, heads, head_dim];
+cos_bsd/sin_bsd [batch, seq, head_dim]; position_ids_bs/doc_ids_bs [batch, seq].
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longtrain.models.args import ModelArgs
+from longtrain.parallel.attention import local_attention
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def rope_inv_freq(args: ModelArgs, device: Optional[torch.device] = None) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim // 2] in fp32, with Llama-3 scaling when configured.
+
+    Llama-3 scaling (Llama 3.1 release): wavelengths shorter than ``orig / high_freq_factor`` are
+    kept, those longer than ``orig / low_freq_factor`` are divided by ``factor``, and the band in
+    between is interpolated linearly in ``orig / wavelength``.
+    """
+    dim = args.head_dim
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (args.rope_theta ** exponent)
+    rs = args.rope_scaling
+    if rs is None:
+        return inv_freq
+    orig, factor = rs["original_max_position_embeddings"], rs["factor"]
+    low, high = rs["low_freq_factor"], rs["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(in_band, blended, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_bshd: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x_bshd`` by the angles of ``cos_bsd``/``sin_bsd`` (HF rotate-half pairing i, i + D/2)."""
+    cos, sin = cos_bsd.unsqueeze(2), sin_bsd.unsqueeze(2)
+    return x_bshd * cos + _rotate_half(x_bshd) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        h, q_dim, kv_dim = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(h, q_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, kv_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, kv_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, h, bias=False)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.scale = args.head_dim ** -0.5
+        self.attn_fn: AttentionFn = local_attention
+
+    def forward(self, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
+                doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        b, s, _ = x_bsh.shape
+        q_bshd = self.q_proj(x_bsh).view(b, s, self.num_heads, self.head_dim)
+        k_bshd = self.k_proj(x_bsh).view(b, s, self.num_kv_heads, self.head_dim)
+        v_bshd = self.v_proj(x_bsh).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q_bshd, k_bshd = self.q_norm(q_bshd), self.k_norm(k_bshd)
+        q_bshd = apply_rope(q_bshd, cos_bsd, sin_bsd)
+        k_bshd = apply_rope(k_bshd, cos_bsd, sin_bsd)
+        out_bshd = self.attn_fn(q_bshd, k_bshd, v_bshd, doc_ids=doc_ids, scale=self.scale)
+        return self.o_proj(out_bshd.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x_bsh: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_bsh)) * self.up_proj(x_bsh))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x_bsh = x_bsh + self.self_attn(self.input_layernorm(x_bsh), cos_bsd, sin_bsd, doc_ids)
+        return x_bsh + self.mlp(self.post_attention_layernorm(x_bsh))
+
+
+class Decoder(nn.Module):
+    """The ``model.`` prefix of HF names: embedding, layers, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Causal decoder; ``forward`` returns logits, ``hidden_states`` the normed final states.
+
+    Args:
+        args: the model geometry.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.activation_checkpointing = False
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        return self.model.layers
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """LM head weight [vocab, hidden] (the embedding weight when tied)."""
+        return self.lm_head.weight
+
+    def tie_weights(self) -> None:
+        """Make the LM head share the embedding weight again when ``tie_embeddings`` (``to_empty``
+        from the meta device creates separate parameters)."""
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE buffer in fp32 (after ``to_empty`` or a cast of the whole module)."""
+        self.inv_freq = rope_inv_freq(self.args, device=self.inv_freq.device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random initialisation, deterministic given torch's seed: N(0, init_std) for matrices, with
+        output projections (o_proj, down_proj) scaled by 1/sqrt(2 * num_layers) so the residual
+        stream's variance does not grow with depth; ones for norms, zeros for biases."""
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.num_layers)
+        for name, module in self.named_modules():
+            if module is self.lm_head and self.args.tie_embeddings:
+                continue  # shares the embedding's weight, already drawn
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        self.reset_rope()
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer in the backward (non-reentrant checkpoint) while training."""
+        self.activation_checkpointing = bool(enabled)
+
+    def set_attention_fn(self, fn: AttentionFn) -> None:
+        """Use ``fn(q_bshd, k_bshd, v_bshd, doc_ids=, scale=) -> out_bshd`` in every layer."""
+        for layer in self.layers:
+            layer.self_attn.attn_fn = fn
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, S, head_dim] for ``position_ids`` [B, S], computed in fp32 and cast to ``dtype``."""
+        if self.inv_freq.dtype != torch.float32:  # a module-wide cast (model.to(bf16)) lost precision
+            self.reset_rope()
+        angles_bsk = position_ids[..., None].float() * self.inv_freq
+        angles_bsd = torch.cat((angles_bsk, angles_bsk), dim=-1)
+        return angles_bsd.cos().to(dtype), angles_bsd.sin().to(dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                      doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-normed hidden states [B, S, hidden] (the LM head is left to a chunked loss).
+
+        Args:
+            input_ids: [B, S] token ids.
+            position_ids: [B, S] positions (restarting per document, global for a shard); None
+                means ``arange(S)`` for every row.
+            doc_ids: [B, S] document ids; attention never crosses a change of id. None means one
+                document per row.
+        """
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        x_bsh = self.model.embed_tokens(input_ids)
+        dtype = torch.get_autocast_dtype(x_bsh.device.type) if torch.is_autocast_enabled(x_bsh.device.type) \
+            else x_bsh.dtype
+        cos_bsd, sin_bsd = self.rope(position_ids, dtype)
+        use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                x_bsh = checkpoint(layer, x_bsh, cos_bsd, sin_bsd, doc_ids, use_reentrant=False)
+            else:
+                x_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        return self.model.norm(x_bsh)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, S, vocab] (fp32 when the parameters are); arguments as :meth:`hidden_states`."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids))
