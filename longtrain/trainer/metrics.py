@@ -1,0 +1,266 @@
+"""Metrics: one writing rank appends ``metrics.jsonl``, drives the progress bar and W&B.
+
+``metrics.jsonl`` is the record runs are compared by (loss parity), so values keep full
+precision; the progress bar and W&B only display them. Every other rank gets a logger whose
+methods do nothing, so the loop calls it unconditionally.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import string
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from longtrain.config import WandbConfig
+from longtrain.trainer.checkpoint import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
+
+# Trainer key -> W&B name. Keys not listed are logged as given; `eval_*` keys go to `eval/`.
+WANDB_NAMES = {
+    "loss": "loss/train",
+    "aux_loss": "loss/aux",
+    "lr": "optim/lr",
+    "grad_norm": "optim/grad_norm",
+    "tokens_per_s": "perf/tokens_per_s",
+    "tflops": "perf/tflops",
+    "mfu": "perf/mfu",
+    "step_time_s": "perf/step_time_s",
+    "tokens": "perf/tokens",
+    "peak_mem_gib": "memory/peak_gib",
+    "reserved_mem_gib": "memory/reserved_gib",
+}
+
+
+def wandb_name(key: str) -> str:
+    """The grouped W&B name of a trainer metric key."""
+    if key in WANDB_NAMES:
+        return WANDB_NAMES[key]
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    return key
+
+
+def _to_json(value: Any) -> Any:
+    # json.dumps hook: tensors and numpy values become Python numbers or lists (full precision).
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.item() if value.size == 1 else value.tolist()
+    raise TypeError(f"metric value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _read_records(path: Path) -> Tuple[List[str], int]:
+    """Lines of a metrics file that parse as JSON objects with a step, and how many did not."""
+    kept, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            int(rec["step"])
+            kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            bad += 1  # e.g. a line torn by a crash mid-write
+    return kept, bad
+
+
+class MetricsLogger:
+    """Writes ``metrics.jsonl``, a tqdm bar and W&B from the writing rank; no-op elsewhere.
+
+    Args:
+        run_dir: run directory; ``metrics.jsonl``, ``loss_curve.png`` and ``wandb/`` go here.
+        enabled: True on the writing rank only.
+        wandb_cfg: W&B settings (``disabled`` never imports wandb).
+        run_name: W&B run name.
+        config: resolved config, stored with the W&B run.
+        total_steps: steps of the whole run (the bar's total, for the ETA).
+        start_step: step resumed from; metrics logged after it by an earlier attempt are dropped.
+        progress: show the progress bar.
+    """
+
+    def __init__(self, run_dir: Union[str, Path], enabled: bool, wandb_cfg: WandbConfig, run_name: str,
+                 config: Dict[str, Any], total_steps: int, start_step: int = 0, progress: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.path = self.run_dir / METRICS_FILE
+        self._file = None
+        self._bar = None
+        self._wandb_run = None
+        self._closed = False
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_file(start_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if wandb_cfg.mode != "disabled":
+            self._wandb_run = self._init_wandb(wandb_cfg, run_name, config)
+
+    def _prepare_file(self, start_step: int) -> None:
+        if start_step > 0 and self.path.exists():
+            lines, bad = _read_records(self.path)
+            kept = [line for line in lines if int(json.loads(line)["step"]) <= start_step]
+            if bad or len(kept) < len(lines):
+                log.info("metrics: resuming at step %d; dropping %d later and %d unreadable lines of %s",
+                         start_step, len(lines) - len(kept), bad, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        else:
+            self.path.write_text("", encoding="utf-8")
+
+    def _init_wandb(self, cfg: WandbConfig, run_name: str, config: Dict[str, Any]) -> Any:
+        import wandb
+
+        # A restarted job reuses the id so W&B continues the same run instead of starting a new one.
+        id_path = self.run_dir / WANDB_ID_FILE
+        if id_path.is_file() and id_path.read_text(encoding="utf-8").strip():
+            run_id = id_path.read_text(encoding="utf-8").strip()
+        else:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            atomic_write_text(id_path, run_id + "\n")
+        return wandb.init(mode=cfg.mode, dir=str(self.run_dir), project=cfg.project, entity=cfg.entity,
+                          group=cfg.group, tags=list(cfg.tags) or None, name=run_name, config=config,
+                          id=run_id, resume="allow")
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        """Append ``{"step": step, **metrics}`` to metrics.jsonl, advance the bar, send to W&B."""
+        if not self.enabled:
+            return
+        record = json.loads(json.dumps({"step": int(step), **metrics}, default=_to_json))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._bar is not None:
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
+            postfix = {}
+            if isinstance(record.get("loss"), (int, float)):
+                postfix["loss"] = f"{record['loss']:.4f}"
+            if isinstance(record.get("tokens_per_s"), (int, float)):
+                postfix["tok/s"] = tqdm.format_sizeof(record["tokens_per_s"])
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+        if self._wandb_run is not None:
+            self._wandb_run.log({wandb_name(k): v for k, v in record.items() if k != "step"}, step=int(step))
+
+    def info(self, msg: str) -> None:
+        """Print a line on the writing rank without breaking the progress bar."""
+        if self.enabled:
+            tqdm.write(msg)
+
+    def close(self) -> None:
+        """Close the bar, finish W&B and plot ``loss_curve.png``; safe to call twice."""
+        if not self.enabled or self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+        try:
+            plot_loss_curve(self.path, self.run_dir / "loss_curve.png")
+        except Exception as e:  # a failed plot must not fail a finished run
+            log.warning("metrics: could not plot the loss curve: %s", e)
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def plot_loss_curve(jsonl_path: Union[str, Path], png_path: Union[str, Path]) -> Optional[Path]:
+    """Plot training loss (and ``eval_loss`` points) against step; returns the png or None if no loss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines, _ = _read_records(Path(jsonl_path))
+    train, evals = [], []
+    for rec in map(json.loads, lines):
+        for key, points in (("loss", train), ("eval_loss", evals)):
+            if isinstance(rec.get(key), (int, float)) and math.isfinite(rec[key]):
+                points.append((rec["step"], rec[key]))
+    if not train and not evals:
+        return None
+    # Figure + Agg canvas directly: no pyplot, so no global backend switch and no open windows.
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, png_path)
+    return png_path
+
+
+# Dense (no sparsity) bf16 tensor-core peaks per device, FLOP/s, from vendor datasheets.
+# Order matters: the first pattern found in the device name wins.
+_PEAK_BF16 = [
+    (r"GH200", 989.4e12),
+    (r"H200 NVL", 835.5e12),
+    (r"H200", 989.4e12),
+    (r"H100.*PCIe", 756e12),
+    (r"H100 NVL", 835.5e12),
+    (r"H100|H800", 989.4e12),
+    (r"GB200", 2500e12),
+    (r"B200", 2250e12),
+    (r"B100", 1750e12),
+    (r"A100|A800", 312e12),
+    (r"L40S", 362.05e12),
+    (r"L40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"MI300X", 1307.4e12),
+]
+
+
+def peak_flops_per_device(device: torch.device, override_tflops: Optional[float] = None) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of one device, for MFU.
+
+    Args:
+        device: the training device.
+        override_tflops: ``logging.peak_tflops``; when set it wins (TFLOP/s).
+
+    Returns:
+        FLOP/s, or None on CPU and on GPUs not in the table (MFU is then not reported).
+    """
+    if override_tflops is not None:
+        return float(override_tflops) * 1e12
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for pattern, flops in _PEAK_BF16:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return flops
+    log.info("metrics: unknown peak FLOP/s for %r; set logging.peak_tflops to report MFU", name)
+    return None
+
+
+def save_resolved_config(run_dir: Union[str, Path], config_yaml: str) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` atomically; returns the path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    atomic_write_text(path, config_yaml)
+    return path
