@@ -1,0 +1,352 @@
+"""Tokenizers, loading, tokenisation cache, packing, global-batch sampling and the passkey dataset."""
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from longtrain.config import DataConfig, PasskeyConfig
+from longtrain.trainer.data import GlobalBatchSampler, build_datasets, collate, load_records, pack, tokenize
+from longtrain.trainer.passkey import PasskeyEval, passkey_records, passkey_text
+from longtrain.trainer.tokenizer import ByteTokenizer, load_tokenizer
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def random_docs(rng, num, max_len, mask_prob=0.0):
+    ids, masks = [], []
+    for _ in range(num):
+        n = int(rng.integers(1, max_len + 1))
+        ids.append(rng.integers(0, 250, size=n).astype(np.int32))
+        masks.append((rng.random(n) >= mask_prob).astype(np.int8))
+    return ids, masks
+
+
+def doc_spans(doc_row):
+    """(start, end) of each run of equal doc ids in one row."""
+    edges = np.flatnonzero(np.diff(doc_row)) + 1
+    bounds = np.concatenate([[0], edges, [len(doc_row)]])
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "Grüße, 世界! \n tabs\t"
+    ids = tok.encode(text)
+    assert all(0 <= i < 256 for i in ids) and tok.vocab_size == 259
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == text
+    ids, mask = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    trained = bytes(i for i, m in zip(ids, mask) if m).decode()
+    assert trained == "yo\n" and tok.decode(ids) == "<|user|>\nhi\n<|assistant|>\nyo\n"
+
+
+def test_load_tokenizer_errors(tmp_path):
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    with pytest.raises(ValueError, match=r"data.tokenizer: .*expected 'byte' or a local Hugging Face"):
+        load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"data.tokenizer: cannot load .*expected 'byte'"):
+        load_tokenizer(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer directory built locally (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(["hello world, the pass key is 12345. user assistant"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    path = tmp_path_factory.mktemp("hf_tok")
+    fast.save_pretrained(str(path))
+    return str(path)
+
+
+def test_hf_tokenizer(hf_dir, tmp_path):
+    tok = load_tokenizer(hf_dir)
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    assert tok.pad_id == tok.eos_id and tok.bos_id is not None
+    assert tok.fingerprint == load_tokenizer(hf_dir).fingerprint != ByteTokenizer().fingerprint
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+            {"role": "user", "content": "pass"}, {"role": "assistant", "content": "key"}]
+    ids, mask = tok.apply_chat_template(chat)  # no chat template: the plain <|role|> format
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "world\nkey\n"
+    tok._tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                              "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    ids, mask = tok.apply_chat_template(chat)
+    # the space after "assistant:" is merged into the first answer token, so it is trained too
+    assert tok._tok.decode([i for i, m in zip(ids, mask) if m]) == " world</s> key</s>"
+    assert tok._tok.decode(ids) == "<s>user: hello</s><s>assistant: world</s><s>user: pass</s><s>assistant: key</s>"
+    row = tokenize(datasets.Dataset.from_list([{"messages": chat}]), tok, "sft", cache_dir=str(tmp_path))[0]
+    assert row["input_ids"] == ids and row["loss_mask"] == mask  # template already adds BOS and EOS
+
+
+# ---------------------------------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("seq_len", [16, 64])
+def test_pack_invariants(seq_len):
+    rng = np.random.default_rng(0)
+    ids, masks = random_docs(rng, 200, seq_len, mask_prob=0.2)
+    packed = pack(ids, masks, seq_len, "split", pad_id=258)
+    st = packed.stats
+    assert packed.input_ids.shape == packed.labels.shape == packed.position_ids.shape == (st.num_rows, seq_len)
+    assert st.num_split == st.num_dropped == 0 and st.num_tokens == sum(map(len, ids))
+    assert st.num_padding == st.num_rows * seq_len - st.num_tokens
+    seen = []
+    for r in range(st.num_rows):
+        spans = doc_spans(packed.doc_ids[r])
+        assert list(packed.doc_ids[r, [s for s, _ in spans]]) == list(range(len(spans)))
+        for s, e in spans:
+            assert list(packed.position_ids[r, s:e]) == list(range(e - s))
+            assert packed.labels[r, e - 1] == -100  # no label crosses a document
+            seen.append(tuple(packed.input_ids[r, s:e]))
+    # every document appears whole, exactly once
+    docs = sorted(tuple(d) for d in ids)
+    pads = [s for s in seen if s and all(t == 258 for t in s)]
+    assert sorted(s for s in seen if s not in pads) == docs
+    # labels are the next token where it carries loss, and -100 elsewhere
+    by_doc = {tuple(d): m for d, m in zip(ids, masks)}
+    for r in range(st.num_rows):
+        for s, e in doc_spans(packed.doc_ids[r]):
+            piece = tuple(packed.input_ids[r, s:e])
+            if piece not in by_doc:
+                assert (packed.labels[r, s:e] == -100).all()  # padding
+                continue
+            m = by_doc[piece]
+            want = np.where(m[1:] != 0, packed.input_ids[r, s + 1:e], -100)
+            assert (packed.labels[r, s:e - 1] == want).all()
+
+
+def test_pack_split_drop_and_errors():
+    docs = [np.arange(10), np.arange(3), np.arange(25), np.arange(8)]
+    masks = [np.ones(len(d), np.int8) for d in docs]
+    split = pack(docs, masks, 8, "split")
+    assert (split.stats.num_docs, split.stats.num_split, split.stats.num_dropped) == (4, 2, 0)
+    assert split.stats.num_tokens == 46
+    drop = pack(docs, masks, 8, "drop")
+    assert (drop.stats.num_split, drop.stats.num_dropped, drop.stats.num_tokens) == (0, 2, 11)
+    # split pieces are separate documents: positions restart at every piece
+    assert (split.position_ids.max(axis=1) <= 7).all() and (split.position_ids[:, 0] == 0).all()
+    assert (split.labels[split.position_ids == 7] == -100).all()  # a piece's last label does not cross into the next
+    with pytest.raises(ValueError, match=r"no documents left after packing \(all 2 dropped .*data.overlong=split"):
+        pack([np.arange(10), np.arange(9)], [np.ones(10), np.ones(9)], 8, "drop")
+    with pytest.raises(ValueError, match=r"token id 300 .*vocabulary of size 259.*model.vocab_size"):
+        pack([np.array([1, 300, 2])], [np.ones(3)], 8, vocab_size=259)
+
+
+def test_pack_is_first_fit_decreasing():
+    docs = [np.full(n, n) for n in (5, 3, 4, 2, 2)]
+    packed = pack(docs, [np.ones(len(d)) for d in docs], 8, pad_id=0)
+    # 5 -> row 0; 4 -> row 1; 3 -> row 0 (fills it); 2 -> row 1; 2 -> row 1 (fills it)
+    assert packed.input_ids.tolist() == [[5] * 5 + [3] * 3, [4] * 4 + [2] * 4]
+    assert packed.doc_ids.tolist() == [[0] * 5 + [1] * 3, [0] * 4 + [1] * 2 + [2] * 2]
+
+
+# ---------------------------------------------------------------------------------- tokenisation
+
+def test_sft_masks(tmp_path):
+    tok = ByteTokenizer()
+    ds = datasets.Dataset.from_list([{"prompt": "Q?", "response": " A."}])
+    row = tokenize(ds, tok, "sft", cache_dir=str(tmp_path))[0]
+    assert row["input_ids"] == [256] + list(b"Q? A.") + [257]
+    assert row["loss_mask"] == [0, 0, 0, 1, 1, 1, 1]
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"}]
+    row = tokenize(datasets.Dataset.from_list([{"messages": chat}]), tok, "sft", cache_dir=str(tmp_path))[0]
+    trained = [i for i, m in zip(row["input_ids"], row["loss_mask"]) if m]
+    assert trained == list(b"a\n") + [257] and row["input_ids"][0] == 256
+    # pack turns the mask into labels: only response tokens are targets
+    packed = pack([np.array(row["input_ids"])], [np.array(row["loss_mask"])], 64)
+    targets = packed.labels[0][packed.labels[0] != -100]
+    assert targets.tolist() == list(b"a\n") + [257]
+
+
+def test_tokenize_cache_reused(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": f"doc {i}"} for i in range(50)])
+    cache = str(tmp_path / "cache")
+    first = tokenize(load_records(src, cache_dir=cache), ByteTokenizer(), "pretrain", cache_dir=cache)
+
+    class Exploding(ByteTokenizer):
+        def encode(self, text):
+            raise AssertionError("tokenised again instead of loading the cache")
+
+    second = tokenize(load_records(src, cache_dir=cache), Exploding(), "pretrain", cache_dir=cache)
+    assert second._fingerprint == first._fingerprint and second.cache_files == first.cache_files
+    assert second.cache_files[0]["filename"].startswith(cache)
+    assert second["input_ids"] == first["input_ids"]
+    other = tokenize(load_records(src, cache_dir=cache), ByteTokenizer(), "pretrain", add_eos=False, cache_dir=cache)
+    assert other._fingerprint != first._fingerprint
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def test_load_formats(tmp_path):
+    recs = [{"text": "alpha"}, {"text": "beta"}]
+    cache = str(tmp_path / "cache")
+    assert load_records(write_jsonl(tmp_path / "a.jsonl", recs), cache_dir=cache)["text"] == ["alpha", "beta"]
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    assert load_records(str(tmp_path / "a.json"), cache_dir=cache)["text"] == ["alpha", "beta"]
+    datasets.Dataset.from_list(recs).to_parquet(str(tmp_path / "a.parquet"))
+    assert load_records(str(tmp_path / "a.parquet"), cache_dir=cache)["text"] == ["alpha", "beta"]
+    (tmp_path / "a.txt").write_text("line one\nline two\n", encoding="utf-8")
+    assert load_records(str(tmp_path / "a.txt"), cache_dir=cache)["text"] == ["line one\nline two\n"]
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "disk"))
+    assert load_records(str(tmp_path / "disk"))["text"] == ["alpha", "beta"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(recs)}).save_to_disk(str(tmp_path / "dict"))
+    assert load_records(str(tmp_path / "dict"))["text"] == ["alpha", "beta"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "1.jsonl", recs[:1])
+    write_jsonl(folder / "2.jsonl", recs[1:])
+    assert sorted(load_records(str(folder), cache_dir=cache)["text"]) == ["alpha", "beta"]
+
+
+def test_load_errors(tmp_path):
+    cache = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"data.source: .*nope.jsonl.* does not exist"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "a.csv").write_text("text\nx\n")
+    with pytest.raises(ValueError, match=r"data.source: unsupported extension '.csv'.*\.jsonl, \.json, \.parquet"):
+        load_records(str(tmp_path / "a.csv"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"data.eval_source: .*empty.jsonl.* is empty"):
+        load_records(str(tmp_path / "empty.jsonl"), key="data.eval_source")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"blank.jsonl.* is empty"):
+        load_records(str(tmp_path / "blank.jsonl"))
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"none.json.* holds no records"):
+        load_records(str(tmp_path / "none.json"), cache_dir=cache)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"data.source: .*latin1.txt.* is not UTF-8"):
+        load_records(str(tmp_path / "latin1.txt"), cache_dir=cache)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl.* is not UTF-8"):
+        load_records(str(tmp_path / "latin1.jsonl"), cache_dir=cache)
+    src = write_jsonl(tmp_path / "b.jsonl", [{"body": "x", "id": 1}])
+    with pytest.raises(ValueError, match=r"data.source: records of .*b.jsonl.* no field 'text' \(fields: body, id\)"):
+        tokenize(load_records(src, cache_dir=cache), ByteTokenizer(), "pretrain", source=repr(src))
+    with pytest.raises(ValueError, match=r"sft records .* no field 'messages' \(fields: body, id\)"):
+        tokenize(load_records(src, cache_dir=cache), ByteTokenizer(), "sft", source=repr(src))
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+def test_global_batch_layout_independent():
+    sampler = GlobalBatchSampler(num_rows=37, global_batch_size=8, seed=3)
+
+    def assembled(step, dp, accum, mbs):
+        blocks = {}
+        for r in range(dp):
+            for m, rows in enumerate(sampler.local_micro_batches(step, r, dp, mbs, accum)):
+                assert len(rows) == mbs
+                blocks[m * dp + r] = rows
+        return np.concatenate([blocks[b] for b in sorted(blocks)])
+
+    for step in (0, 1, 9):
+        for dp, accum, mbs in [(1, 4, 2), (2, 2, 2), (4, 1, 2), (8, 1, 1)]:
+            rows = assembled(step, dp, accum, mbs)
+            assert rows.tolist() == sampler.global_indices(step).tolist()
+    assert sampler.global_indices(0).tolist() != sampler.global_indices(1).tolist()
+    assert GlobalBatchSampler(37, 8, 3).global_indices(5).tolist() == sampler.global_indices(5).tolist()
+    assert GlobalBatchSampler(37, 8, 4).global_indices(5).tolist() != sampler.global_indices(5).tolist()
+    with pytest.raises(ValueError, match=r"data.global_batch_size=8 .*data.micro_batch_size \(1\).*trainer.grad_accum "
+                                         r"\(2\).*data-parallel degree \(2\) = 4; set data.global_batch_size=4 or "
+                                         r"trainer.grad_accum=4"):
+        sampler.local_micro_batches(0, 0, 2, 1, 2)
+
+
+def test_global_batch_epochs_wrap():
+    n, g = 12, 5
+    sampler = GlobalBatchSampler(n, g, seed=0)
+    stream = np.concatenate([sampler.global_indices(k) for k in range(12)])  # 60 rows = 5 epochs
+    epochs = stream.reshape(5, n)
+    for e in range(5):
+        assert sorted(epochs[e].tolist()) == list(range(n))  # each epoch is a permutation
+    assert epochs[0].tolist() != epochs[1].tolist()
+    big = GlobalBatchSampler(3, 7, seed=1).global_indices(0)  # a step longer than an epoch
+    assert sorted(big[:3].tolist()) == [0, 1, 2] and sorted(big[3:6].tolist()) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------- passkey
+
+def test_passkey_records():
+    a = passkey_records(200, 7, 200, 600, 5)
+    assert a == passkey_records(200, 7, 200, 600, 5)
+    assert a != passkey_records(200, 8, 200, 600, 5) and a != passkey_records(200, 7, 200, 600, 5, split="eval")
+    for r in a:
+        key = r["response"].strip()
+        assert len(key) == 5 and key.isdigit() and r["response"] == " " + key
+        assert f"The pass key is {key}. Remember it. {key} is the pass key." in r["prompt"]
+        assert r["prompt"].endswith("What is the pass key? The pass key is")
+        filler = len(r["prompt"]) - len(key) * 2 - 100
+        assert 150 <= filler <= 650
+        assert passkey_text(r) == r["prompt"] + r["response"]
+    depths = np.array([r["depth"] for r in a])
+    assert depths.min() < 0.05 and depths.max() > 0.95
+    assert np.histogram(depths, bins=5, range=(0, 1))[0].min() >= 20  # roughly uniform
+
+
+def test_passkey_eval_and_accuracy():
+    tok = ByteTokenizer()
+    recs = passkey_records(6, 0, 50, 120, 4, split="eval")
+    ev = PasskeyEval.from_records(recs, tok, seq_len=256)
+    batch, answer, depth = ev.batch(np.arange(6))
+    assert ev.num_rows == 6 and batch["input_ids"].shape == (6, 256) and answer.dtype == torch.bool
+    for r, rec in enumerate(recs):
+        assert tok.decode(batch["labels"][r][answer[r]].tolist()) == rec["response"]
+    assert torch.allclose(depth, torch.tensor([r["depth"] for r in recs], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"data.passkey.max_chars.*data.seq_len=64"):
+        PasskeyEval.from_records(recs, tok, seq_len=64)
+    acc = PasskeyEval.accuracy_by_depth([True, False, True, True, False], [0.05, 0.1, 0.5, 0.99, 1.0])
+    assert acc == {"passkey_acc": 0.6, "passkey_acc_depth_0-20": 0.5, "passkey_acc_depth_40-60": 1.0,
+                   "passkey_acc_depth_80-100": 0.5}
+
+
+# ----------------------------------------------------------------------------------------- bundle
+
+def test_build_datasets_passkey(tmp_path):
+    cfg = DataConfig(seq_len=512, cache_dir=str(tmp_path / "cache"),
+                     passkey=PasskeyConfig(num_train=40, num_eval=8, min_chars=100, max_chars=300))
+    lines, calls = [], []
+    bundle = build_datasets(cfg, vocab_size=259, seed=0, barrier=lambda: calls.append(1), log=lines.append)
+    assert calls == [1] and len(lines) == 1 and "40 docs" in lines[0] and "padding" in lines[0]
+    assert bundle.train.stats.num_docs == 40 and bundle.eval.stats.num_docs == 8
+    assert bundle.passkey_eval.num_rows == 8
+    batch = collate(bundle.train, np.array([0, 1]))
+    assert set(batch) == {"input_ids", "labels", "position_ids", "doc_ids"}
+    assert all(t.dtype == torch.int64 and t.shape == (2, 512) for t in batch.values())
+    packed_files = os.listdir(tmp_path / "cache" / "packed")
+    again = build_datasets(cfg, vocab_size=259, seed=0, rank=1, barrier=lambda: None, log=lines.append)
+    assert len(lines) == 1 and os.listdir(tmp_path / "cache" / "packed") == packed_files
+    assert np.array_equal(again.train.input_ids, bundle.train.input_ids)
+    with pytest.raises(ValueError, match=r"data.source: token id 258 .*size 100.*model.vocab_size to at least 259"):
+        build_datasets(cfg, vocab_size=100, seed=0)
+    sft = build_datasets(DataConfig(seq_len=512, mode="sft", cache_dir=cfg.cache_dir, passkey=cfg.passkey),
+                         vocab_size=259, seed=0, log=lambda _m: None)
+    assert (sft.train.labels != -100).sum() < (bundle.train.labels != -100).sum() / 10
+
+
+def test_build_datasets_file_source(tmp_path):
+    src = write_jsonl(tmp_path / "train.jsonl", [{"content": "x" * n} for n in (5, 50, 500)])
+    cfg = DataConfig(source=src, eval_source=src, text_field="content", seq_len=64, overlong="drop",
+                     cache_dir=str(tmp_path / "cache"))
+    bundle = build_datasets(cfg, vocab_size=259, seed=0, log=lambda _m: None)
+    assert bundle.train.stats.num_dropped == 1 and bundle.passkey_eval is None and bundle.eval is not None
+    with pytest.raises(ValueError, match=r"no field 'text' \(fields: content\).*data.text_field"):
+        build_datasets(DataConfig(source=src, cache_dir=cfg.cache_dir), vocab_size=259, seed=0)
