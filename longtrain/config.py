@@ -168,8 +168,9 @@ class TrainerConfig:
     """Optimizer steps to train for."""
     seed: int = 0
     """Seed of model initialisation and of the data order."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step on each rank."""
+    grad_accum: Optional[int] = None
+    """Micro-batches accumulated per optimizer step on each rank; null derives it from
+    data.global_batch_size / (data.micro_batch_size x data-parallel degree), or 1 without one."""
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
     precision: str = "auto"
@@ -186,7 +187,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", f"must be at least 1, got {self.max_steps}")
-        _require(self.grad_accum >= 1, "trainer.grad_accum", f"must be at least 1, got {self.grad_accum}")
+        _require(self.grad_accum is None or self.grad_accum >= 1, "trainer.grad_accum",
+                 f"must be null or at least 1, got {self.grad_accum}")
         _require(self.device in ("auto", "cpu", "cuda"), "trainer.device",
                  f"must be auto, cpu or cuda, got {self.device!r}")
         _require(self.precision in ("auto", "bf16", "fp32"), "trainer.precision",

@@ -1,0 +1,321 @@
+"""The training loop: build everything from the typed config, then step, evaluate, checkpoint.
+
+Order of construction (each piece gets typed sub-configs, never the whole DictConfig):
+parallel layout -> model geometry -> data (checked against the vocabulary) -> model -> optimizer
+and schedule -> checkpoint manager (resume) -> metrics.
+
+Loss normalisation (DESIGN.md): before the first micro-batch of a step, the count of valid label
+tokens of the *whole global batch* is summed over the data-parallel group (one all-reduce). Each
+micro-batch then back-propagates ``sum_t CE_t / N_valid_global`` and gradients are summed, never
+averaged, across ranks and micro-batches, so every layout computes the same step as one process
+that sees the whole global batch at once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from longtrain.config import Config, ConfigError, ModelConfig
+from longtrain.models import ModelArgs, Transformer, args_from_hf_config, get_model_args, load_hf_weights
+from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
+from longtrain.optim.optimizer import build_optimizer
+from longtrain.optim.schedule import build_scheduler
+from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.distributed import (DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum,
+                                            barrier)
+from longtrain.trainer.checkpoint import (CheckpointManager, load_model, load_torch, rng_state, save_model,
+                                          save_torch, set_rng_state)
+from longtrain.trainer.data import GlobalBatchSampler, build_datasets, collate
+from longtrain.trainer.metrics import MetricsLogger, peak_flops_per_device
+
+log = logging.getLogger("longtrain")
+
+_MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "rope_theta", "max_position_embeddings", "tie_embeddings", "init_std")
+
+
+def build_model_args(cfg: ModelConfig) -> ModelArgs:
+    """Model geometry: the registry entry ``model.name`` with the geometry keys given in the config
+    applied on top, or exactly the geometry of ``model.hf_path``'s config.json."""
+    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES if getattr(cfg, k) is not None}
+    if cfg.hf_path is None:
+        return get_model_args(cfg.name, **overrides)
+    if overrides:
+        raise ConfigError(f"model.{next(iter(overrides))}: the geometry comes from model.hf_path's config.json and "
+                          "cannot be overridden (the weights would not fit); remove the override")
+    config_file = Path(cfg.hf_path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.hf_path: no config.json in '{cfg.hf_path}' (expected a local Hugging Face model "
+                          "directory)")
+    return args_from_hf_config(json.loads(config_file.read_text()))
+
+
+def resolve_batch_layout(global_batch_size: Optional[int], micro_batch_size: int, grad_accum: Optional[int],
+                         dp_size: int) -> Tuple[int, int]:
+    """(global batch size, accumulation steps) from the config, checked against each other.
+
+    Raises:
+        ConfigError: the three do not multiply out, naming the keys and a consistent value.
+    """
+    per_pass = micro_batch_size * dp_size
+    if global_batch_size is None:
+        return per_pass * (grad_accum or 1), grad_accum or 1
+    if grad_accum is None:
+        if global_batch_size % per_pass:
+            raise ConfigError(f"data.global_batch_size={global_batch_size} is not a multiple of data.micro_batch_size "
+                              f"({micro_batch_size}) x data-parallel degree ({dp_size}) = {per_pass}; set "
+                              f"data.global_batch_size={max(1, global_batch_size // per_pass) * per_pass}")
+        return global_batch_size, global_batch_size // per_pass
+    if global_batch_size != per_pass * grad_accum:
+        fix = f"set data.global_batch_size={per_pass * grad_accum}"
+        if global_batch_size % per_pass == 0:
+            fix += f" or trainer.grad_accum={global_batch_size // per_pass} (or null)"
+        raise ConfigError(f"data.global_batch_size={global_batch_size} must equal data.micro_batch_size "
+                          f"({micro_batch_size}) x trainer.grad_accum ({grad_accum}) x data-parallel degree "
+                          f"({dp_size}) = {per_pass * grad_accum}; {fix}")
+    return global_batch_size, grad_accum
+
+
+def _peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: peak RSS
+
+
+class Trainer:
+    """Owns the model, optimizer, data and I/O of one run; ``fit()`` trains to ``trainer.max_steps``."""
+
+    def __init__(self, cfg: Config, dist_info: DistInfo, config_yaml: str = "") -> None:
+        self.cfg, self.dist = cfg, dist_info
+        self.device = dist_info.device
+        self.run_dir = Path(cfg.run.dir)
+        tc, dc = cfg.trainer, cfg.data
+
+        self.dims = ParallelDims(world_size=dist_info.world_size)
+        self.dims.build_groups()
+        self.dp_group = self.dims.group("dp")
+        self.dp_rank, self.dp_size = self.dims.rank("dp"), self.dims.size("dp")
+        self.global_batch_size, self.grad_accum = resolve_batch_layout(dc.global_batch_size, dc.micro_batch_size,
+                                                                       tc.grad_accum, self.dp_size)
+        precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+        self.model_args = build_model_args(cfg.model)
+        self.data = build_datasets(dc, vocab_size=self.model_args.vocab_size, seed=tc.seed, rank=dist_info.rank,
+                                   barrier=barrier, log=self._info)
+        self.sampler = GlobalBatchSampler(self.data.train.num_rows, self.global_batch_size, tc.seed)
+
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(self.model_args)
+        self.model.init_weights()
+        if cfg.model.hf_path is not None:
+            load_hf_weights(self.model, cfg.model.hf_path)
+        self.model.to(self.device)
+        self.model.set_activation_checkpointing(cfg.memory.checkpointing)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
+
+        self.step, self.tokens_seen = 0, 0
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=dist_info.rank,
+                                      world_size=dist_info.world_size, barrier=barrier)
+        self._resume(cfg.checkpoint.resume)
+
+        self.peak_flops = peak_flops_per_device(self.device, cfg.logging.peak_tflops)
+        self.flops_per_token = self.model_args.flops_per_token(dc.seq_len)
+        self.metrics = MetricsLogger(self.run_dir, enabled=dist_info.is_writer, wandb_cfg=cfg.logging.wandb,
+                                     run_name=cfg.run.name or self.run_dir.name, config=asdict(cfg),
+                                     total_steps=tc.max_steps, start_step=self.step, progress=cfg.logging.progress)
+        self._info(f"model {cfg.model.name}: {self.model_args.num_params() / 1e6:.1f}M parameters; "
+                   f"layout dp={self.dp_size}; global batch {self.global_batch_size} x {dc.seq_len} tokens "
+                   f"= {dc.micro_batch_size} per micro-batch x {self.grad_accum} accumulation x {self.dp_size} ranks; "
+                   f"precision {precision}; device {self.device}")
+
+    # ------------------------------------------------------------------ helpers
+    def _info(self, msg: str) -> None:
+        if self.dist.is_writer:
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None:
+                metrics.info(msg)
+            else:
+                log.info(msg)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _hidden(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            return self.model.hidden_states(batch["input_ids"], position_ids=batch["position_ids"],
+                                            doc_ids=batch["doc_ids"])
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over this rank's share of the global batch of step ``self.step``."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rows = self.sampler.local_micro_batches(self.step, self.dp_rank, self.dp_size, cfg.data.micro_batch_size,
+                                                self.grad_accum)
+        batches = [self._to_device(collate(self.data.train, r)) for r in rows]
+        valid = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)], dtype=torch.float64,
+                             device=self.device)
+        num_valid = int(all_reduce_sum(valid, self.dp_group).item())  # the one count all-reduce of the step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            labels = batch["labels"]
+            weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
+            loss = chunked_lm_loss(self._hidden(batch), self.model.output_weight, labels, weights,
+                                   cfg.trainer.loss_chunk_size)
+            loss.backward()
+            loss_sum += loss.detach().double()
+        all_reduce_gradients(self.model.parameters(), self.dp_group)
+        clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1}; the weights "
+                                     "were not updated (lower optim.lr or check the data)")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(all_reduce_sum(loss_sum, self.dp_group).item())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        step_tokens = self.global_batch_size * cfg.data.seq_len
+        self.step += 1
+        self.tokens_seen += step_tokens
+        mfu = None
+        if self.peak_flops:
+            mfu = self.flops_per_token * step_tokens / dt / (self.peak_flops * self.dist.world_size)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                "valid_tokens": num_valid, "tokens_per_s": step_tokens / dt, "step_time_s": dt, "mfu": mfu,
+                "peak_mem_gib": _peak_mem_gib(self.device)}
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Eval loss over ``trainer.eval_rows`` eval sequences and passkey accuracy by depth."""
+        self.model.eval()
+        out: Dict[str, float] = {}
+        mbs, limit = self.cfg.data.micro_batch_size, self.cfg.trainer.eval_rows
+        if self.data.eval is not None:
+            rows = np.arange(self.data.eval.num_rows if limit == 0 else min(limit, self.data.eval.num_rows))
+            mine = rows[self.dp_rank::self.dp_size]
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for i in range(0, len(mine), mbs):
+                batch = self._to_device(collate(self.data.eval, mine[i:i + mbs]))
+                labels = batch["labels"]
+                sums[0] += chunked_lm_loss(self._hidden(batch), self.model.output_weight, labels, None,
+                                           self.cfg.trainer.loss_chunk_size).double()
+                sums[1] += (labels != IGNORE_INDEX).sum()
+            all_reduce_sum(sums, self.dp_group)
+            out["eval_loss"] = float(sums[0] / sums[1].clamp(min=1))
+        pk = self.data.passkey_eval
+        if pk is not None:
+            mine = np.arange(pk.num_rows)[self.dp_rank::self.dp_size]
+            results = []
+            for i in range(0, len(mine), mbs):
+                batch, answer_mask, depth = pk.batch(mine[i:i + mbs])
+                batch, answer_mask = self._to_device(batch), answer_mask.to(self.device)
+                hidden = self._hidden(batch)
+                logits = hidden[answer_mask].float() @ self.model.output_weight.float().t()
+                hit = torch.ones_like(answer_mask)
+                hit[answer_mask] = logits.argmax(-1) == batch["labels"][answer_mask]
+                results += list(zip(hit.all(dim=1).tolist(), depth.tolist()))
+            gathered = [r for part in all_gather_objects(results, self.dp_group) for r in part]
+            out.update(pk.accuracy_by_depth([c for c, _ in gathered], [d for _, d in gathered]))
+        self.model.train()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch_size": self.global_batch_size,
+                "seq_len": self.cfg.data.seq_len, "seed": self.cfg.trainer.seed, "world_size": self.dist.world_size,
+                "model_args": asdict(self.model_args)}
+
+    def save_checkpoint(self) -> Path:
+        """Save everything an exact resume needs; every rank saves its own RNG state."""
+        def write(tmp: Path) -> None:
+            if self.dist.is_writer:
+                save_model(self.model, tmp / "model.safetensors")
+                save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=1))
+            (tmp / "rng").mkdir(parents=True, exist_ok=True)
+            save_torch(rng_state(), tmp / "rng" / f"rank_{self.dist.rank:05d}.pt")
+
+        path = self.ckpt.save(self.step, write, meta={"step": self.step})
+        self._info(f"saved checkpoint {path}")
+        return path
+
+    def _resume(self, spec: str) -> None:
+        if spec == "none":
+            existing = self.ckpt.resolve_resume("auto")
+            if existing is not None:
+                raise ConfigError(f"checkpoint.resume: run.dir '{self.run_dir}' already holds checkpoint {existing}; "
+                                  "pass checkpoint.resume=auto to continue it or choose another run.dir")
+            return
+        path = self.ckpt.resolve_resume(spec)
+        if path is None:
+            return
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["model_args"] != asdict(self.model_args):
+            diff = sorted(k for k in state["model_args"] if state["model_args"][k] != asdict(self.model_args).get(k))
+            raise ConfigError(f"checkpoint.resume: {path} holds a different model (differs in {', '.join(diff)}); "
+                              "resume with the same model.* settings or start a new run.dir")
+        for key, mine in (("global_batch_size", self.global_batch_size), ("seq_len", self.cfg.data.seq_len),
+                          ("seed", self.cfg.trainer.seed)):
+            if state[key] != mine:
+                name = {"global_batch_size": "data.global_batch_size", "seq_len": "data.seq_len",
+                        "seed": "trainer.seed"}[key]
+                raise ConfigError(f"{name}: the checkpoint {path} was trained with {name}={state[key]} but this run "
+                                  f"uses {mine}; the data order would change. Set {name}={state[key]}")
+        load_model(self.model, path / "model.safetensors")
+        self.optimizer.load_state_dict(load_torch(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
+        if rng_file.exists():
+            set_rng_state(load_torch(rng_file))
+        else:  # resumed on more ranks than saved: derive a fresh, deterministic stream for this rank
+            torch.manual_seed(self.cfg.trainer.seed * 100003 + self.step * 1009 + self.dist.rank)
+        self._info(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self) -> Optional[Dict[str, float]]:
+        """Train until ``trainer.max_steps`` (or ``trainer.stop_at_step``); returns the last metrics."""
+        tc, cc = self.cfg.trainer, self.cfg.checkpoint
+        stop = min(tc.max_steps, tc.stop_at_step) if tc.stop_at_step else tc.max_steps
+        last: Optional[Dict[str, float]] = None
+        saved_at = -1
+        if self.step >= stop:
+            self._info(f"already at step {self.step} (stop {stop}): nothing to train")
+        while self.step < stop:
+            metrics = self.train_step()
+            evaluate = tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.max_steps)
+            if evaluate:
+                metrics.update(self.evaluate())
+            if evaluate or self.step % self.cfg.logging.log_every == 0 or self.step == stop:
+                self.metrics.log(self.step, metrics)
+            last = metrics
+            if cc.every and self.step % cc.every == 0:
+                self.save_checkpoint()
+                saved_at = self.step
+        if cc.save_final and saved_at != self.step and self.step > 0:
+            self.save_checkpoint()
+        self.metrics.close()
+        return last
