@@ -1,1 +1,1 @@
-
+"""Optimizer, learning-rate schedules and losses."""

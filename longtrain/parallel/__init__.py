@@ -1,1 +1,1 @@
-
+"""Model-agnostic distributed code: process groups, collectives, attention entry point."""

@@ -1,0 +1,1 @@
+"""Training loop and its I/O: data, tokenizers, checkpoints, metrics."""
