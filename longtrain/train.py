@@ -6,18 +6,41 @@ Configuration and data errors print one line naming the key, file or value and e
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from longtrain.config import Config, register_configs
+from longtrain.config import Config, ConfigError, register_configs
 
 RECIPES_DIR = str(Path(__file__).resolve().parent.parent / "recipes")
 log = logging.getLogger("longtrain")
+
+
+def to_config(dcfg: DictConfig) -> Config:
+    """The composed config as typed dataclasses, every ``__post_init__`` check run.
+
+    Merging into the schema first also rejects keys the schema lacks, even ones added with
+    Hydra's ``+key=value`` syntax (nothing given on the command line is silently ignored).
+    """
+    _reject_unknown_keys(dcfg, Config, "")
+    return OmegaConf.to_object(dcfg)
+
+
+def _reject_unknown_keys(node: DictConfig, schema, prefix: str) -> None:
+    defaults = schema()
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: not a valid key (check its spelling against longtrain/config.py)")
+        child, default = node[key], getattr(defaults, key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(default):
+            _reject_unknown_keys(child, type(default), f"{prefix}{key}.")
 
 
 def run(cfg: Config, config_yaml: str = ""):
@@ -43,7 +66,7 @@ def run(cfg: Config, config_yaml: str = ""):
 @hydra.main(version_base=None, config_path=RECIPES_DIR, config_name="tiny")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
-        cfg: Config = OmegaConf.to_object(dcfg)
+        cfg = to_config(dcfg)
         run(cfg, OmegaConf.to_yaml(dcfg, resolve=True))
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("LONGTRAIN_FULL_ERROR") == "1":
@@ -52,9 +75,62 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def _one_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf composition error as one line naming the key (their own text spans several)."""
+    while err.__cause__ is not None and not getattr(err, "full_key", None):
+        err = err.__cause__
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    key = getattr(err, "full_key", None)
+    if text.startswith("Key '") and "not in" in text:
+        text += " (not a valid key: check its spelling against longtrain/config.py)"
+    return f"{key}: {text}" if key and key not in text else text
+
+
+def precheck(argv: List[str]) -> Optional[str]:
+    """Compose and validate the config the command line asks for; the one-line error, or None.
+
+    Plain runs (``--config-name``/``--config-dir`` and overrides) are checked here so that every
+    bad key or value is reported in one line before any work; other Hydra modes (``--multirun``,
+    ``--cfg``, ``--help``) are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    name, config_dir, overrides, i = "tiny", RECIPES_DIR, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, _, value = arg.partition("=")
+        if flag in ("--config-name", "-cn", "--config-dir", "-cd"):
+            if not value:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            if flag in ("--config-name", "-cn"):
+                name = value
+            else:
+                config_dir = str(Path(value).resolve())
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+        i += 1
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            to_config(compose(config_name=name, overrides=overrides))
+    except MissingConfigException:
+        recipes = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
+        return f"unknown recipe '{name}' in {config_dir}; choose one of: {', '.join(recipes)}"
+    except Exception as err:  # noqa: BLE001 - every composition error becomes one line
+        return _one_line(err)
+    return None
+
+
 def main() -> None:
     """Console-script entry point (``longtrain-train``)."""
     register_configs()
+    error = precheck(sys.argv[1:])
+    if error is not None:
+        print(f"longtrain: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _hydra_main()
 
 

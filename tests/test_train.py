@@ -132,10 +132,14 @@ def cli(*overrides):
     ("data.source=/nonexistent/corpus.jsonl", "data.source"),
     ("data.tokenizer=/nonexistent/tok", "data.tokenizer"),
     ("data.global_batch_size=3", "data.global_batch_size"),
+    ("trainer.max_steps=abc", "trainer.max_steps"),
+    ("+trainer.foo=1", "trainer.foo"),
+    ("--config-name=nope", "unknown recipe 'nope'"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, override, expected):
     proc = cli(override, f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
                "logging.progress=false")
-    assert proc.returncode != 0
-    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("longtrain: error: ") and expected in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
