@@ -55,9 +55,9 @@ def run(cfg: Config, config_yaml: str = ""):
     try:
         # One run directory for every rank, whatever each rank's interpolations produced.
         cfg.run.dir = broadcast_object(cfg.run.dir)
-        if dist_info.is_writer and config_yaml:
+        if dist_info.is_writer:
             Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-            save_resolved_config(Path(cfg.run.dir), config_yaml)
+            save_resolved_config(Path(cfg.run.dir), config_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return Trainer(cfg, dist_info, config_yaml).fit()
     finally:
         destroy_distributed()

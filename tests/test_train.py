@@ -100,14 +100,20 @@ def test_resume_on_another_world_size(tmp_path):
     assert_same_curve(ref[2:], resumed[2:], 1e-5)
 
 
-def test_run_directory_contents(tmp_path):
-    metrics = train_in_process(tmp_path, "r", ["trainer.eval_every=2", "trainer.max_steps=2"])
+def test_run_directory_contents(tmp_path, monkeypatch):
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = train_in_process(tmp_path, "r", ["trainer.eval_every=2", "trainer.max_steps=2",
+                                               "logging.wandb.mode=offline"])
     required = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_gib"}
     assert required <= set(metrics[0])
     assert "eval_loss" in metrics[-1] and "passkey_acc" in metrics[-1]
     run_dir = tmp_path / "r"
     assert (run_dir / "loss_curve.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert OmegaConf.load(run_dir / "config.yaml").trainer.max_steps == 2
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory"
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in Path(RECIPES_DIR).glob("*.yaml")))
