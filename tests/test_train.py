@@ -109,6 +109,8 @@ def test_run_directory_contents(tmp_path, monkeypatch):
     required = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_gib"}
     assert required <= set(metrics[0])
     assert "eval_loss" in metrics[-1] and "passkey_acc" in metrics[-1]
+    assert 0.0 <= metrics[-1]["passkey_digit_acc"] <= 1.0
+    assert any(k.startswith("passkey_acc_depth_") for k in metrics[-1])
     run_dir = tmp_path / "r"
     assert (run_dir / "loss_curve.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"

@@ -233,11 +233,15 @@ class Trainer:
                 batch, answer_mask = self._to_device(batch), answer_mask.to(self.device)
                 hidden = self._hidden(batch)
                 logits = hidden[answer_mask].float() @ self.model.output_weight.float().t()
-                hit = torch.ones_like(answer_mask)
+                hit = torch.zeros_like(answer_mask)
                 hit[answer_mask] = logits.argmax(-1) == batch["labels"][answer_mask]
-                results += list(zip(hit.all(dim=1).tolist(), depth.tolist()))
+                whole = (hit | ~answer_mask).all(dim=1)
+                digits = hit.sum(dim=1) / answer_mask.sum(dim=1).clamp(min=1)
+                results += list(zip(whole.tolist(), digits.tolist(), depth.tolist()))
             gathered = [r for part in all_gather_objects(results, self.dp_group) for r in part]
-            out.update(pk.accuracy_by_depth([c for c, _ in gathered], [d for _, d in gathered]))
+            out.update(pk.accuracy_by_depth([c for c, _, _ in gathered], [d for _, _, d in gathered]))
+            # Per-token accuracy on the key: moves before whole-key accuracy does.
+            out["passkey_digit_acc"] = float(np.mean([f for _, f, _ in gathered])) if gathered else 0.0
         self.model.train()
         return out
 
