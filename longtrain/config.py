@@ -201,7 +201,17 @@ class TrainerConfig:
 
 
 @dataclass
+class SequenceParallelConfig:
+    ulysses: int = 1
+    """Ulysses (all-to-all over heads) degree: must divide model.num_heads; best inside a node."""
+    ring: int = 1
+    """Ring-attention degree: K/V blocks pass round the ring (zigzag load balance); any head count."""
+
+
+@dataclass
 class ParallelConfig:
+    sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
+    """Sequence-parallel degrees; the data-parallel degree is world size / (ulysses x ring)."""
     backend: str = "auto"
     """torch.distributed backend: `auto` (nccl on CUDA, gloo on CPU), `nccl` or `gloo`."""
     timeout_s: int = 600

@@ -31,8 +31,10 @@ from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.optim.optimizer import build_optimizer
 from longtrain.optim.schedule import build_scheduler
 from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.apply import apply_sequence_parallel, sp_comm_bytes
 from longtrain.parallel.distributed import (DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum,
                                             barrier)
+from longtrain.parallel.sharding import shard_batch
 from longtrain.trainer.checkpoint import (CheckpointManager, load_model, load_torch, rng_state, save_model,
                                           save_torch, set_rng_state)
 from longtrain.trainer.data import GlobalBatchSampler, build_datasets, collate
@@ -101,9 +103,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         tc, dc = cfg.trainer, cfg.data
 
-        self.dims = ParallelDims(world_size=dist_info.world_size)
-        self.dims.build_groups()
-        self.dp_group = self.dims.group("dp")
+        sp = cfg.parallel.sp
+        self.dims = ParallelDims(world_size=dist_info.world_size, ulysses=sp.ulysses, ring=sp.ring)
+        self.dims.validate_seq_len(dc.seq_len)
         self.dp_rank, self.dp_size = self.dims.rank("dp"), self.dims.size("dp")
         self.global_batch_size, self.grad_accum = resolve_batch_layout(dc.global_batch_size, dc.micro_batch_size,
                                                                        tc.grad_accum, self.dp_size)
@@ -111,6 +113,10 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
         self.model_args = build_model_args(cfg.model)
+        self.dims.validate_model(self.model_args.num_heads, self.model_args.num_kv_heads)
+        self.dims.build_groups()
+        # Token counts, losses and gradients are summed over every rank that sees distinct tokens.
+        self.reduce_group = self.dims.group("dp_sp")
         self.data = build_datasets(dc, vocab_size=self.model_args.vocab_size, seed=tc.seed, rank=dist_info.rank,
                                    barrier=barrier, log=self._info)
         self.sampler = GlobalBatchSampler(self.data.train.num_rows, self.global_batch_size, tc.seed)
@@ -122,6 +128,7 @@ class Trainer:
             load_hf_weights(self.model, cfg.model.hf_path)
         self.model.to(self.device)
         self.model.set_activation_checkpointing(cfg.memory.checkpointing)
+        apply_sequence_parallel(self.model, self.dims, dc.seq_len)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
@@ -137,7 +144,7 @@ class Trainer:
                                      run_name=cfg.run.name or self.run_dir.name, config=asdict(cfg),
                                      total_steps=tc.max_steps, start_step=self.step, progress=cfg.logging.progress)
         self._info(f"model {cfg.model.name}: {self.model_args.num_params() / 1e6:.1f}M parameters; "
-                   f"layout dp={self.dp_size}; global batch {self.global_batch_size} x {dc.seq_len} tokens "
+                   f"layout {self.dims.describe()}; global batch {self.global_batch_size} x {dc.seq_len} tokens "
                    f"= {dc.micro_batch_size} per micro-batch x {self.grad_accum} accumulation x {self.dp_size} ranks; "
                    f"precision {precision}; device {self.device}")
 
@@ -164,16 +171,24 @@ class Trainer:
                                             doc_ids=batch["doc_ids"])
 
     # ------------------------------------------------------------------ training
-    def train_step(self) -> Dict[str, float]:
-        """One optimizer step over this rank's share of the global batch of step ``self.step``."""
+    def _local_batch(self, packed, rows) -> Dict[str, torch.Tensor]:
+        """Rows ``rows`` of ``packed``, cut to this rank's part of each sequence, on the device."""
+        return self._to_device(shard_batch(collate(packed, rows), self.dims))
+
+    def forward_backward(self) -> Tuple[float, int]:
+        """Accumulate this rank's gradients for step ``self.step``; returns (global loss, valid tokens).
+
+        The loss each micro-batch back-propagates is its token-loss sum over the global count of
+        valid tokens (counted first, in one all-reduce over dp x sp), so summing gradients over
+        ranks and micro-batches gives exactly the gradient of the global mean.
+        """
         cfg = self.cfg
-        t0 = time.perf_counter()
         rows = self.sampler.local_micro_batches(self.step, self.dp_rank, self.dp_size, cfg.data.micro_batch_size,
                                                 self.grad_accum)
-        batches = [self._to_device(collate(self.data.train, r)) for r in rows]
+        batches = [self._local_batch(self.data.train, r) for r in rows]
         valid = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)], dtype=torch.float64,
                              device=self.device)
-        num_valid = int(all_reduce_sum(valid, self.dp_group).item())  # the one count all-reduce of the step
+        num_valid = int(all_reduce_sum(valid, self.reduce_group).item())  # the one count all-reduce of the step
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             labels = batch["labels"]
@@ -182,7 +197,15 @@ class Trainer:
                                    cfg.trainer.loss_chunk_size)
             loss.backward()
             loss_sum += loss.detach().double()
-        all_reduce_gradients(self.model.parameters(), self.dp_group)
+        all_reduce_gradients(self.model.parameters(), self.reduce_group)
+        return float(all_reduce_sum(loss_sum, self.reduce_group).item()), num_valid
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over this rank's share of the global batch of step ``self.step``."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        comm0 = sp_comm_bytes()
+        loss, num_valid = self.forward_backward()
         clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(grad_norm):
@@ -192,7 +215,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(all_reduce_sum(loss_sum, self.dp_group).item())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -202,13 +224,21 @@ class Trainer:
         mfu = None
         if self.peak_flops:
             mfu = self.flops_per_token * step_tokens / dt / (self.peak_flops * self.dist.world_size)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "valid_tokens": num_valid, "tokens_per_s": step_tokens / dt, "step_time_s": dt, "mfu": mfu,
-                "peak_mem_gib": _peak_mem_gib(self.device)}
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen, "valid_tokens": num_valid,
+               "tokens_per_s": step_tokens / dt, "step_time_s": dt, "mfu": mfu,
+               "peak_mem_gib": _peak_mem_gib(self.device),
+               "tokens_per_rank": step_tokens // self.dist.world_size}
+        if self.dims.sp > 1:
+            out["sp_bytes_sent"] = sp_comm_bytes() - comm0
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Eval loss over ``trainer.eval_rows`` eval sequences and passkey accuracy by depth."""
+        """Eval loss over ``trainer.eval_rows`` eval sequences and passkey accuracy by depth.
+
+        Rows are split over the data-parallel ranks and each row over the sequence-parallel ranks,
+        as in training; sums are reduced over dp x sp.
+        """
         self.model.eval()
         out: Dict[str, float] = {}
         mbs, limit = self.cfg.data.micro_batch_size, self.cfg.trainer.eval_rows
@@ -217,28 +247,34 @@ class Trainer:
             mine = rows[self.dp_rank::self.dp_size]
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)
             for i in range(0, len(mine), mbs):
-                batch = self._to_device(collate(self.data.eval, mine[i:i + mbs]))
+                batch = self._local_batch(self.data.eval, mine[i:i + mbs])
                 labels = batch["labels"]
                 sums[0] += chunked_lm_loss(self._hidden(batch), self.model.output_weight, labels, None,
                                            self.cfg.trainer.loss_chunk_size).double()
                 sums[1] += (labels != IGNORE_INDEX).sum()
-            all_reduce_sum(sums, self.dp_group)
+            all_reduce_sum(sums, self.reduce_group)
             out["eval_loss"] = float(sums[0] / sums[1].clamp(min=1))
         pk = self.data.passkey_eval
         if pk is not None:
             mine = np.arange(pk.num_rows)[self.dp_rank::self.dp_size]
             results = []
             for i in range(0, len(mine), mbs):
-                batch, answer_mask, depth = pk.batch(mine[i:i + mbs])
-                batch, answer_mask = self._to_device(batch), answer_mask.to(self.device)
+                full, answer_mask, depth = pk.batch(mine[i:i + mbs])
+                batch = self._to_device(shard_batch({**full, "answer_mask": answer_mask}, self.dims))
+                answer_mask = batch.pop("answer_mask").bool()
                 hidden = self._hidden(batch)
                 logits = hidden[answer_mask].float() @ self.model.output_weight.float().t()
                 hit = torch.zeros_like(answer_mask)
                 hit[answer_mask] = logits.argmax(-1) == batch["labels"][answer_mask]
-                whole = (hit | ~answer_mask).all(dim=1)
-                digits = hit.sum(dim=1) / answer_mask.sum(dim=1).clamp(min=1)
-                results += list(zip(whole.tolist(), digits.tolist(), depth.tolist()))
-            gathered = [r for part in all_gather_objects(results, self.dp_group) for r in part]
+                # Each sequence-parallel rank holds part of every row: sum hits and answers over sp.
+                counts = all_reduce_sum(torch.stack([hit.sum(1), answer_mask.sum(1)]).double(),
+                                        self.dims.group("sp"))
+                whole = (counts[0] == counts[1]).tolist()
+                digits = (counts[0] / counts[1].clamp(min=1)).tolist()
+                results += list(zip(whole, digits, depth.tolist()))
+            if self.dims.rank("sp") != 0:
+                results = []  # one copy per row: the sp-rank-0 of each data-parallel group reports it
+            gathered = [r for part in all_gather_objects(results, self.reduce_group) for r in part]
             out.update(pk.accuracy_by_depth([c for c, _, _ in gathered], [d for _, _, d in gathered]))
             # Per-token accuracy on the key: moves before whole-key accuracy does.
             out["passkey_digit_acc"] = float(np.mean([f for _, f, _ in gathered])) if gathered else 0.0

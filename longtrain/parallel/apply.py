@@ -1,0 +1,63 @@
+"""Apply parallelism to a model, in one place and a fixed order.
+
+Order: (1) sequence parallelism replaces every layer's attention function. Later axes (ZeRO
+through DeepSpeed) wrap the model after this, so they see the final module structure.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from torch import nn
+
+from longtrain.parallel.attention import local_attention
+from longtrain.parallel.dims import ParallelDims
+
+log = logging.getLogger(__name__)
+
+
+def build_sp_attention(dims: ParallelDims, seq_len: int):
+    """The attention function for ``dims``' sequence-parallel layout.
+
+    - ulysses only: all-to-all to the full sequence of H/U heads, local attention, all-to-all back;
+    - ring only: zigzag ring attention over the ring group;
+    - hybrid: Ulysses outside, ring inside (each ring rank's Ulysses-level sequence is its zigzag
+      pair of chunks, see :func:`longtrain.parallel.sharding.shard_sequence`).
+
+    Args:
+        dims: the layout, with groups built.
+        seq_len: tokens of a whole (unsharded) sequence.
+    """
+    if dims.sp == 1:
+        return local_attention
+    inner = local_attention
+    if dims.ring > 1:
+        from longtrain.parallel.ring import zigzag_ring_attention
+
+        inner = functools.partial(zigzag_ring_attention, group=dims.group("ring"), seq_len=seq_len)
+    if dims.ulysses == 1:
+        return inner
+    from longtrain.parallel.ulysses import UlyssesAttention
+
+    return UlyssesAttention(dims.group("ulysses"), inner=inner)
+
+
+def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int) -> None:
+    """Make every attention layer of ``model`` sequence-parallel over ``dims`` (no-op at sp=1)."""
+    if dims.sp == 1:
+        return
+    model.set_attention_fn(build_sp_attention(dims, seq_len))
+    log.info("sequence parallel: ulysses=%d x ring=%d on every attention layer", dims.ulysses, dims.ring)
+
+
+def sp_comm_bytes() -> int:
+    """Bytes this rank has sent for sequence parallelism so far (ring K/V passes and Ulysses
+    all-to-alls, forward and backward); the trainer reports the difference per step."""
+    from longtrain.parallel.ring import RING_STATS
+
+    total = RING_STATS.fwd_bytes_sent + RING_STATS.bwd_bytes_sent
+    try:
+        from longtrain.parallel.ulysses import ULYSSES_STATS
+    except ImportError:  # the Ulysses module is optional until it lands
+        return total
+    return total + ULYSSES_STATS.bytes_sent
