@@ -25,6 +25,7 @@ Layout legend:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -47,10 +48,13 @@ class RingStats:
     """Forward blocks computed."""
     blocks_skipped: int = 0
     """Forward blocks skipped because no query could see any key."""
+    wait_s: float = 0.0
+    """Seconds spent waiting for hops to complete: the communication not hidden behind compute."""
 
     def reset(self) -> None:
         """Zero every counter."""
         self.fwd_bytes_sent = self.bwd_bytes_sent = self.blocks_computed = self.blocks_skipped = 0
+        self.wait_s = 0.0
 
 
 RING_STATS = RingStats()
@@ -83,9 +87,11 @@ class _Ring:
         return recvs, dist.batch_isend_irecv(ops)
 
 
-def _wait(reqs: list) -> None:
+def _wait(reqs: list, stats: RingStats) -> None:
+    t0 = time.perf_counter()
     for req in reqs:
         req.wait()
+    stats.wait_s += time.perf_counter() - t0
 
 
 class _RingAttention(torch.autograd.Function):
@@ -117,7 +123,7 @@ class _RingAttention(torch.autograd.Function):
                 stats.blocks_skipped += 1
             visits.append((idx_blk, doc_blk, computed))
             if step + 1 < ring.size:
-                _wait(reqs)
+                _wait(reqs, stats)
                 block = incoming
         if out_acc is None:  # no query of this rank sees any key at all
             out_acc = torch.zeros(q_bshd.shape, dtype=acc_dtype, device=q_bshd.device)
@@ -150,7 +156,7 @@ class _RingAttention(torch.autograd.Function):
                 dk_acc = torch.zeros(k_bshd.shape, dtype=acc_dtype, device=k_bshd.device)
                 dv_acc = torch.zeros(v_bshd.shape, dtype=acc_dtype, device=v_bshd.device)
             else:
-                _wait(dkv_reqs)
+                _wait(dkv_reqs, ctx.stats)
                 dk_acc, dv_acc = dkv_incoming
             if computed:
                 dq_i, dk_i, dv_i = backward_kernel(dout_bshd, q_bshd, kv_blk[0], kv_blk[1], out_bshd, lse_bhs,
@@ -162,10 +168,10 @@ class _RingAttention(torch.autograd.Function):
                 dkv_incoming, dkv_reqs = ring.hop([dk_acc, dv_acc])
                 ctx.stats.bwd_bytes_sent += _nbytes([dk_acc, dv_acc])
             if step + 1 < ring.size:
-                _wait(kv_reqs)
+                _wait(kv_reqs, ctx.stats)
                 kv_blk = kv_incoming
         if ring.size > 1:
-            _wait(dkv_reqs)
+            _wait(dkv_reqs, ctx.stats)
             dk_acc, dv_acc = dkv_incoming
         return (dq_acc.to(q_bshd.dtype), dk_acc.to(k_bshd.dtype), dv_acc.to(v_bshd.dtype),
                 None, None, None, None, None)
