@@ -1,0 +1,344 @@
+"""Ulysses sequence-parallel attention: an all-to-all trades a sequence slice for a head slice.
+
+Each of the ``U`` ranks of the Ulysses ``group`` holds a contiguous ``1/U`` slice of the sequence
+(group rank ``u`` holds tokens ``[u*S/U, (u+1)*S/U)``) of every head. An all-to-all turns that into
+the whole (Ulysses-level) sequence of ``H/U`` heads, any attention function with the contract of
+:func:`~longtrain.parallel.attention.local_attention` runs on it (the local kernel, or ring
+attention in the hybrid layout, where "the whole sequence" is the ring rank's share), and a second
+all-to-all turns the output back (DeepSpeed-Ulysses, 2023, section 3).
+
+Grouped-query attention: rank ``u`` receives query heads ``[u*Hq/U, (u+1)*Hq/U)`` and must receive
+exactly the KV heads they read (query head ``h`` reads KV head ``h // (Hq/Hkv)``). Each KV head is
+replicated ``r = U / gcd(Hkv, U)`` times (``repeat_interleave``, so autograd sums the replicas'
+gradients back): ``r = 1`` when ``Hkv % U == 0``, ``r = U / Hkv`` when ``U % Hkv == 0``, and the
+smallest replication that splits evenly otherwise. The only requirement is ``Hq % U == 0``.
+
+Communication: every all-to-all is one ``dist.all_to_all_single`` on a packed contiguous buffer
+(gloo implements it on CPU, as NCCL does on GPU, so no list-based ``dist.all_to_all`` fallback is
+needed). Q, K and V travel in one buffer, so the forward issues one collective for the inputs and
+one for the output, and the backward mirrors that (each all-to-all's backward is the inverse
+all-to-all, so dQ, dK and dV also travel together). Tensors of different dtypes cannot share a
+buffer; they go as one ``async_op=True`` all-to-all each, all in flight at once, waited for before
+attention. Overlap: with gloo every collective is effectively synchronous for the caller. On NCCL
+packing already removes the q-versus-k/v latency; hiding the transfer behind compute would need
+the model to hand over K/V before it computes Q (issue their all-to-all, then project Q), which
+this function-level contract does not see.
+
+Layout legend (``s = S/U`` local tokens, ``h = H/U`` heads per rank, ``r`` KV replication):
+    q_bshd        [B, s, Hq, D]      local sequence slice of every query head (input)
+    k_bshd/v_bshd [B, s, Hkv, D]     local slice of every KV head (input)
+    k_rep_bshd    [B, s, Hkv*r, D]   KV heads replicated so they split evenly over U
+    q_bShd        [B, S, Hq/U, D]    whole Ulysses-level sequence of this rank's query heads
+    k_bShd        [B, S, Hkv*r/U, D] whole sequence of this rank's KV heads
+    out_bShd      [B, S, Hq/U, D]    inner attention output
+    out_bshd      [B, s, Hq, D]      output, back in the input layout
+    doc_ids_bs    [B, s]             local document ids; doc_ids_bS [B, S] gathered
+    send_uX       [U, X]             packed all-to-all buffer; row j goes to group rank j
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import weakref
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from longtrain.parallel.attention import local_attention
+
+AttentionFn = Callable[..., torch.Tensor]
+
+HEAD_DIM, SEQ_DIM = 2, 1  # of a [B, S, H, D] tensor
+
+
+@dataclass
+class UlyssesStats:
+    """Counters of Ulysses traffic on this rank; read and :meth:`reset` by the trainer each step.
+
+    An all-to-all of a local tensor of ``n`` bytes sends ``n * (U-1)/U`` (the row addressed to
+    itself stays); the all-gather of document ids sends its ``n`` bytes to ``U-1`` peers.
+    """
+
+    fwd_bytes_sent: int = 0
+    """Bytes sent in forwards: the q/k/v and output all-to-alls and the document-id all-gather."""
+    bwd_bytes_sent: int = 0
+    """Bytes sent in backwards: the inverse all-to-alls of the gradients."""
+    num_all_to_all: int = 0
+    """All-to-all collectives issued, forward and backward."""
+    num_all_gather: int = 0
+    """Document-id all-gathers issued (cache hits issue none)."""
+    comm_s: float = 0.0
+    """Seconds spent in all-to-alls (synchronous for the caller: none of it is hidden)."""
+
+    @property
+    def bytes_sent(self) -> int:
+        """All Ulysses traffic sent by this rank."""
+        return self.fwd_bytes_sent + self.bwd_bytes_sent
+
+    def reset(self) -> None:
+        """Zero every counter (call once per step)."""
+        for f in fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))(0))
+
+    def as_dict(self) -> Dict[str, int]:
+        """Counters for a metrics logger, with the total under ``bytes_sent``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["bytes_sent"] = self.bytes_sent
+        return out
+
+
+ULYSSES_STATS = UlyssesStats()
+"""Where Ulysses counts when no ``stats`` object is passed."""
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_ulysses(num_heads: int, num_kv_heads: int, degree: int) -> int:
+    """Check that ``degree`` Ulysses ranks can split the heads; return the KV replication factor.
+
+    Args:
+        num_heads: query heads Hq of the model.
+        num_kv_heads: key/value heads Hkv (Hq must be a multiple of it).
+        degree: Ulysses degree U.
+
+    Returns:
+        r: how many times each KV head is replicated (``U / gcd(Hkv, U)``) so that ``Hkv * r``
+        heads split evenly over U ranks and rank ``u`` gets exactly the KV heads its queries read.
+
+    Raises:
+        ValueError: ``degree < 1``, Hq not a multiple of Hkv, or U not dividing Hq (the message
+            names the valid degrees and the hybrid layout as the way to use the rest of the degree).
+    """
+    if degree < 1:
+        raise ValueError(f"parallel.sp.ulysses must be at least 1, got {degree}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"model.num_heads={num_heads} must be a positive multiple of model.num_kv_heads="
+                         f"{num_kv_heads}; fix the model config")
+    if num_heads % degree:
+        raise ValueError(
+            f"parallel.sp.ulysses={degree} does not divide model.num_heads={num_heads}; choose a ulysses "
+            f"degree in {_divisors(num_heads)} or use parallel.sp.ring for the rest of the degree (hybrid layout)")
+    rep = degree // math.gcd(num_kv_heads, degree)
+    # Internal invariant: local query head i of rank u must read local KV head i // (group size)
+    # and that must be the KV head HF's repeat_kv order assigns to global query head u*Hq/U + i.
+    q_per_rank, kv_per_rank = num_heads // degree, num_kv_heads * rep // degree
+    group_size, local_group = num_heads // num_kv_heads, q_per_rank // kv_per_rank
+    assert q_per_rank % kv_per_rank == 0
+    for u in range(degree):
+        for i in range(q_per_rank):
+            assert (u * kv_per_rank + i // local_group) // rep == (u * q_per_rank + i) // group_size
+    return rep
+
+
+# ---------------------------------------------------------------------------- the all-to-all
+def _group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _exchange(xs: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], scatter_dim: int,
+              gather_dim: int, stats: Optional[UlyssesStats], backward: bool = False) -> List[torch.Tensor]:
+    """Split each tensor into U chunks along ``scatter_dim``, send chunk j to group rank j, and
+    concatenate the chunks received along ``gather_dim`` in group-rank order."""
+    size = _group_size(group)
+    if size == 1:
+        return [x.clone() for x in xs]
+    for x in xs:
+        if x.shape[scatter_dim] % size:
+            raise ValueError(f"all-to-all over {size} ranks cannot split dim {scatter_dim} of shape "
+                             f"{tuple(x.shape)}; make it a multiple of parallel.sp.ulysses={size}")
+    # [..., n, ...] -> [U, ..., n/U, ...]: the chunk for rank j becomes row j.
+    chunks = [x.unflatten(scatter_dim, (size, -1)).movedim(scatter_dim, 0) for x in xs]
+    sizes = [c[0].numel() for c in chunks]
+    same_dtype = len({x.dtype for x in xs}) == 1
+    t0 = time.perf_counter()
+    if same_dtype:
+        send_uX = torch.empty(size, sum(sizes), dtype=xs[0].dtype, device=xs[0].device)
+        offset = 0
+        for c, n in zip(chunks, sizes):
+            send_uX[:, offset:offset + n].view(c.shape).copy_(c)
+            offset += n
+        recv_uX = torch.empty_like(send_uX)
+        dist.all_to_all_single(recv_uX, send_uX, group=group)
+        bounds = [0, *itertools.accumulate(sizes)]
+        received = [recv_uX[:, lo:hi].view(c.shape) for lo, hi, c in zip(bounds[:-1], bounds[1:], chunks)]
+    else:  # one async all-to-all per tensor, all in flight before the first wait
+        sends = [c.contiguous() for c in chunks]
+        received = [torch.empty_like(t) for t in sends]
+        works = [dist.all_to_all_single(r, t, group=group, async_op=True) for r, t in zip(received, sends)]
+        for w in works:
+            w.wait()
+    if stats is not None:
+        stats.comm_s += time.perf_counter() - t0
+        sent = sum(n * (size - 1) * x.element_size() for n, x in zip(sizes, xs))
+        stats.num_all_to_all += 1 if same_dtype else len(xs)
+        if backward:
+            stats.bwd_bytes_sent += sent
+        else:
+            stats.fwd_bytes_sent += sent
+    # [U, ..., m, ...] -> [..., U*m, ...] with the source rank as the outer index.
+    return [r.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1) for r in received]
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all of several tensors in one collective; its backward is the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, group, scatter_dim, gather_dim, stats, *xs):
+        ctx.args = (group, scatter_dim, gather_dim, stats)
+        return tuple(_exchange(xs, group, scatter_dim, gather_dim, stats))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group, scatter_dim, gather_dim, stats = ctx.args
+        return (None, None, None, None, *_exchange(grads, group, gather_dim, scatter_dim, stats, backward=True))
+
+
+def all_to_all_seq_to_heads(x_bshd: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
+                            stats: Optional[UlyssesStats] = None) -> torch.Tensor:
+    """``[B, S/U, H, D]`` (a sequence slice of every head) to ``[B, S, H/U, D]`` (every token of a
+    head slice), differentiably.
+
+    Args:
+        x_bshd: local slice; group rank ``u`` holds tokens ``[u*S/U, (u+1)*S/U)``.
+        group: the Ulysses process group (None: the default group).
+        stats: counters to add the bytes sent to (None: :data:`ULYSSES_STATS`).
+
+    Returns:
+        x_bShd: heads ``[u*H/U, (u+1)*H/U)`` of the whole sequence on group rank ``u``.
+
+    Raises:
+        ValueError: H is not a multiple of the group size.
+    """
+    return _AllToAll.apply(group, HEAD_DIM, SEQ_DIM, ULYSSES_STATS if stats is None else stats, x_bshd)[0]
+
+
+def all_to_all_heads_to_seq(x_bShd: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
+                            stats: Optional[UlyssesStats] = None) -> torch.Tensor:
+    """Inverse of :func:`all_to_all_seq_to_heads`: ``[B, S, H/U, D]`` to ``[B, S/U, H, D]``.
+
+    Raises:
+        ValueError: S is not a multiple of the group size.
+    """
+    return _AllToAll.apply(group, SEQ_DIM, HEAD_DIM, ULYSSES_STATS if stats is None else stats, x_bShd)[0]
+
+
+def _all_gather_seq(x_bs: torch.Tensor, group: Optional[dist.ProcessGroup], stats: Optional[UlyssesStats]
+                    ) -> torch.Tensor:
+    """Concatenate ``[B, s]`` slices of every group rank along the sequence (no autograd)."""
+    size = _group_size(group)
+    src = x_bs.detach().contiguous()
+    # Concatenated along dim 0 ([U*B, s]), the output form every backend accepts (gloo refuses [U, B, s]).
+    out_ubs = torch.empty((size * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+    # Recent torch names the tensor all-gather all_gather_single and deprecates the old name.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out_ubs, src, group=group)
+    out_ubs = out_ubs.unflatten(0, (size, -1))
+    if stats is not None:
+        stats.num_all_gather += 1
+        stats.fwd_bytes_sent += src.numel() * src.element_size() * (size - 1)
+    return out_ubs.movedim(0, 1).flatten(1, 2)
+
+
+# ---------------------------------------------------------------------------- the attention wrapper
+class UlyssesAttention:
+    """Attention function that runs ``inner`` on the whole sequence of a slice of heads.
+
+    Called like :func:`~longtrain.parallel.attention.local_attention`, on the local sequence slice:
+    ``fn(q_bshd, k_bshd, v_bshd, doc_ids=None, scale=None) -> out_bshd``.
+
+    Args:
+        group: the Ulysses process group (None: the default group); its size is the degree U.
+        inner: attention function with the same signature, run on ``[B, S, H/U, D]``; it may itself
+            be distributed (ring attention in the hybrid layout), so nothing assumes it is local.
+        num_heads: optional Hq, to validate the layout at construction instead of at first call.
+        num_kv_heads: optional Hkv (default: ``num_heads``).
+        stats: counters to add the bytes sent to (None: :data:`ULYSSES_STATS`, shared by every
+            instance); exposed as ``self.stats``.
+
+    Raises:
+        ValueError: from :func:`validate_ulysses` when the heads do not split over U.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, inner: AttentionFn = local_attention,
+                 num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
+                 stats: Optional[UlyssesStats] = None):
+        self.group = group
+        self.inner = inner
+        self.degree = _group_size(group)
+        self.stats = stats if stats is not None else ULYSSES_STATS
+        self._replication: Dict[Tuple[int, int], int] = {}
+        self._doc_cache: Optional[Tuple[weakref.ref, int, torch.Tensor]] = None
+        if num_heads is not None:
+            self._kv_replication(num_heads, num_kv_heads or num_heads)
+
+    def __repr__(self) -> str:
+        inner = getattr(self.inner, "__name__", type(self.inner).__name__)
+        return f"UlyssesAttention(degree={self.degree}, inner={inner})"
+
+    def _kv_replication(self, num_heads: int, num_kv_heads: int) -> int:
+        key = (num_heads, num_kv_heads)
+        if key not in self._replication:
+            self._replication[key] = validate_ulysses(num_heads, num_kv_heads, self.degree)
+        return self._replication[key]
+
+    @staticmethod
+    def _replicate_kv(kv_bshd: torch.Tensor, rep: int) -> torch.Tensor:
+        # Interleaved (k0 k0 k1 k1 ...), HF's repeat_kv order: consecutive query heads share a KV head,
+        # so rank u's contiguous block of replicas is the KV head its contiguous query heads read.
+        return kv_bshd.repeat_interleave(rep, dim=HEAD_DIM) if rep > 1 else kv_bshd
+
+    def _gather_doc_ids(self, doc_ids_bs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Document ids of the whole Ulysses-level sequence, cached for the same tensor object.
+
+        Every layer of one forward passes the same ``doc_ids`` object, so layers after the first
+        reuse the gathered copy. A hit needs the very object (weak reference still alive) at the
+        same in-place version; every rank runs the same program, so all ranks hit or miss together
+        and the all-gather stays matched across the group. Inference-mode tensors carry no version
+        counter and are never cached.
+        """
+        if doc_ids_bs is None:
+            return None
+        cacheable = not doc_ids_bs.is_inference()
+        cache = self._doc_cache
+        if cacheable and cache is not None and cache[0]() is doc_ids_bs and cache[1] == doc_ids_bs._version:
+            return cache[2]
+        doc_ids_bS = _all_gather_seq(doc_ids_bs, self.group, self.stats)
+        self._doc_cache = (weakref.ref(doc_ids_bs), doc_ids_bs._version, doc_ids_bS) if cacheable else None
+        return doc_ids_bS
+
+    def __call__(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
+                 doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+        """Attention of the local query slice over the whole Ulysses-level sequence.
+
+        Args:
+            q_bshd: [B, S/U, Hq, D] local queries (every head).
+            k_bshd: [B, S/U, Hkv, D] local keys.
+            v_bshd: [B, S/U, Hkv, D] local values.
+            doc_ids: optional [B, S/U] local document ids (gathered over the group for ``inner``).
+            scale: softmax scale passed to ``inner`` (None: ``1/sqrt(D)``).
+
+        Returns:
+            out_bshd: [B, S/U, Hq, D].
+
+        Raises:
+            ValueError: the heads do not split over U, or q/k/v/doc_ids shapes disagree.
+        """
+        if self.degree == 1:
+            return self.inner(q_bshd, k_bshd, v_bshd, doc_ids=doc_ids, scale=scale)
+        if k_bshd.shape != v_bshd.shape or k_bshd.dim() != 4 or q_bshd.dim() != 4 \
+                or k_bshd.shape[:2] != q_bshd.shape[:2] or k_bshd.shape[3] != q_bshd.shape[3]:
+            raise ValueError(f"Ulysses attention needs q [B, s, Hq, D] and k, v [B, s, Hkv, D]; got q "
+                             f"{tuple(q_bshd.shape)}, k {tuple(k_bshd.shape)}, v {tuple(v_bshd.shape)}")
+        if doc_ids is not None and tuple(doc_ids.shape) != tuple(q_bshd.shape[:2]):
+            raise ValueError(f"doc_ids must be [B, s] = {tuple(q_bshd.shape[:2])}, got {tuple(doc_ids.shape)}")
+        rep = self._kv_replication(q_bshd.shape[HEAD_DIM], k_bshd.shape[HEAD_DIM])
+        k_rep_bshd, v_rep_bshd = self._replicate_kv(k_bshd, rep), self._replicate_kv(v_bshd, rep)
+        q_bShd, k_bShd, v_bShd = _AllToAll.apply(self.group, HEAD_DIM, SEQ_DIM, self.stats,
+                                                 q_bshd, k_rep_bshd, v_rep_bshd)
+        out_bShd = self.inner(q_bShd, k_bShd, v_bShd, doc_ids=self._gather_doc_ids(doc_ids), scale=scale)
+        return all_to_all_heads_to_seq(out_bShd, self.group, self.stats)
