@@ -45,7 +45,7 @@ def test_groups_partition_the_world(world, u, r):
 def test_head_and_length_validation():
     ParallelDims(world_size=4, ulysses=4).validate_model(num_heads=32, num_kv_heads=8)
     ParallelDims(world_size=8, ulysses=8).validate_model(num_heads=32, num_kv_heads=2)  # KV replicated
-    with pytest.raises(ValueError, match=r"ulysses=4 cannot split model.num_heads=6 .*\[1, 2, 3, 6\].*parallel.sp.ring"):
+    with pytest.raises(ValueError, match=r"ulysses=4 does not divide model.num_heads=6.*\[1, 2, 3, 6\].*parallel.sp.ring"):
         ParallelDims(world_size=4, ulysses=4).validate_model(num_heads=6, num_kv_heads=6)
     ParallelDims(world_size=4, ulysses=2, ring=2).validate_seq_len(64)
     with pytest.raises(ValueError, match="data.seq_len=100 must be a multiple of 8"):

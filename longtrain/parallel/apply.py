@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Tuple
 
 from torch import nn
 
@@ -50,14 +51,12 @@ def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int) 
     log.info("sequence parallel: ulysses=%d x ring=%d on every attention layer", dims.ulysses, dims.ring)
 
 
-def sp_comm_bytes() -> int:
-    """Bytes this rank has sent for sequence parallelism so far (ring K/V passes and Ulysses
-    all-to-alls, forward and backward); the trainer reports the difference per step."""
+def sp_comm_stats() -> Tuple[int, float]:
+    """(bytes sent, seconds of communication not hidden behind compute) for sequence parallelism on
+    this rank so far: ring K/V hops (time waiting on them) and Ulysses all-to-alls (all their time),
+    forward and backward. The trainer reports the difference per step."""
     from longtrain.parallel.ring import RING_STATS
+    from longtrain.parallel.ulysses import ULYSSES_STATS
 
-    total = RING_STATS.fwd_bytes_sent + RING_STATS.bwd_bytes_sent
-    try:
-        from longtrain.parallel.ulysses import ULYSSES_STATS
-    except ImportError:  # the Ulysses module is optional until it lands
-        return total
-    return total + ULYSSES_STATS.bytes_sent
+    return (RING_STATS.fwd_bytes_sent + RING_STATS.bwd_bytes_sent + ULYSSES_STATS.bytes_sent,
+            RING_STATS.wait_s + ULYSSES_STATS.comm_s)

@@ -79,22 +79,15 @@ class ParallelDims:
 
     # ------------------------------------------------------------------ validation against the job
     def validate_model(self, num_heads: int, num_kv_heads: int) -> None:
-        """Ulysses splits heads: the query heads must divide over the Ulysses degree, and KV heads
-        either divide over it or divide it (then they are replicated).
+        """Ulysses splits query heads over its degree (KV heads are replicated as needed).
 
         Raises:
             ValueError: naming the valid Ulysses degrees and the hybrid layout as the way out.
         """
-        if self.ulysses == 1:
-            return
-        u = self.ulysses
-        ok = num_heads % u == 0 and (num_kv_heads % u == 0 or u % num_kv_heads == 0)
-        if not ok:
-            valid = [d for d in _divisors(num_heads) if num_kv_heads % d == 0 or d % num_kv_heads == 0]
-            raise ValueError(
-                f"parallel.sp.ulysses={u} cannot split model.num_heads={num_heads} / model.num_kv_heads="
-                f"{num_kv_heads}; choose a ulysses degree in {valid} and give the rest of the sequence-parallel "
-                f"degree to parallel.sp.ring (the hybrid layout)")
+        if self.ulysses > 1:
+            from longtrain.parallel.ulysses import validate_ulysses
+
+            validate_ulysses(num_heads, num_kv_heads, self.ulysses)
 
     def validate_seq_len(self, seq_len: int) -> None:
         """The sequence must cut into ``2 x ring`` zigzag chunks (ring) each split over Ulysses.

@@ -31,7 +31,7 @@ from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.optim.optimizer import build_optimizer
 from longtrain.optim.schedule import build_scheduler
 from longtrain.parallel.dims import ParallelDims
-from longtrain.parallel.apply import apply_sequence_parallel, sp_comm_bytes
+from longtrain.parallel.apply import apply_sequence_parallel, sp_comm_stats
 from longtrain.parallel.distributed import (DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum,
                                             barrier)
 from longtrain.parallel.sharding import shard_batch
@@ -204,7 +204,7 @@ class Trainer:
         """One optimizer step over this rank's share of the global batch of step ``self.step``."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        comm0 = sp_comm_bytes()
+        bytes0, comm0 = sp_comm_stats()
         loss, num_valid = self.forward_backward()
         clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
@@ -229,7 +229,9 @@ class Trainer:
                "peak_mem_gib": _peak_mem_gib(self.device),
                "tokens_per_rank": step_tokens // self.dist.world_size}
         if self.dims.sp > 1:
-            out["sp_bytes_sent"] = sp_comm_bytes() - comm0
+            bytes1, comm1 = sp_comm_stats()
+            out["sp_bytes_sent"] = bytes1 - bytes0  # this rank, forward and backward, all layers
+            out["sp_comm_frac"] = (comm1 - comm0) / dt  # share of the step spent in exposed SP communication
         return out
 
     @torch.no_grad()
