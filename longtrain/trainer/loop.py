@@ -145,7 +145,7 @@ class Trainer:
                                      total_steps=tc.max_steps, start_step=self.step, progress=cfg.logging.progress)
         self._info(f"model {cfg.model.name}: {self.model_args.num_params() / 1e6:.1f}M parameters; "
                    f"layout {self.dims.describe()}; global batch {self.global_batch_size} x {dc.seq_len} tokens "
-                   f"= {dc.micro_batch_size} per micro-batch x {self.grad_accum} accumulation x {self.dp_size} ranks; "
+                   f"= {dc.micro_batch_size} per micro-batch x {self.grad_accum} accumulation x {self.dp_size} data-parallel ranks; "
                    f"precision {precision}; device {self.device}")
 
     # ------------------------------------------------------------------ helpers
