@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dist_utils import free_port
 from longtrain.trainer.checkpoint import (CheckpointManager, load_meta, load_model, load_torch, rng_state,
                                           save_model, save_torch, set_rng_state, verify)
 
@@ -228,11 +228,6 @@ def test_rng_round_trip(tmp_path):
     assert got[1:] == expected[1:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_main(rank: int, world_size: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -255,7 +250,7 @@ def _rank_main(rank: int, world_size: int, port: int, root: str) -> None:
 
 def test_two_ranks_write_one_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
-    mp.spawn(_rank_main, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(root)), nprocs=2, join=True)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000002"]
     manifest = json.loads((root / "step_00000002" / "manifest.json").read_text())
     assert manifest["world_size"] == 2

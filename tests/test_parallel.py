@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_utils import free_port
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.distributed import all_reduce_gradients
 
@@ -52,11 +52,6 @@ def test_head_and_length_validation():
         ParallelDims(world_size=4, ulysses=2, ring=2).validate_seq_len(100)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -81,7 +76,7 @@ def test_gradients_are_summed_and_groups_work():
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world)
+        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
         results = dict(out)
     expected = [results[0][1][i] + results[1][1][i] for i in range(3)]
     for rank in range(world):

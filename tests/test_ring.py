@@ -10,7 +10,6 @@ doc_bs [batch, seq]; idx [seq] global token indices; lse_bhs [batch, heads, seq]
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import longtrain.parallel.ring as ring_mod
+from dist_utils import free_port
 from longtrain.parallel import kernels
 from longtrain.parallel.attention import local_attention
 from longtrain.parallel.kernels import (block_attention_backward, block_attention_forward, get_block_kernels,
@@ -225,11 +225,6 @@ def test_bfloat16_runs_in_fp32():
 # ---------------------------------------------------------------- gloo rings
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _run_case(group, docs: bool, hkv: int, dtype: torch.dtype, zigzag: bool = True) -> dict:
     """Ring forward/backward on zigzag (or contiguous) shards vs. local_attention on the full sequence."""
@@ -296,7 +291,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_matches_local(world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
     for rank in range(world):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         broken = results.pop("broken merge")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,11 @@ import torch
 import torch.multiprocessing as mp
 
 from test_train import SMALL, compose_cfg
+from dist_utils import free_port
 
 GQA = ["model.num_heads=4", "model.num_kv_heads=2"]
 MHA = ["model.num_heads=4", "model.num_kv_heads=4"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, overrides, out):
@@ -57,7 +52,7 @@ def run_layout(tmp_path, name, world, overrides):
                       "trainer.max_steps=3", "checkpoint.save_final=false"]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), common + list(overrides), out), nprocs=world)
+        mp.spawn(_worker, args=(world, free_port(), common + list(overrides), out), nprocs=world)
         return out["result"]
 
 

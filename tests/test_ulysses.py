@@ -15,7 +15,6 @@ doc_bs [batch, seq]; *_local the contiguous slice [batch, seq/U, ...] of one ran
 from __future__ import annotations
 
 import functools
-import socket
 from typing import Optional
 
 import pytest
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_utils import free_port
 from longtrain.parallel.apply import build_sp_attention
 from longtrain.parallel.attention import local_attention
 from longtrain.parallel.dims import ParallelDims
@@ -66,11 +66,6 @@ def _inputs(heads: str, packed: bool, dtype: torch.dtype, seed: int = 0):
     dout = torch.randn(B, S, hq, D, generator=gen, dtype=torch.float64)
     return [t.to(dtype) for t in (q, k, v, dout)] + [_doc_ids(packed)]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _TiledKV(UlyssesAttention):
@@ -172,7 +167,7 @@ def world_results(request):
     world = request.param
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world)
+        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
         return world, dict(out)
 
 

@@ -104,6 +104,20 @@ def _check_shapes(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tens
         raise ValueError(f"q_idx/k_idx must be [q_seq]/[k_seq], got {tuple(q_idx.shape)}/{tuple(k_idx.shape)}")
 
 
+def _tile_keys(t0: int, t1: int, q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
+               k_doc: Optional[torch.Tensor], k_bksd: torch.Tensor, v_bksd: torch.Tensor):
+    """Keys and values a query tile ``[t0, t1)`` can see, its mask, and the selected key positions
+    (None: all keys); None when it sees no key."""
+    any_key, sel = _key_window(q_idx[t0:t1], k_idx)
+    if not any_key:
+        return None
+    k_t, v_t, k_idx_t, k_doc_t = k_bksd, v_bksd, k_idx, k_doc
+    if sel is not None:
+        k_t, v_t, k_idx_t = k_bksd.index_select(3, sel), v_bksd.index_select(3, sel), k_idx[sel]
+        k_doc_t = None if k_doc is None else k_doc.index_select(1, sel)
+    return k_t, v_t, _visible(q_idx[t0:t1], k_idx_t, None if q_doc is None else q_doc[:, t0:t1], k_doc_t), sel
+
+
 def reference_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                             q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
                             k_doc: Optional[torch.Tensor], scale: float,
@@ -120,14 +134,10 @@ def reference_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: 
     lse_bkgs = torch.full(q_bkgsd.shape[:-1], float("-inf"), dtype=dtype, device=q_bshd.device)
     for t0 in range(0, q_bshd.shape[1], q_tile):
         t1 = min(t0 + q_tile, q_bshd.shape[1])
-        any_key, sel = _key_window(q_idx[t0:t1], k_idx)
-        if not any_key:
+        tile = _tile_keys(t0, t1, q_idx, k_idx, q_doc, k_doc, k_bksd, v_bksd)
+        if tile is None:
             continue
-        k_t, v_t, k_idx_t, k_doc_t = k_bksd, v_bksd, k_idx, k_doc
-        if sel is not None:
-            k_t, v_t, k_idx_t = k_bksd.index_select(3, sel), v_bksd.index_select(3, sel), k_idx[sel]
-            k_doc_t = None if k_doc is None else k_doc.index_select(1, sel)
-        mask = _visible(q_idx[t0:t1], k_idx_t, None if q_doc is None else q_doc[:, t0:t1], k_doc_t)
+        k_t, v_t, mask, sel = tile
         scores = torch.matmul(q_bkgsd[:, :, :, t0:t1], k_t.transpose(-1, -2)) * scale
         scores.masked_fill_(~mask[:, None, None], float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
@@ -161,14 +171,10 @@ def reference_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bs
     dv_bksd = torch.zeros_like(dk_bksd)
     for t0 in range(0, q_bshd.shape[1], q_tile):
         t1 = min(t0 + q_tile, q_bshd.shape[1])
-        any_key, sel = _key_window(q_idx[t0:t1], k_idx)
-        if not any_key:
+        tile = _tile_keys(t0, t1, q_idx, k_idx, q_doc, k_doc, k_bksd, v_bksd)
+        if tile is None:
             continue
-        k_t, v_t, k_idx_t, k_doc_t = k_bksd, v_bksd, k_idx, k_doc
-        if sel is not None:
-            k_t, v_t, k_idx_t = k_bksd.index_select(3, sel), v_bksd.index_select(3, sel), k_idx[sel]
-            k_doc_t = None if k_doc is None else k_doc.index_select(1, sel)
-        mask = _visible(q_idx[t0:t1], k_idx_t, None if q_doc is None else q_doc[:, t0:t1], k_doc_t)
+        k_t, v_t, mask, sel = tile
         q_t, do_t = q_bkgsd[:, :, :, t0:t1], do_bkgsd[:, :, :, t0:t1]
         scores = torch.matmul(q_t, k_t.transpose(-1, -2)) * scale
         probs = torch.exp(scores - lse_bkgs1[:, :, :, t0:t1]).masked_fill_(~mask[:, None, None], 0.0)
