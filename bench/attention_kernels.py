@@ -5,7 +5,10 @@ lengths averaging S/8) it times forward + backward of:
 
 - ``local``: :func:`longtrain.parallel.attention.local_attention`, the entry point every layer calls;
 - ``block``: the ring block kernels of :func:`longtrain.parallel.kernels.get_block_kernels` on the
-  whole sequence as one block (forward with lse, then the block backward from that lse);
+  whole sequence as one block (forward with lse, then the block backward from that lse): on CUDA
+  the fused flash-attention varlen kernels (each row reports ``fallbacks``, the block calls that
+  fell back to the reference: 0 expected);
+- ``block_ref``: the plain-torch reference block kernels, for comparison (slow; opt-in);
 - ``sdpa``: the baseline, ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
   (native GQA) on the same tensors; with packed documents one call per document, since a dense
   S x S mask is not an option at 128K (it alone would take S^2 bytes = 16 GiB).
@@ -42,7 +45,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longtrain.parallel.attention import local_attention
-from longtrain.parallel.kernels import get_block_kernels
+from longtrain.parallel.fused_kernels import FUSED_STATS, fused_block_forward
+from longtrain.parallel.kernels import get_block_kernels, reference_block_backward, reference_block_forward
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -120,8 +124,10 @@ def make_impl(name: str, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids: Optional[to
                                        for q, k, v in pieces], dim=2))
             return torch.cat(rows, dim=0).transpose(1, 2)
         return sdpa_fwd, autograd_bwd
-    if name == "block":
+    if name in ("block", "block_ref"):
         forward, backward = get_block_kernels(q_bshd.device)
+        if name == "block_ref":
+            forward, backward = reference_block_forward, reference_block_backward
         idx = torch.arange(q_bshd.shape[1], device=q_bshd.device)
         scale = 1.0 / math.sqrt(q_bshd.shape[-1])
         plain = tuple(t.detach() for t in leaves)
@@ -133,7 +139,7 @@ def make_impl(name: str, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids: Optional[to
             out_bshd, lse_bhs = res
             backward(dout_bshd, *plain, out_bshd, lse_bhs, idx, idx, doc_ids, doc_ids, scale)
         return block_fwd, block_bwd
-    raise ValueError(f"--impls: unknown implementation {name!r}; choose from local, block, sdpa")
+    raise ValueError(f"--impls: unknown implementation {name!r}; choose from local, block, block_ref, sdpa")
 
 
 def run_row(impl: str, seq_len: int, docs: str, a, device: torch.device, sdpa_ms: dict) -> dict:
@@ -155,7 +161,10 @@ def run_row(impl: str, seq_len: int, docs: str, a, device: torch.device, sdpa_ms
         else:
             doc_ids, lengths = None, [[seq_len]] * a.batch
         fwd, bwd = make_impl(impl, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids, lengths)
+        fallbacks0 = FUSED_STATS.fallback
         fwd_ms, bwd_ms = time_fwd_bwd(fwd, bwd, device, a.warmup, a.repeats)
+        if impl == "block" and get_block_kernels(device)[0] is fused_block_forward:
+            row["fallbacks"] = FUSED_STATS.fallback - fallbacks0
         total = fwd_ms + bwd_ms
         tflops = causal_flops(a.heads, a.head_dim, lengths) / total / 1e9  # FLOP per ms / 1e9 = TFLOP/s
         if impl == "sdpa":
@@ -180,7 +189,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--docs", nargs="+", choices=["none", "packed"], default=["none", "packed"])
     p.add_argument("--doc-fraction", type=int, default=8, help="packed documents average S / this many tokens")
-    p.add_argument("--impls", nargs="+", choices=["sdpa", "local", "block"], default=["sdpa", "local", "block"])
+    p.add_argument("--impls", nargs="+", choices=["sdpa", "local", "block", "block_ref"],
+                   default=["sdpa", "local", "block"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sdpa-backend", choices=sorted(BACKENDS), default="auto",

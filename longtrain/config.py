@@ -206,6 +206,12 @@ class SequenceParallelConfig:
     """Ulysses (all-to-all over heads) degree: must divide model.num_heads; best inside a node."""
     ring: int = 1
     """Ring-attention degree: K/V blocks pass round the ring (zigzag load balance); any head count."""
+    ulysses_chunks: int = 0
+    """Head chunks whose Ulysses all-to-alls overlap the other chunks' attention: 0 = auto (2 on nccl, 1 on gloo)."""
+
+    def __post_init__(self) -> None:
+        _require(self.ulysses_chunks >= 0, "parallel.sp.ulysses_chunks",
+                 f"must be 0 (auto) or a positive number of head chunks, got {self.ulysses_chunks}")
 
 
 @dataclass

@@ -25,6 +25,10 @@ from dist_utils import free_port
 
 GQA = ["model.num_heads=4", "model.num_kv_heads=2"]
 MHA = ["model.num_heads=4", "model.num_kv_heads=4"]
+# Two head chunks pipelined through the Ulysses all-to-alls, under activation checkpointing (the
+# recomputation replays the chunked all-to-alls inside the backward).
+MHA_PIPE = MHA + ["parallel.sp.ulysses_chunks=2", "memory.checkpointing=true"]
+MODEL_IDS = {id(GQA): "gqa", id(MHA): "mha", id(MHA_PIPE): "mha-chunks2-ckpt"}
 
 
 
@@ -73,15 +77,16 @@ LAYOUTS = [  # (world, ulysses, ring, model)
     (2, 2, 1, GQA), (4, 4, 1, GQA), (2, 1, 2, GQA), (4, 1, 4, GQA), (4, 2, 2, GQA),
     (4, 2, 1, GQA), (4, 1, 2, GQA),  # dp 2 x ulysses 2, dp 2 x ring 2
     (4, 2, 2, MHA), (4, 4, 1, MHA),
+    (2, 2, 1, MHA_PIPE), (4, 2, 2, MHA_PIPE),
 ]
 
 
 @pytest.mark.parametrize("world, ulysses, ring, model", LAYOUTS,
-                         ids=[f"w{w}-u{u}-r{r}-{'gqa' if m is GQA else 'mha'}" for w, u, r, m in LAYOUTS])
+                         ids=[f"w{w}-u{u}-r{r}-{MODEL_IDS[id(m)]}" for w, u, r, m in LAYOUTS])
 def test_layout_matches_single_process(reference, world, ulysses, ring, model):
     base, get = reference
     ref_loss, ref_grads, ref_metrics = get(model)
-    name = f"w{world}u{ulysses}r{ring}{'g' if model is GQA else 'm'}"
+    name = f"w{world}u{ulysses}r{ring}{MODEL_IDS[id(model)]}"
     loss, grads, metrics = run_layout(base, name, world, list(model) + [
         f"parallel.sp.ulysses={ulysses}", f"parallel.sp.ring={ring}", "data.micro_batch_size=1"])
     assert loss == pytest.approx(ref_loss, rel=1e-5)

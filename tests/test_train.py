@@ -142,6 +142,7 @@ def cli(*overrides):
     ("data.global_batch_size=3", "data.global_batch_size"),
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("+trainer.foo=1", "trainer.foo"),
+    ("parallel.sp.ulysses_chunks=-1", "parallel.sp.ulysses_chunks"),
     ("--config-name=nope", "unknown recipe 'nope'"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, override, expected):

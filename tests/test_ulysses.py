@@ -33,12 +33,18 @@ from longtrain.parallel.ulysses import (ULYSSES_STATS, UlyssesAttention, Ulysses
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
 B, S, D = 2, 64, 8
-HEADS = {"mha": (4, 4), "gqa": (4, 2), "gqa_kv1": (4, 1), "gqa_kv3": (6, 3)}  # (Hq, Hkv)
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "gqa_kv1": (4, 1), "gqa_kv3": (6, 3),  # (Hq, Hkv)
+         "wide_mha": (8, 8), "wide_gqa": (8, 4)}
 DOC_LENGTHS = ([5, 37, 2], [20, 2, 37])  # per row, the rest of the row is one more document
 # (name, heads, packed documents, dtype); gqa_kv3 (U=2: Hkv neither divides nor is divided by U).
 CASES = [(f"{h}-{'packed' if packed else 'one'}-fp64", h, packed, torch.float64)
          for h in ("mha", "gqa", "gqa_kv1", "gqa_kv3") for packed in (False, True)]
 CASES.append(("gqa-packed-fp32", "gqa", True, torch.float32))
+# Pipelined head chunks: (name, heads, packed, dtype, chunks asked, chunks used at U=2 and U=4).
+# wide_gqa at U=4 has one KV head per rank, so its chunks fall back to 1; 4 asked at U=2 become 2.
+CHUNKED = [("wide_mha-packed-fp64-c2", "wide_mha", True, torch.float64, 2, {2: 2, 4: 2}),
+           ("wide_gqa-packed-fp64-c2", "wide_gqa", True, torch.float64, 2, {2: 2, 4: 1}),
+           ("wide_gqa-one-fp32-c4", "wide_gqa", False, torch.float32, 4, {2: 2, 4: 1})]
 WORLDS = (2, 4)
 
 
@@ -76,22 +82,23 @@ class _TiledKV(UlyssesAttention):
         return kv_bshd.repeat(1, 1, rep, 1)
 
 
-def _run_case(attn_cls, heads, packed, dtype, rank, world):
+def _run_case(attn_cls, heads, packed, dtype, rank, world, chunks=1, chunks_used=1):
     q, k, v, dout, doc_bs = _inputs(heads, packed, dtype)
     sl = slice(rank * S // world, (rank + 1) * S // world)
     q_local, k_local, v_local = (t[:, sl].clone().requires_grad_() for t in (q, k, v))
-    seen = {}
+    seen = {"calls": 0}
 
     def spy_inner(q_bShd, k_bShd, v_bShd, doc_ids=None, scale=None):
         full_docs = doc_ids is None if not packed else bool(torch.equal(doc_ids, _doc_ids(packed)))
-        seen.update(shape=tuple(q_bShd.shape), full_docs=full_docs)
+        seen.update(shape=tuple(q_bShd.shape), full_docs=full_docs, calls=seen["calls"] + 1)
         return local_attention(q_bShd, k_bShd, v_bShd, doc_ids=doc_ids, scale=scale)
 
     hq, hkv = HEADS[heads]
-    attn = attn_cls(None, inner=spy_inner, num_heads=hq, num_kv_heads=hkv)
+    attn = attn_cls(None, inner=spy_inner, num_heads=hq, num_kv_heads=hkv, chunks=chunks)
     out_local = attn(q_local, k_local, v_local, doc_ids=None if doc_bs is None else doc_bs[:, sl])
     out_local.backward(dout[:, sl])
-    assert seen == {"shape": (B, S, hq // world, D), "full_docs": True}, seen
+    want = {"shape": (B, S, hq // world // chunks_used, D), "full_docs": True, "calls": chunks_used}
+    assert seen == want, (seen, want)
     return [t.detach().numpy() for t in (out_local, q_local.grad, k_local.grad, v_local.grad)]
 
 
@@ -117,6 +124,8 @@ def _worker(rank, world, port, out):
     for name, heads, packed, dtype in CASES:
         if _runs_on(world, heads):
             out[(name, rank)] = _run_case(UlyssesAttention, heads, packed, dtype, rank, world)
+    for name, heads, packed, dtype, chunks, used in CHUNKED:
+        out[(name, rank)] = _run_case(UlyssesAttention, heads, packed, dtype, rank, world, chunks, used[world])
     wrong = "gqa" if world == 4 else "gqa_kv3"  # both replicate KV heads with more than one KV head
     out[("wrong-order", rank)] = _run_case(_TiledKV, wrong, True, torch.float64, rank, world)
 
@@ -192,6 +201,15 @@ def test_matches_single_process(world_results, name, heads, packed, dtype):
     for what, got, want in zip(("out", "dq", "dk", "dv"), _gathered(results, name, world),
                                _reference(heads, packed, dtype)):
         assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name, heads, packed, dtype", [c[:4] for c in CHUNKED], ids=[c[0] for c in CHUNKED])
+def test_pipelined_chunks_match_single_process(world_results, name, heads, packed, dtype):
+    world, results = world_results
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+    for what, got, want in zip(("out", "dq", "dk", "dv"), _gathered(results, name, world),
+                               _reference(heads, packed, dtype)):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 

@@ -17,7 +17,17 @@ from longtrain.parallel.dims import ParallelDims
 log = logging.getLogger(__name__)
 
 
-def build_sp_attention(dims: ParallelDims, seq_len: int):
+def resolve_ulysses_chunks(chunks: int, group) -> int:
+    """``parallel.sp.ulysses_chunks``, with 0 (auto) resolved: 2 where collectives run asynchronously
+    to compute (nccl), else 1."""
+    if chunks > 0:
+        return chunks
+    import torch.distributed as dist
+
+    return 2 if dist.is_initialized() and dist.get_backend(group) == "nccl" else 1
+
+
+def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0):
     """The attention function for ``dims``' sequence-parallel layout.
 
     - ulysses only: all-to-all to the full sequence of H/U heads, local attention, all-to-all back;
@@ -28,6 +38,8 @@ def build_sp_attention(dims: ParallelDims, seq_len: int):
     Args:
         dims: the layout, with groups built.
         seq_len: tokens of a whole (unsharded) sequence.
+        ulysses_chunks: head chunks pipelined through the Ulysses all-to-alls (0: auto, see
+            :func:`resolve_ulysses_chunks`).
     """
     if dims.sp == 1:
         return local_attention
@@ -40,15 +52,17 @@ def build_sp_attention(dims: ParallelDims, seq_len: int):
         return inner
     from longtrain.parallel.ulysses import UlyssesAttention
 
-    return UlyssesAttention(dims.group("ulysses"), inner=inner)
+    group = dims.group("ulysses")
+    return UlyssesAttention(group, inner=inner, chunks=resolve_ulysses_chunks(ulysses_chunks, group))
 
 
-def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int) -> None:
+def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0) -> None:
     """Make every attention layer of ``model`` sequence-parallel over ``dims`` (no-op at sp=1)."""
     if dims.sp == 1:
         return
-    model.set_attention_fn(build_sp_attention(dims, seq_len))
-    log.info("sequence parallel: ulysses=%d x ring=%d on every attention layer", dims.ulysses, dims.ring)
+    attn = build_sp_attention(dims, seq_len, ulysses_chunks)
+    model.set_attention_fn(attn)
+    log.info("sequence parallel: ulysses=%d x ring=%d on every attention layer (%r)", dims.ulysses, dims.ring, attn)
 
 
 def sp_comm_stats() -> Tuple[int, float]:

@@ -9,11 +9,11 @@ backward per block from the *merged* output and log-sum-exp (FlashAttention-2, A
 
 Backends sit behind :func:`get_block_kernels`. The reference backend here is plain torch: dense
 scores per tile of queries, keys past the tile's last query dropped, fp32 math (fp64 for fp64
-inputs). It runs everywhere and is the fallback. The plan on GPU is to register a faster backend
-with :func:`register_block_kernels`: SDPA's flash / cuDNN / memory-efficient kernels, which return
-the log-sum-exp (``aten._scaled_dot_product_flash_attention`` and friends) and have matching
-backward ops, or FlexAttention (``return_lse``) / a Triton kernel, which take the index and
-document mask as a block mask.
+inputs). It runs everywhere, is the specification the tests hold other kernels to, and is the
+fallback. On CUDA, :mod:`longtrain.parallel.fused_kernels` registers kernels that cut a block into
+dense segments and run them with flash attention's varlen forward and backward ops (which return
+and take the log-sum-exp); :func:`register_block_kernels` takes any other backend (cuDNN,
+FlexAttention, Triton) with the same contract.
 
 Layout legend:
     q_bshd      [batch, q_seq, num_heads, head_dim]       queries of the block
@@ -202,8 +202,13 @@ def register_block_kernels(device_type: str, forward: BlockForward, backward: Bl
 
 
 def get_block_kernels(device: torch.device) -> Tuple[BlockForward, BlockBackward]:
-    """The (forward, backward) block kernels for ``device``; the reference ones unless registered."""
-    return _BACKENDS.get(torch.device(device).type, (reference_block_forward, reference_block_backward))
+    """The (forward, backward) block kernels for ``device``: those registered for its type, else the
+    reference. CUDA's are the fused flash-attention kernels of :mod:`longtrain.parallel.fused_kernels`
+    (which fall back to the reference for inputs flash attention does not take)."""
+    device_type = torch.device(device).type
+    if device_type == "cuda" and device_type not in _BACKENDS:
+        import longtrain.parallel.fused_kernels  # noqa: F401  (registers the CUDA kernels on import)
+    return _BACKENDS.get(device_type, (reference_block_forward, reference_block_backward))
 
 
 def block_attention_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,

@@ -19,10 +19,14 @@ needed). Q, K and V travel in one buffer, so the forward issues one collective f
 one for the output, and the backward mirrors that (each all-to-all's backward is the inverse
 all-to-all, so dQ, dK and dV also travel together). Tensors of different dtypes cannot share a
 buffer; they go as one ``async_op=True`` all-to-all each, all in flight at once, waited for before
-attention. Overlap: with gloo every collective is effectively synchronous for the caller. On NCCL
-packing already removes the q-versus-k/v latency; hiding the transfer behind compute would need
-the model to hand over K/V before it computes Q (issue their all-to-all, then project Q), which
-this function-level contract does not see.
+attention.
+
+Overlap (``chunks`` > 1, :class:`_PipelinedUlysses`): attention is independent per head, so the
+heads are cut into C chunks and pipelined. Every chunk's q/k/v all-to-all is posted at once; chunk
+c's attention runs while chunk c+1's inputs and chunk c-1's output are in flight. The backward
+posts every output-gradient all-to-all, then sends chunk c's dQ/dK/dV while chunk c+1's attention
+backward runs. The bytes are the same as with one chunk; the collectives are C times more and C
+times smaller, so C of 2 to 4 is the useful range.
 
 Layout legend (``s = S/U`` local tokens, ``h = H/U`` heads per rank, ``r`` KV replication):
     q_bshd        [B, s, Hq, D]      local sequence slice of every query head (input)
@@ -71,7 +75,7 @@ class UlyssesStats:
     num_all_gather: int = 0
     """Document-id all-gathers issued (cache hits issue none)."""
     comm_s: float = 0.0
-    """Seconds spent in all-to-alls (synchronous for the caller: none of it is hidden)."""
+    """Seconds spent waiting for all-to-alls to complete: the communication not hidden behind compute."""
 
     @property
     def bytes_sent(self) -> int:
@@ -140,13 +144,20 @@ def _group_size(group: Optional[dist.ProcessGroup]) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def _exchange(xs: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], scatter_dim: int,
-              gather_dim: int, stats: Optional[UlyssesStats], backward: bool = False) -> List[torch.Tensor]:
-    """Split each tensor into U chunks along ``scatter_dim``, send chunk j to group rank j, and
-    concatenate the chunks received along ``gather_dim`` in group-rank order."""
+@dataclass
+class _Posted:
+    """All-to-alls in flight: their work handles, receive buffers and how to unpack them."""
+
+    works: list
+    received: List[torch.Tensor]
+    packed_shapes: Optional[List[torch.Size]]  # shapes of the tensors packed in one buffer, or None
+    gather_dim: int
+
+
+def _post(xs: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], scatter_dim: int, gather_dim: int,
+          stats: Optional[UlyssesStats], backward: bool = False) -> _Posted:
+    """Start the all-to-all of :func:`_exchange` (asynchronously) and count its bytes."""
     size = _group_size(group)
-    if size == 1:
-        return [x.clone() for x in xs]
     for x in xs:
         if x.shape[scatter_dim] % size:
             raise ValueError(f"all-to-all over {size} ranks cannot split dim {scatter_dim} of shape "
@@ -154,34 +165,53 @@ def _exchange(xs: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], sc
     # [..., n, ...] -> [U, ..., n/U, ...]: the chunk for rank j becomes row j.
     chunks = [x.unflatten(scatter_dim, (size, -1)).movedim(scatter_dim, 0) for x in xs]
     sizes = [c[0].numel() for c in chunks]
-    same_dtype = len({x.dtype for x in xs}) == 1
-    t0 = time.perf_counter()
-    if same_dtype:
+    if len({x.dtype for x in xs}) == 1:  # one collective on a packed buffer
         send_uX = torch.empty(size, sum(sizes), dtype=xs[0].dtype, device=xs[0].device)
         offset = 0
         for c, n in zip(chunks, sizes):
             send_uX[:, offset:offset + n].view(c.shape).copy_(c)
             offset += n
-        recv_uX = torch.empty_like(send_uX)
-        dist.all_to_all_single(recv_uX, send_uX, group=group)
-        bounds = [0, *itertools.accumulate(sizes)]
-        received = [recv_uX[:, lo:hi].view(c.shape) for lo, hi, c in zip(bounds[:-1], bounds[1:], chunks)]
-    else:  # one async all-to-all per tensor, all in flight before the first wait
+        received = [torch.empty_like(send_uX)]
+        works = [dist.all_to_all_single(received[0], send_uX, group=group, async_op=True)]
+        packed_shapes = [c.shape for c in chunks]
+    else:  # one collective per tensor, all in flight at once
         sends = [c.contiguous() for c in chunks]
         received = [torch.empty_like(t) for t in sends]
         works = [dist.all_to_all_single(r, t, group=group, async_op=True) for r, t in zip(received, sends)]
-        for w in works:
-            w.wait()
+        packed_shapes = None
     if stats is not None:
-        stats.comm_s += time.perf_counter() - t0
         sent = sum(n * (size - 1) * x.element_size() for n, x in zip(sizes, xs))
-        stats.num_all_to_all += 1 if same_dtype else len(xs)
+        stats.num_all_to_all += len(works)
         if backward:
             stats.bwd_bytes_sent += sent
         else:
             stats.fwd_bytes_sent += sent
+    return _Posted(works, received, packed_shapes, gather_dim)
+
+
+def _collect(posted: _Posted, stats: Optional[UlyssesStats]) -> List[torch.Tensor]:
+    """Wait for posted all-to-alls (the wait is the exposed communication) and unpack them."""
+    t0 = time.perf_counter()
+    for work in posted.works:
+        work.wait()
+    if stats is not None:
+        stats.comm_s += time.perf_counter() - t0
+    received = posted.received
+    if posted.packed_shapes is not None:
+        bounds = [0, *itertools.accumulate(math.prod(shape[1:]) for shape in posted.packed_shapes)]
+        received = [received[0][:, lo:hi].view(shape)
+                    for lo, hi, shape in zip(bounds[:-1], bounds[1:], posted.packed_shapes)]
     # [U, ..., m, ...] -> [..., U*m, ...] with the source rank as the outer index.
-    return [r.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1) for r in received]
+    return [r.movedim(0, posted.gather_dim).flatten(posted.gather_dim, posted.gather_dim + 1) for r in received]
+
+
+def _exchange(xs: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], scatter_dim: int,
+              gather_dim: int, stats: Optional[UlyssesStats], backward: bool = False) -> List[torch.Tensor]:
+    """Split each tensor into U chunks along ``scatter_dim``, send chunk j to group rank j, and
+    concatenate the chunks received along ``gather_dim`` in group-rank order."""
+    if _group_size(group) == 1:
+        return [x.clone() for x in xs]
+    return _collect(_post(xs, group, scatter_dim, gather_dim, stats, backward), stats)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -196,6 +226,62 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, *grads):
         group, scatter_dim, gather_dim, stats = ctx.args
         return (None, None, None, None, *_exchange(grads, group, gather_dim, scatter_dim, stats, backward=True))
+
+
+# ---------------------------------------------------------------------------- pipelined head chunks
+def _head_chunks(x_bshd: torch.Tensor, degree: int, chunks: int) -> List[torch.Tensor]:
+    """Cut each rank's head slice into ``chunks`` parts: chunk c holds heads ``[c*h/C, (c+1)*h/C)``
+    of every rank's slice, so its all-to-all delivers that sub-slice to every rank."""
+    x_bsuchd = x_bshd.unflatten(HEAD_DIM, (degree, chunks, -1))
+    return [x_bsuchd[:, :, :, c].flatten(2, 3) for c in range(chunks)]
+
+
+def _join_head_chunks(parts: Sequence[torch.Tensor], degree: int) -> torch.Tensor:
+    """Inverse of :func:`_head_chunks`."""
+    return torch.stack([p.unflatten(HEAD_DIM, (degree, -1)) for p in parts], dim=3).flatten(2, 4)
+
+
+class _PipelinedUlysses(torch.autograd.Function):
+    """Ulysses attention with the heads in C chunks whose all-to-alls overlap the other chunks' work.
+
+    Forward: every chunk's q/k/v all-to-all is posted first; then chunk c is waited for, its inner
+    attention runs (recording its own autograd graph) and its output all-to-all is posted while
+    chunk c+1 computes. Backward mirrors it: the output-gradient all-to-alls are posted first, and
+    chunk c's dQ/dK/dV all-to-all travels while chunk c+1's attention backward runs. With NCCL the
+    collectives run on their own stream, so a wait only orders the compute stream after them and
+    the transfers hide behind attention; with gloo they run on gloo's threads.
+    """
+
+    @staticmethod
+    def forward(ctx, attn, chunks, doc_ids_bS, scale, q_bshd, k_bshd, v_bshd):
+        group, stats, degree = attn.group, attn.stats, attn.degree
+        posted = [_post(parts, group, HEAD_DIM, SEQ_DIM, stats)
+                  for parts in zip(*(_head_chunks(t, degree, chunks) for t in (q_bshd, k_bshd, v_bshd)))]
+        leaves, outs, out_posted = [], [], []
+        for post in posted:
+            qkv = [t.detach().requires_grad_() for t in _collect(post, stats)]
+            with torch.enable_grad():
+                out_bShd = attn.inner(*qkv, doc_ids=doc_ids_bS, scale=scale)
+            leaves.append(qkv)
+            outs.append(out_bShd)
+            out_posted.append(_post([out_bShd.detach()], group, SEQ_DIM, HEAD_DIM, stats))
+        out_bshd = _join_head_chunks([_collect(post, stats)[0] for post in out_posted], degree)
+        ctx.attn, ctx.chunks, ctx.graphs = attn, chunks, (leaves, outs)
+        return out_bshd
+
+    @staticmethod
+    def backward(ctx, dout_bshd):
+        attn, (leaves, outs) = ctx.attn, ctx.graphs
+        group, stats, degree = attn.group, attn.stats, attn.degree
+        posted = [_post([d], group, HEAD_DIM, SEQ_DIM, stats, backward=True)
+                  for d in _head_chunks(dout_bshd, degree, ctx.chunks)]
+        grads_posted = []
+        for post, qkv, out_bShd in zip(posted, leaves, outs):
+            grads = torch.autograd.grad(out_bShd, qkv, _collect(post, stats)[0])
+            grads_posted.append(_post(grads, group, SEQ_DIM, HEAD_DIM, stats, backward=True))
+        ctx.graphs = None
+        grads = zip(*(_collect(post, stats) for post in grads_posted))
+        return (None, None, None, None, *(_join_head_chunks(parts, degree) for parts in grads))
 
 
 def all_to_all_seq_to_heads(x_bshd: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
@@ -259,6 +345,9 @@ class UlyssesAttention:
         num_kv_heads: optional Hkv (default: ``num_heads``).
         stats: counters to add the bytes sent to (None: :data:`ULYSSES_STATS`, shared by every
             instance); exposed as ``self.stats``.
+        chunks: head chunks to pipeline (1: one all-to-all each way for all heads). With C > 1 each
+            chunk's all-to-alls overlap the other chunks' attention, forward and backward; C is
+            lowered to the largest divisor of the KV heads per rank that does not exceed it.
 
     Raises:
         ValueError: from :func:`validate_ulysses` when the heads do not split over U.
@@ -266,9 +355,12 @@ class UlyssesAttention:
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, inner: AttentionFn = local_attention,
                  num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
-                 stats: Optional[UlyssesStats] = None):
+                 stats: Optional[UlyssesStats] = None, chunks: int = 1):
+        if chunks < 1:
+            raise ValueError(f"parallel.sp.ulysses_chunks must be at least 1, got {chunks}")
         self.group = group
         self.inner = inner
+        self.chunks = chunks
         self.degree = _group_size(group)
         self.stats = stats if stats is not None else ULYSSES_STATS
         self._replication: Dict[Tuple[int, int], int] = {}
@@ -278,7 +370,12 @@ class UlyssesAttention:
 
     def __repr__(self) -> str:
         inner = getattr(self.inner, "__name__", type(self.inner).__name__)
-        return f"UlyssesAttention(degree={self.degree}, inner={inner})"
+        return f"UlyssesAttention(degree={self.degree}, chunks={self.chunks}, inner={inner})"
+
+    def effective_chunks(self, num_kv_heads: int, rep: int) -> int:
+        """Head chunks used for a model with ``num_kv_heads`` KV heads replicated ``rep`` times."""
+        kv_per_rank = num_kv_heads * rep // self.degree
+        return max(c for c in range(1, min(self.chunks, kv_per_rank) + 1) if kv_per_rank % c == 0)
 
     def _kv_replication(self, num_heads: int, num_kv_heads: int) -> int:
         key = (num_heads, num_kv_heads)
@@ -338,6 +435,10 @@ class UlyssesAttention:
             raise ValueError(f"doc_ids must be [B, s] = {tuple(q_bshd.shape[:2])}, got {tuple(doc_ids.shape)}")
         rep = self._kv_replication(q_bshd.shape[HEAD_DIM], k_bshd.shape[HEAD_DIM])
         k_rep_bshd, v_rep_bshd = self._replicate_kv(k_bshd, rep), self._replicate_kv(v_bshd, rep)
+        chunks = self.effective_chunks(k_bshd.shape[HEAD_DIM], rep)
+        if chunks > 1:
+            return _PipelinedUlysses.apply(self, chunks, self._gather_doc_ids(doc_ids), scale,
+                                           q_bshd, k_rep_bshd, v_rep_bshd)
         q_bShd, k_bShd, v_bShd = _AllToAll.apply(self.group, HEAD_DIM, SEQ_DIM, self.stats,
                                                  q_bshd, k_rep_bshd, v_rep_bshd)
         out_bShd = self.inner(q_bShd, k_bShd, v_bShd, doc_ids=self._gather_doc_ids(doc_ids), scale=scale)

@@ -128,7 +128,7 @@ class Trainer:
             load_hf_weights(self.model, cfg.model.hf_path)
         self.model.to(self.device)
         self.model.set_activation_checkpointing(cfg.memory.checkpointing)
-        apply_sequence_parallel(self.model, self.dims, dc.seq_len)
+        apply_sequence_parallel(self.model, self.dims, dc.seq_len, sp.ulysses_chunks)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)

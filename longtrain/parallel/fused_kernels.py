@@ -1,0 +1,357 @@
+"""Block kernels on fused attention ops: one plan of dense segments, run by flash attention.
+
+The block contract of :mod:`longtrain.parallel.kernels` (queries and keys carrying global token
+indices and document ids, output plus log-sum-exp, backward from the merged statistics) is met
+here by cutting the block into *segments* that a fused kernel computes directly:
+
+    segment = (row b, query positions [q0, q1), key positions [k0, k1), causal)
+
+Queries are grouped into runs of consecutive indices within one document. For such a group with
+indices ``[a, a+n)`` and document ``d`` the visible keys are the block's keys of document ``d``
+with index ``< a`` (visible to every query of the group) followed, if the block holds them, by the
+keys with indices ``[a, a+n)`` (the diagonal). Because keys are sorted by index and, within a row,
+by document, both sets are one contiguous range of key positions. A group with a diagonal is a
+*causal* segment in flash attention's bottom-right alignment (query ``i`` sees key ``j`` iff
+``j <= i + (k1-k0) - (q1-q0)``); a group without one is a dense segment; a group with neither sees
+nothing (output 0, lse -inf, as in the reference). Every query lies in at most one segment, so no
+merge is needed inside a block, and keys no query can see are never touched.
+
+The plan covers the layouts longtrain produces (contiguous and zigzag shards, Ulysses-gathered
+sequences, document ids that never decrease along a row). Blocks outside it (a diagonal only
+partly present, indices out of order, document ids that decrease) return ``None`` from
+:func:`plan_segments` and fall back to the reference kernels, as do dtypes or head sizes the fused
+op does not take.
+
+Executors:
+    ``varlen`` (CUDA): all segments of one causality in a single ``aten._flash_attention_forward``
+        / ``_flash_attention_backward`` call with cumulative sequence lengths (flash attention's
+        varlen API; native GQA, lse ``[H, total_q]`` in fp32, bottom-right causal alignment).
+    ``loop`` (CPU): one ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward) per
+        segment, the bottom-right diagonal as an additive mask. It exists so that the planner and
+        the lse/backward plumbing shared with the CUDA path are tested on CPU against the reference.
+
+Layout legend: as :mod:`longtrain.parallel.kernels`; ``*_thd`` [total_tokens, heads, head_dim] is
+a varlen concatenation of segments, ``lse_ht`` [heads, total_tokens].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from longtrain.parallel.kernels import (_check_docs, _check_shapes, reference_block_backward,
+                                        reference_block_forward, register_block_kernels)
+
+
+@dataclass
+class FusedStats:
+    """How many block calls ran on a fused op and how many fell back to the reference kernels."""
+
+    fused: int = 0
+    fallback: int = 0
+
+
+FUSED_STATS = FusedStats()
+"""Counts of every :func:`fused_block_forward` / :func:`fused_block_backward` call."""
+
+
+@dataclass
+class Segments:
+    """Dense segments of one block; every field is a CPU int64 (``causal``: bool) tensor [num_segments]."""
+
+    row: torch.Tensor
+    q0: torch.Tensor
+    q1: torch.Tensor
+    k0: torch.Tensor
+    k1: torch.Tensor
+    causal: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> "Segments":
+        return Segments(*(t[keep] for t in (self.row, self.q0, self.q1, self.k0, self.k1, self.causal)))
+
+    def __len__(self) -> int:
+        return self.row.numel()
+
+
+def _ascending(x: torch.Tensor, strict: bool) -> bool:
+    if x.shape[-1] < 2:
+        return True
+    step = x[..., 1:] - x[..., :-1]
+    return bool((step > 0).all()) if strict else bool((step >= 0).all())
+
+
+def _row_segments(q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
+                  k_doc: Optional[torch.Tensor]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """(q0, q1, k0, k1, causal) of one row's visible segments; None when a diagonal is partial."""
+    num_q, num_k = q_idx.numel(), k_idx.numel()
+    cut = q_idx[1:] != q_idx[:-1] + 1
+    if q_doc is not None:
+        cut |= q_doc[1:] != q_doc[:-1]
+    q0 = torch.cat([torch.zeros(1, dtype=torch.long), cut.nonzero().flatten() + 1])
+    q1 = torch.cat([q0[1:], torch.tensor([num_q])])
+    first = q_idx[q0]
+    size = q1 - q0
+    if q_doc is None:
+        doc_lo, doc_hi = torch.zeros_like(q0), torch.full_like(q0, num_k)
+    else:
+        doc = q_doc[q0].contiguous()
+        doc_lo = torch.searchsorted(k_doc, doc, right=False)
+        doc_hi = torch.searchsorted(k_doc, doc, right=True)
+    before = torch.searchsorted(k_idx, first)          # keys with index < a
+    through = torch.searchsorted(k_idx, first + size)  # keys with index < a + n
+    prefix_hi = torch.minimum(doc_hi, before)
+    has_prefix = prefix_hi > doc_lo
+    diag_lo = torch.maximum(doc_lo, before)
+    diag_len = (torch.minimum(doc_hi, through) - diag_lo).clamp(min=0)
+    if bool(((diag_len > 0) & (diag_len != size)).any()):
+        return None  # only part of a diagonal is in the block: not a flash-attention shape
+    causal = diag_len > 0
+    k0 = torch.where(has_prefix, doc_lo, diag_lo)
+    k1 = torch.where(causal, diag_lo + diag_len, prefix_hi)
+    keep = has_prefix | causal
+    return q0[keep], q1[keep], k0[keep], k1[keep], causal[keep]
+
+
+def plan_segments(q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
+                  k_doc: Optional[torch.Tensor], batch: int) -> Optional[Segments]:
+    """Cut a block into dense segments (see the module docstring); None if it has no such plan.
+
+    Args:
+        q_idx: [Sq] global indices of the queries; k_idx: [Sk] of the keys.
+        q_doc: [B, Sq] document ids of the queries, or None; k_doc: [B, Sk], or None.
+        batch: B (the rows share the segments when there are no documents).
+
+    Returns:
+        The segments of every row, or None when the indices are not strictly increasing, the
+        document ids decrease along a row, or a query group's diagonal is only partly present.
+    """
+    _check_docs(q_doc, k_doc)
+    q_idx, k_idx = q_idx.detach().to("cpu", torch.long), k_idx.detach().to("cpu", torch.long)
+    if not (_ascending(q_idx, strict=True) and _ascending(k_idx, strict=True)):
+        return None
+    if q_doc is not None:
+        q_doc, k_doc = q_doc.detach().to("cpu", torch.long), k_doc.detach().to("cpu", torch.long)
+        if not (_ascending(q_doc, strict=False) and _ascending(k_doc, strict=False)):
+            return None
+    rows, parts = [], []
+    for b in range(batch if q_doc is not None else 1):
+        part = _row_segments(q_idx, k_idx, None if q_doc is None else q_doc[b], None if k_doc is None else k_doc[b])
+        if part is None:
+            return None
+        rows.append(torch.full_like(part[0], b))
+        parts.append(part)
+    if q_doc is None:  # one plan for every row
+        part = parts[0]
+        rows = [torch.arange(batch).repeat_interleave(part[0].numel())]
+        parts = [tuple(t.repeat(batch) for t in part)]
+    cols = [torch.cat(c) for c in zip(*parts)]
+    return Segments(torch.cat(rows), *cols)
+
+
+# ---------------------------------------------------------------------------- gathering segments
+def _flat_index(row: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, row_len: int) -> torch.Tensor:
+    """Flat positions in a [B * row_len] view of every ``[lo, hi)`` of ``row``, concatenated."""
+    lens = hi - lo
+    total = int(lens.sum())
+    offsets = torch.cumsum(lens, 0) - lens
+    return torch.repeat_interleave(row * row_len + lo - offsets, lens) + torch.arange(total)
+
+
+def _cu_seqlens(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(hi - lo, 0)]).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------- executors
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_RNG_STATE: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _varlen_supported(q_bshd: torch.Tensor) -> bool:
+    return (q_bshd.is_cuda and q_bshd.dtype in _FLASH_DTYPES and q_bshd.shape[-1] % 8 == 0
+            and q_bshd.shape[-1] <= 256 and torch.backends.cuda.is_flash_attention_available())
+
+
+def _rng_state(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (rng_state, unused) pair the flash backward takes; ignored without dropout, but it must
+    have the forward's types, so take it from a one-token forward once per device."""
+    if device not in _RNG_STATE:
+        x = torch.zeros(1, 1, 8, dtype=torch.bfloat16, device=device)
+        cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        res = torch.ops.aten._flash_attention_forward(x, x, x, cu, cu, 1, 1, 0.0, False, False, scale=1.0)
+        _RNG_STATE[device] = (res[2], res[3])
+    return _RNG_STATE[device]
+
+
+def _varlen_groups(seg: Segments, device: torch.device, num_q: int, num_k: int):
+    """Per causality: (causal, flat query index, flat key index, cu_q, cu_k, max_q, max_k), on ``device``."""
+    for causal in (False, True):
+        part = seg.select(seg.causal == causal)
+        if len(part) == 0:
+            continue
+        yield (causal, _flat_index(part.row, part.q0, part.q1, num_q).to(device),
+               _flat_index(part.row, part.k0, part.k1, num_k).to(device),
+               _cu_seqlens(part.q0, part.q1).to(device), _cu_seqlens(part.k0, part.k1).to(device),
+               int((part.q1 - part.q0).max()), int((part.k1 - part.k0).max()))
+
+
+def _varlen_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
+    batch, num_q, heads, dim = q_bshd.shape
+    num_k = k_bshd.shape[1]
+    q_thd, k_thd, v_thd = q_bshd.reshape(-1, heads, dim), k_bshd.flatten(0, 1), v_bshd.flatten(0, 1)
+    out_thd = torch.zeros_like(q_thd)
+    lse_ht = torch.full((heads, batch * num_q), float("-inf"), dtype=torch.float32, device=q_bshd.device)
+    for causal, qi, ki, cu_q, cu_k, max_q, max_k in _varlen_groups(seg, q_bshd.device, num_q, num_k):
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q_thd.index_select(0, qi), k_thd.index_select(0, ki), v_thd.index_select(0, ki), cu_q, cu_k,
+            max_q, max_k, 0.0, causal, False, scale=scale)[:2]
+        out_thd.index_copy_(0, qi, out)
+        lse_ht.index_copy_(1, qi, lse)
+    return out_thd.view(q_bshd.shape), lse_ht.view(heads, batch, num_q).transpose(0, 1)
+
+
+def _varlen_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: Segments, scale: float):
+    batch, num_q, heads, dim = q_bshd.shape
+    num_k, kv_heads = k_bshd.shape[1], k_bshd.shape[2]
+    flat = [t.reshape(-1, t.shape[2], dim) for t in (dout_bshd, q_bshd, out_bshd, k_bshd, v_bshd)]
+    do_thd, q_thd, out_thd, k_thd, v_thd = flat
+    lse_ht = lse_bhs.float().transpose(0, 1).reshape(heads, batch * num_q)
+    dq_thd = torch.zeros(q_thd.shape, dtype=torch.float32, device=q_bshd.device)
+    dk_thd = torch.zeros(batch * num_k, kv_heads, dim, dtype=torch.float32, device=q_bshd.device)
+    dv_thd = torch.zeros_like(dk_thd)
+    rng, unused = _rng_state(q_bshd.device)
+    for causal, qi, ki, cu_q, cu_k, max_q, max_k in _varlen_groups(seg, q_bshd.device, num_q, num_k):
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            do_thd.index_select(0, qi), q_thd.index_select(0, qi), k_thd.index_select(0, ki),
+            v_thd.index_select(0, ki), out_thd.index_select(0, qi), lse_ht.index_select(1, qi).contiguous(),
+            cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale)
+        dq_thd.index_copy_(0, qi, dq.float())
+        dk_thd.index_add_(0, ki, dk.float())  # a key may serve several segments (zigzag runs)
+        dv_thd.index_add_(0, ki, dv.float())
+    return (dq_thd.view(q_bshd.shape).to(q_bshd.dtype), dk_thd.view(k_bshd.shape).to(k_bshd.dtype),
+            dv_thd.view(v_bshd.shape).to(v_bshd.dtype))
+
+
+def _loop_mask(causal: bool, num_q: int, num_k: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """Additive bottom-right causal mask (None: dense, or square where ``is_causal`` does it)."""
+    if not causal or num_q == num_k:
+        return None
+    keep = torch.ones(num_q, num_k, dtype=torch.bool, device=like.device).tril(num_k - num_q)
+    return torch.zeros(num_q, num_k, dtype=like.dtype, device=like.device).masked_fill_(~keep, float("-inf"))
+
+
+def _loop_slices(seg: Segments):
+    for b, q0, q1, k0, k1, causal in zip(*(t.tolist() for t in (seg.row, seg.q0, seg.q1, seg.k0, seg.k1,
+                                                                   seg.causal))):
+        yield b, slice(q0, q1), slice(k0, k1), causal, causal and q1 - q0 == k1 - k0
+
+
+def _bhsd(x_bshd: torch.Tensor, b: int, s: slice) -> torch.Tensor:
+    return x_bshd[b:b + 1, s].transpose(1, 2)
+
+
+def _loop_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
+    out_bshd = torch.zeros_like(q_bshd)
+    lse_bhs = torch.full((q_bshd.shape[0], q_bshd.shape[2], q_bshd.shape[1]), float("-inf"),
+                         dtype=torch.float64 if q_bshd.dtype == torch.float64 else torch.float32, device=q_bshd.device)
+    for b, qs, ks, causal, square in _loop_slices(seg):
+        q, k, v = _bhsd(q_bshd, b, qs), _bhsd(k_bshd, b, ks), _bhsd(v_bshd, b, ks)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, square, attn_mask=_loop_mask(causal, q.shape[2], k.shape[2], q), scale=scale)
+        out_bshd[b:b + 1, qs] = out.transpose(1, 2)
+        lse_bhs[b:b + 1, :, qs] = lse
+    return out_bshd, lse_bhs
+
+
+def _loop_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: Segments, scale: float):
+    dq_bshd, dk_bshd, dv_bshd = (torch.zeros_like(t) for t in (q_bshd, k_bshd, v_bshd))
+    for b, qs, ks, causal, square in _loop_slices(seg):
+        q, k, v = _bhsd(q_bshd, b, qs), _bhsd(k_bshd, b, ks), _bhsd(v_bshd, b, ks)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout_bshd, b, qs).contiguous(), q, k, v, _bhsd(out_bshd, b, qs).contiguous(),
+            lse_bhs[b:b + 1, :, qs].to(q.dtype).contiguous(), 0.0, square,
+            attn_mask=_loop_mask(causal, q.shape[2], k.shape[2], q), scale=scale)
+        dq_bshd[b:b + 1, qs] += dq.transpose(1, 2)
+        dk_bshd[b:b + 1, ks] += dk.transpose(1, 2)
+        dv_bshd[b:b + 1, ks] += dv.transpose(1, 2)
+    return dq_bshd, dk_bshd, dv_bshd
+
+
+def _executor(q_bshd: torch.Tensor):
+    """(forward, backward) executor for these inputs, or None (use the reference)."""
+    if _varlen_supported(q_bshd):
+        return _varlen_forward, _varlen_backward
+    if q_bshd.device.type == "cpu" and q_bshd.dtype in (torch.float32, torch.float64):
+        return _loop_forward, _loop_backward
+    return None
+
+
+# ---------------------------------------------------------------------------- the block kernels
+def fused_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
+                        k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
+                        scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~longtrain.parallel.kernels.block_attention_forward` on a fused op (reference fallback)."""
+    _check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
+    executor = _executor(q_bshd)
+    seg = None if executor is None else plan_segments(q_idx, k_idx, q_doc, k_doc, q_bshd.shape[0])
+    if seg is None:
+        FUSED_STATS.fallback += 1
+        return reference_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
+    FUSED_STATS.fused += 1
+    return executor[0](q_bshd.contiguous(), k_bshd.contiguous(), v_bshd.contiguous(), seg, scale)
+
+
+def fused_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
+                         out_bshd: torch.Tensor, lse_bhs: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+                         q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], scale: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~longtrain.parallel.kernels.block_attention_backward` on a fused op (reference fallback)."""
+    _check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
+    executor = _executor(q_bshd)
+    seg = None if executor is None else plan_segments(q_idx, k_idx, q_doc, k_doc, q_bshd.shape[0])
+    if seg is None:
+        FUSED_STATS.fallback += 1
+        return reference_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx,
+                                        q_doc, k_doc, scale)
+    FUSED_STATS.fused += 1
+    tensors = (t.contiguous() for t in (dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd.to(q_bshd.dtype)))
+    return executor[1](*tensors, lse_bhs, seg, scale)
+
+
+class _BlockAttention(torch.autograd.Function):
+    """One block as a differentiable op: forward kernel, then the backward kernel from its own lse."""
+
+    @staticmethod
+    def forward(ctx, q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale):
+        out_bshd, lse_bhs = fused_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
+        ctx.save_for_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc)
+        ctx.scale = scale
+        return out_bshd
+
+    @staticmethod
+    def backward(ctx, dout_bshd):
+        q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc = ctx.saved_tensors
+        grads = fused_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx,
+                                     q_doc, k_doc, ctx.scale)
+        return (*grads, None, None, None, None, None)
+
+
+def fused_local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
+                          doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Causal, document-masked attention of a whole sequence in one fused call per causality.
+
+    Same contract as :func:`~longtrain.parallel.attention.local_attention`; on CUDA every document
+    of every row goes into one varlen flash-attention call instead of one SDPA call per document.
+    """
+    scale = 1.0 / math.sqrt(q_bshd.shape[-1]) if scale is None else scale
+    idx = torch.arange(q_bshd.shape[1], device=q_bshd.device)
+    return _BlockAttention.apply(q_bshd, k_bshd, v_bshd, idx, idx, doc_ids, doc_ids, scale)
+
+
+def fused_supported(q_bshd: torch.Tensor) -> bool:
+    """Whether the fused CUDA path takes these queries (device, dtype, head size, flash available)."""
+    return _varlen_supported(q_bshd)
+
+
+register_block_kernels("cuda", fused_block_forward, fused_block_backward)

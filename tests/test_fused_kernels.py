@@ -1,0 +1,227 @@
+"""Fused block kernels (segment plan + flash-attention executors) against the reference kernels.
+
+On CPU the fused kernels run the planner and the lse/backward plumbing with
+``aten._scaled_dot_product_flash_attention_for_cpu``; the CUDA varlen executor shares the plan
+and is checked by the ``gpu`` tests. Tolerances: fp64 sums in another order agree to ~1e-15, so
+1e-10 catches any masking error (those are 1e-2 and more); fp32 is checked at 1e-5; bf16 flash
+against the fp32 reference at 2e-2 (bf16 keeps ~3 significant digits).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_utils import free_port
+from longtrain.parallel import kernels
+from longtrain.parallel.attention import local_attention
+from longtrain.parallel.fused_kernels import (FUSED_STATS, fused_block_backward, fused_block_forward,
+                                              fused_local_attention, plan_segments)
+from longtrain.parallel.kernels import merge_partials, reference_block_backward, reference_block_forward
+from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
+
+FP64_TOL, FP32_TOL = 1e-10, 1e-5
+B, S, HQ, D = 2, 48, 4, 8
+
+
+def _docs(batch: int, seq_len: int) -> torch.Tensor:
+    """Packed documents with boundaries inside zigzag chunks, one spanning several chunks, and a
+    one-token document."""
+    rows = []
+    for lengths in ([5, 30, 1, 4], [17, 1, 2, 20])[:batch]:
+        lengths = lengths + [seq_len - sum(lengths)]
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    return torch.stack(rows)
+
+
+def _inputs(hkv: int, dtype: torch.dtype, seq_len: int = S, device: str = "cpu", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(B, seq_len, HQ, D), (B, seq_len, hkv, D), (B, seq_len, hkv, D), (B, seq_len, HQ, D)]
+    return [torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+
+
+def _ring_blocks(q, k, v, dout, doc, ring: int, rank: int, fwd, bwd, scale: float = 0.3):
+    """What ring rank ``rank`` computes: every block's forward merged, then every block's backward
+    from the merged statistics. Returns (out, lse, dq, [(dk_i, dv_i) per block])."""
+    q_idx = zigzag_indices(q.shape[1], ring, rank)
+    q_doc = None if doc is None else doc[:, q_idx]
+    out = lse = None
+    for s in range(ring):
+        k_idx = zigzag_indices(q.shape[1], ring, s)
+        o, l = fwd(q[:, q_idx], k[:, k_idx], v[:, k_idx], q_idx, k_idx, q_doc,
+                   None if doc is None else doc[:, k_idx], scale)
+        out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
+    out = out.to(q.dtype)
+    dq, dkv = torch.zeros_like(q[:, q_idx]), []
+    for s in range(ring):
+        k_idx = zigzag_indices(q.shape[1], ring, s)
+        dq_i, dk_i, dv_i = bwd(dout[:, q_idx], q[:, q_idx], k[:, k_idx], v[:, k_idx], out, lse, q_idx, k_idx,
+                               q_doc, None if doc is None else doc[:, k_idx], scale)
+        dq += dq_i
+        dkv += [dk_i, dv_i]
+    return [out, lse, dq] + dkv
+
+
+@pytest.mark.parametrize("ring", [1, 2, 3, 4])
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("hkv", [4, 1])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, FP64_TOL), (torch.float32, FP32_TOL)])
+def test_fused_matches_reference_on_every_zigzag_block(ring, docs, hkv, dtype, tol):
+    q, k, v, dout = _inputs(hkv, dtype)
+    doc = _docs(B, S) if docs else None
+    FUSED_STATS.fused = FUSED_STATS.fallback = 0
+    for rank in range(ring):
+        want = _ring_blocks(q, k, v, dout, doc, ring, rank, reference_block_forward, reference_block_backward)
+        got = _ring_blocks(q, k, v, dout, doc, ring, rank, fused_block_forward, fused_block_backward)
+        for name, a, b in zip(["out", "lse", "dq"] + ["dk/dv"] * 2 * ring, got, want):
+            if name == "lse":
+                assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+            assert a.dtype == b.dtype, name
+            assert _err(a, b) < tol, f"rank {rank} {name}: {_err(a, b):.3g}"
+    assert FUSED_STATS.fallback == 0 and FUSED_STATS.fused == 2 * ring * ring
+
+
+def _columns(seg):
+    return [tuple(t.tolist()) for t in (seg.q0, seg.q1, seg.k0, seg.k1, seg.causal)]
+
+
+def test_plan_of_zigzag_blocks_pairs_each_run_with_its_prefix_and_diagonal():
+    # Ring of 2 over 16 tokens: rank 0 holds [0, 4) and [12, 16), rank 1 holds [4, 12).
+    rank0, rank1 = zigzag_indices(16, 2, 0), zigzag_indices(16, 2, 1)
+    # Rank 0's queries over rank 1's keys: [0, 4) sees none; [12, 16) sees all eight, densely.
+    assert _columns(plan_segments(rank0, rank1, None, None, batch=1)) == [(4,), (8,), (0,), (8,), (False,)]
+    # Its own block: [0, 4) is causal over itself; [12, 16) over [0, 4) (prefix) and itself (diagonal).
+    assert _columns(plan_segments(rank0, rank0, None, None, batch=1)) == \
+        [(0, 4), (4, 8), (0, 0), (4, 8), (True, True)]
+    # Documents split the groups; document 1 spans the gap, so [12, 14) also sees [2, 4).
+    doc = torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2]])
+    assert _columns(plan_segments(rank0, rank0, doc, doc, batch=1)) == \
+        [(0, 2, 4, 6), (2, 4, 6, 8), (0, 2, 2, 6), (2, 4, 6, 8), (True, True, True, True)]
+
+
+@pytest.mark.parametrize("case", ["partial diagonal", "unsorted", "decreasing docs"])
+def test_blocks_without_a_plan_fall_back_to_the_reference(case):
+    q, k, v, dout = _inputs(1, torch.float64, seq_len=16)
+    q_idx, k_idx, doc = torch.arange(8, 16), torch.arange(4, 12), None
+    if case == "unsorted":
+        q_idx = q_idx.flip(0)
+    if case == "decreasing docs":
+        k_idx, doc = torch.arange(0, 8), torch.tensor([[0] * 8 + [1] * 4 + [0] * 4] * B)
+    q_doc, k_doc = (None, None) if doc is None else (doc[:, 8:], doc[:, :8])
+    assert plan_segments(q_idx, k_idx, q_doc, k_doc, B) is None
+    args = (q[:, :8], k[:, :8], v[:, :8], q_idx, k_idx, q_doc, k_doc, 0.5)
+    FUSED_STATS.fallback = 0
+    out, lse = fused_block_forward(*args)
+    want_out, want_lse = reference_block_forward(*args)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse) and FUSED_STATS.fallback == 1
+    grads = fused_block_backward(dout[:, :8], *args[:3], out, lse, *args[3:])
+    want = reference_block_backward(dout[:, :8], *args[:3], out, lse, *args[3:])
+    assert all(torch.equal(a, b) for a, b in zip(grads, want))
+
+
+def test_a_wrong_plan_is_caught():
+    """The parity check can fail: a plan that lets rank 1's queries see keys [12, 16) is far off."""
+    q, k, v, dout = _inputs(1, torch.float64, seq_len=16)
+    q_idx, k_idx = zigzag_indices(16, 2, 1), zigzag_indices(16, 2, 0)
+    seg = plan_segments(q_idx, k_idx, None, None, batch=B)
+    assert _columns(seg)[3] == (4, 4)
+    seg.k1[:] = 8
+    from longtrain.parallel.fused_kernels import _loop_forward
+    out, _ = _loop_forward(q[:, q_idx].contiguous(), k[:, k_idx].contiguous(), v[:, k_idx].contiguous(), seg, 0.3)
+    want, _ = reference_block_forward(q[:, q_idx], k[:, k_idx], v[:, k_idx], q_idx, k_idx, None, None, 0.3)
+    assert _err(out, want) > 1e-2
+
+
+@pytest.mark.parametrize("hkv", [4, 1])
+def test_fused_local_attention_matches_local_attention(hkv):
+    q, k, v, dout = _inputs(hkv, torch.float64)
+    doc = _docs(B, S)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    local_attention(*ref, doc_ids=doc).backward(dout)
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fused_local_attention(*got, doc_ids=doc)
+    out.backward(dout)
+    assert _err(out, local_attention(q, k, v, doc_ids=doc)) < FP64_TOL
+    assert all(_err(a.grad, b.grad) < FP64_TOL for a, b in zip(got, ref))
+
+
+# ---------------------------------------------------------------- the ring on gloo with fused kernels
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from longtrain.parallel.ring import zigzag_ring_attention
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    kernels.register_block_kernels("cpu", fused_block_forward, fused_block_backward)
+    errs = {}
+    for docs, hkv in itertools.product((False, True), (HQ, 1)):
+        q, k, v, dout = _inputs(hkv, torch.float64, seq_len=64)
+        doc = _docs(B, 64) if docs else None
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        local_attention(*ref, doc_ids=doc).backward(dout)
+        local = [zigzag_shard(t, world, rank).requires_grad_() for t in (q, k, v)]
+        out = zigzag_ring_attention(*local, doc_ids=None if doc is None else zigzag_shard(doc, world, rank),
+                                    group=None, seq_len=64)
+        out.backward(zigzag_shard(dout, world, rank))
+        for name, mine, full in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in local],
+                                    [local_attention(q, k, v, doc_ids=doc)] + [t.grad for t in ref]):
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine.contiguous())
+            errs[f"docs={docs} hkv={hkv} {name}"] = _err(zigzag_unshard(parts, world), full)
+    errs["fallbacks"] = FUSED_STATS.fallback
+    dist.destroy_process_group()
+    torch.save(errs, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ring_with_fused_kernels_matches_local(tmp_path):
+    world = 2
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    for rank in range(world):
+        errs = torch.load(tmp_path / f"rank{rank}.pt")
+        assert errs.pop("fallbacks") == 0
+        for name, err in errs.items():
+            assert err < FP64_TOL, f"rank {rank} {name}: {err:.3g}"
+
+
+# ---------------------------------------------------------------- CUDA (flash attention varlen)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("hkv", [4, 1])
+@pytest.mark.parametrize("ring", [1, 2, 4])
+def test_cuda_varlen_matches_reference(ring, hkv, docs):
+    q, k, v, dout = _inputs(hkv, torch.bfloat16, seq_len=256, device="cuda")
+    doc = _docs(B, 256).cuda() if docs else None
+    FUSED_STATS.fallback = 0
+    for rank in range(ring):
+        want = _ring_blocks(*(t.float() for t in (q, k, v, dout)), doc, ring, rank, reference_block_forward,
+                            reference_block_backward)
+        got = _ring_blocks(q, k, v, dout, doc, ring, rank, fused_block_forward, fused_block_backward)
+        for name, a, b in zip(["out", "lse", "dq"] + ["dk/dv"] * 2 * ring, got, want):
+            scale = b.double().abs().max().item() + 1.0
+            assert _err(a, b) < 2e-2 * scale, f"rank {rank} {name}: {_err(a, b):.3g}"
+    assert FUSED_STATS.fallback == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_local_attention_with_documents_uses_varlen():
+    q, k, v, dout = _inputs(1, torch.bfloat16, seq_len=512, device="cuda")
+    doc = _docs(B, 512).cuda()
+    FUSED_STATS.fused = 0
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    local_attention(*got, doc_ids=doc).backward(dout)
+    assert FUSED_STATS.fused == 2  # forward and backward, one varlen call each per causality
+    ref = [t.float().requires_grad_() for t in (q, k, v)]
+    want = reference_block_forward(*ref, torch.arange(512, device="cuda"), torch.arange(512, device="cuda"),
+                                   doc, doc, 1 / math.sqrt(D))[0]
+    want.backward(dout.float())
+    for a, b in zip(got, ref):
+        assert _err(a.grad, b.grad) < 2e-2 * (b.grad.abs().max().item() + 1.0)
