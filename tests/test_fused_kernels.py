@@ -225,3 +225,73 @@ def test_cuda_local_attention_with_documents_uses_varlen():
     want.backward(dout.float())
     for a, b in zip(got, ref):
         assert _err(a.grad, b.grad) < 2e-2 * (b.grad.abs().max().item() + 1.0)
+
+
+# ---------------------------------------------------------------- the CUDA executor's plumbing on CPU
+class _EmulatedFlash:
+    """Stand-ins for ``aten._flash_attention_forward/_backward`` (varlen form) written out densely:
+    per sequence of the cumulative lengths, GQA by head groups, causal aligned bottom-right, lse
+    [H, total_q] fp32; the backward uses the given out and lse (as flash attention does)."""
+
+    @staticmethod
+    def _pieces(cu_q, cu_k):
+        return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(),
+                                                                   cu_k[:-1].tolist(), cu_k[1:].tolist())]
+
+    @staticmethod
+    def _probs_mask(q, k, causal, scale):
+        group = q.shape[1] // k.shape[1]
+        k = k.double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+        nq, nk = q.shape[0], k.shape[0]
+        mask = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq) if causal else torch.ones(nq, nk, dtype=torch.bool)
+        return scores, mask, group
+
+    def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale=None):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and dropout == 0.0
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+        out = torch.zeros_like(q)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
+        for qs, ks in self._pieces(cu_q, cu_k):
+            scores, mask, group = self._probs_mask(q[qs], k[ks], causal, scale)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            lse[:, qs] = torch.logsumexp(scores, -1).float()
+            probs = torch.softmax(scores, -1)
+            out[qs] = torch.einsum("hqk,khd->qhd", probs, v[ks].double().repeat_interleave(group, 1)).to(q.dtype)
+        return out, lse, torch.zeros(2, dtype=torch.uint64), torch.zeros((), dtype=torch.uint64), torch.empty(0)
+
+    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout, causal, rng, unused, scale=None):
+        assert lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous()
+        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v))
+        for qs, ks in self._pieces(cu_q, cu_k):
+            scores, mask, group = self._probs_mask(q[qs], k[ks], causal, scale)
+            probs = torch.exp(scores - lse[:, qs].double()[..., None]) * mask
+            do, vv = dout[qs].double(), v[ks].double().repeat_interleave(group, 1)
+            delta = (do * out[qs].double()).sum(-1).t()[..., None]  # [H, q, 1]
+            dv_h = torch.einsum("hqk,qhd->khd", probs, do)
+            ds = probs * (torch.einsum("qhd,khd->hqk", do, vv) - delta)
+            dq[qs] = torch.einsum("hqk,khd->qhd", ds, k[ks].double().repeat_interleave(group, 1)) * scale
+            dk_h = torch.einsum("hqk,qhd->khd", ds, q[qs].double()) * scale
+            dk[ks] += dk_h.unflatten(1, (-1, group)).sum(2)
+            dv[ks] += dv_h.unflatten(1, (-1, group)).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("hkv", [4, 1])
+def test_varlen_executor_plumbing_with_an_emulated_flash_op(monkeypatch, docs, hkv):
+    """The gathers, cumulative lengths, lse layout and scatters of the CUDA executor, checked on CPU
+    against the reference with the flash ops replaced by dense stand-ins of the same contract."""
+    from longtrain.parallel import fused_kernels as fk
+    emulated = _EmulatedFlash()
+    monkeypatch.setattr(fk, "_RNG_STATE", {})
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", emulated.forward, raising=False)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", emulated.backward, raising=False)
+    monkeypatch.setattr(fk, "_varlen_supported", lambda q: True)
+    q, k, v, dout = _inputs(hkv, torch.float32)
+    doc = _docs(B, S) if docs else None
+    for rank in range(3):
+        want = _ring_blocks(q, k, v, dout, doc, 3, rank, reference_block_forward, reference_block_backward)
+        got = _ring_blocks(q, k, v, dout, doc, 3, rank, fused_block_forward, fused_block_backward)
+        for name, a, b in zip(["out", "lse", "dq"] + ["dk/dv"] * 6, got, want):
+            assert _err(a, b) < FP32_TOL, f"rank {rank} {name}: {_err(a, b):.3g}"
