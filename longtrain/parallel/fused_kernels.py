@@ -337,6 +337,15 @@ class _BlockAttention(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+def block_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
+                    k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
+                    scale: float) -> torch.Tensor:
+    """Differentiable attention of one block (arguments as
+    :func:`~longtrain.parallel.kernels.block_attention_forward`): the fused kernels where they apply,
+    the reference otherwise."""
+    return _BlockAttention.apply(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
+
+
 def fused_local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                           doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """Causal, document-masked attention of a whole sequence in one fused call per causality.
@@ -346,7 +355,7 @@ def fused_local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: to
     """
     scale = 1.0 / math.sqrt(q_bshd.shape[-1]) if scale is None else scale
     idx = torch.arange(q_bshd.shape[1], device=q_bshd.device)
-    return _BlockAttention.apply(q_bshd, k_bshd, v_bshd, idx, idx, doc_ids, doc_ids, scale)
+    return block_attention(q_bshd, k_bshd, v_bshd, idx, idx, doc_ids, doc_ids, scale)
 
 
 def fused_supported(q_bshd: torch.Tensor) -> bool:
