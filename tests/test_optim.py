@@ -39,6 +39,30 @@ def test_chunked_loss_equals_full_logits(dtype, tol, chunk):
     torch.testing.assert_close(weight.grad, w_ref.grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk", [1, 10, 1000])
+def test_sequence_reduction_gives_dpo_style_log_prob_sums(dtype, tol, chunk):
+    """Per-sequence sums with distinct upstream gradients per sequence (a DPO-like objective)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 29, 24, dtype=dtype, requires_grad=True)
+    weight = torch.randn(61, 24, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 61, (3, 29))
+    labels[1, 20:] = IGNORE_INDEX
+    weights = torch.rand(3, 29, dtype=dtype)
+    upstream = torch.tensor([1.5, -0.5, 2.0], dtype=dtype)
+    per_seq = chunked_lm_loss(hidden, weight, labels, weights, chunk_size=chunk, reduction="sequence")
+    (per_seq * upstream).sum().backward()
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = torch.stack([_reference(h_ref[b], w_ref, labels[b], weights[b]) for b in range(3)])
+    (ref * upstream).sum().backward()
+    assert per_seq.shape == (3,)
+    torch.testing.assert_close(per_seq, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="reduction"):
+        chunked_lm_loss(hidden, weight, labels, reduction="mean")
+
+
 def test_chunked_loss_masks_and_no_grad():
     hidden = torch.randn(10, 8)
     weight = torch.randn(5, 8)

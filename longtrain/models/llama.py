@@ -144,6 +144,8 @@ class Transformer(nn.Module):
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.activation_checkpointing = False
+        self.streambp_chunk: Optional[int] = None
+        self.streambp_offload = False
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -188,6 +190,14 @@ class Transformer(nn.Module):
         """Recompute each decoder layer in the backward (non-reentrant checkpoint) while training."""
         self.activation_checkpointing = bool(enabled)
 
+    def set_streambp(self, chunk_size: Optional[int], offload: bool = False) -> None:
+        """Stream every decoder layer's backward along the sequence in chunks of ``chunk_size``
+        tokens while training (:mod:`longtrain.optim.streambp`); None turns it off. ``offload``
+        parks each layer's saved input in pinned host memory."""
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
+        self.streambp_chunk, self.streambp_offload = chunk_size, bool(offload)
+
     def set_attention_fn(self, fn: AttentionFn) -> None:
         """Use ``fn(q_bshd, k_bshd, v_bshd, doc_ids=, scale=) -> out_bshd`` in every layer."""
         for layer in self.layers:
@@ -219,9 +229,16 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(x_bsh.device.type) if torch.is_autocast_enabled(x_bsh.device.type) \
             else x_bsh.dtype
         cos_bsd, sin_bsd = self.rope(position_ids, dtype)
-        use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled()
+        use_ckpt = self.activation_checkpointing and training
+        stream = self.streambp_chunk is not None and training
+        if stream:
+            from longtrain.optim.streambp import streamed_layer
         for layer in self.layers:
-            if use_ckpt:
+            if stream:
+                x_bsh = streamed_layer(layer, x_bsh, cos_bsd, sin_bsd, doc_ids, self.streambp_chunk,
+                                       self.streambp_offload)
+            elif use_ckpt:
                 x_bsh = checkpoint(layer, x_bsh, cos_bsd, sin_bsd, doc_ids, use_reentrant=False)
             else:
                 x_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)

@@ -69,19 +69,53 @@ def _accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torc
             acc[i] = g if acc[i] is None else acc[i] + g
 
 
+_SIDE_STREAMS: dict = {}
+
+
+class _HostCopy:
+    """A layer input parked in pinned host memory, copied on a side stream so the forward does not
+    wait for it; :meth:`fetch` brings it back to the device in the backward. On a CPU device it is
+    kept as is."""
+
+    def __init__(self, x_bsh: torch.Tensor) -> None:
+        self.device = x_bsh.device
+        if not x_bsh.is_cuda:
+            self.tensor, self.event = x_bsh, None
+            return
+        if self.device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[self.device] = torch.cuda.Stream(self.device)
+        stream = _SIDE_STREAMS[self.device]
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # x is complete before it is copied
+        self.tensor = torch.empty(x_bsh.shape, dtype=x_bsh.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            self.tensor.copy_(x_bsh, non_blocking=True)
+        x_bsh.record_stream(stream)  # the allocator must not reuse x until the copy is done
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def fetch(self) -> torch.Tensor:
+        if self.event is None:
+            return self.tensor
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+        return self.tensor.to(self.device, non_blocking=True)
+
+
 class _StreamedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer, chunk_size, cos_bsd, sin_bsd, doc_ids, x_bsh, *params):
+    def forward(ctx, layer, chunk_size, offload, cos_bsd, sin_bsd, doc_ids, x_bsh, *params):
         ctx.layer, ctx.chunk_size = layer, chunk_size
         device_type = x_bsh.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.save_for_backward(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        ctx.host_copy = _HostCopy(x_bsh) if offload else None
+        ctx.save_for_backward(None if offload else x_bsh, cos_bsd, sin_bsd, doc_ids)
         return layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
 
     @staticmethod
     def backward(ctx, dout_bsh):
         layer, chunk = ctx.layer, ctx.chunk_size
         x_bsh, cos_bsd, sin_bsd, doc_ids = ctx.saved_tensors
+        if ctx.host_copy is not None:
+            x_bsh, ctx.host_copy = ctx.host_copy.fetch(), None
         params = [p for p in layer.parameters() if p.requires_grad]
         device_type, autocast_on, autocast_dtype = ctx.autocast
         seq = x_bsh.shape[1]
@@ -119,11 +153,11 @@ class _StreamedLayer(torch.autograd.Function):
                 dx_bsh[:, start:end] += grads[0]
                 _accumulate(dparams, grads[1:])
         dparams = [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)]
-        return (None, None, None, None, None, dx_bsh.to(x_bsh.dtype), *dparams)
+        return (None, None, None, None, None, None, dx_bsh.to(x_bsh.dtype), *dparams)
 
 
 def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
-                   doc_ids: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
+                   doc_ids: Optional[torch.Tensor], chunk_size: int, offload: bool = False) -> torch.Tensor:
     """``layer(x_bsh, cos_bsd, sin_bsd, doc_ids)`` whose backward streams along the sequence.
 
     Args:
@@ -132,6 +166,8 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
         cos_bsd, sin_bsd: [B, S, head_dim] RoPE tables.
         doc_ids: [B, S] document ids, or None.
         chunk_size: tokens per backward chunk (any positive number; need not divide S).
+        offload: keep the saved input in pinned host memory (copied on a side stream) instead of
+            on the GPU until the backward needs it.
 
     Returns:
         The layer output [B, S, hidden]; its backward gives exact gradients of ``x_bsh`` and of
@@ -140,7 +176,7 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
     if chunk_size < 1:
         raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
     params = [p for p in layer.parameters() if p.requires_grad]
-    return _StreamedLayer.apply(layer, chunk_size, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
+    return _StreamedLayer.apply(layer, chunk_size, offload, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
 
 
 def is_streamable(module: nn.Module) -> bool:
