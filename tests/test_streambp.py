@@ -12,7 +12,8 @@ import torch
 
 from longtrain.models import Transformer
 from longtrain.models.registry import get_model_args
-from longtrain.optim.streambp import streamed_layer
+from longtrain.optim.streambp import is_streamable, streamed_layer
+from longtrain.parallel.attention import local_attention
 
 B, S = 2, 40
 DOCS = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 25 + [1] * 1 + [2] * 14])
@@ -41,12 +42,22 @@ def _grads(layer, x, out, dout):
     return dict(zip(["x"] + [n for n, _ in layer.named_parameters()], grads))
 
 
+def _distributed_attention(q, k, v, doc_ids=None, scale=None):
+    """Stands for Ulysses/ring attention: any attention function other than local_attention makes
+    the streamed backward recompute attention whole and stream the MLP half."""
+    return local_attention(q, k, v, doc_ids=doc_ids, scale=scale)
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("docs", [False, True])
 @pytest.mark.parametrize("chunk", [40, 16, 7, 1])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_streamed_gradients_equal_backprop(model, docs, chunk, dtype, tol):
+@pytest.mark.parametrize("attention", ["local", "distributed"])
+def test_streamed_gradients_equal_backprop(model, docs, chunk, dtype, tol, attention):
     layer, x, dout, cos, sin = _layer_and_inputs(model, dtype)
+    if attention == "distributed":
+        layer.self_attn.attn_fn = _distributed_attention
+        assert not is_streamable(layer)
     doc_ids = DOCS if docs else None
     x_ref = x.clone().requires_grad_()
     want = _grads(layer, x_ref, layer(x_ref, cos, sin, doc_ids), dout)

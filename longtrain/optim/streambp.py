@@ -112,48 +112,82 @@ class _StreamedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_bsh):
-        layer, chunk = ctx.layer, ctx.chunk_size
+        layer = ctx.layer
         x_bsh, cos_bsd, sin_bsd, doc_ids = ctx.saved_tensors
         if ctx.host_copy is not None:
             x_bsh, ctx.host_copy = ctx.host_copy.fetch(), None
         params = [p for p in layer.parameters() if p.requires_grad]
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        seq = x_bsh.shape[1]
         x_bsh = x_bsh.detach()
-        dx_bsh = torch.zeros_like(x_bsh, dtype=torch.promote_types(x_bsh.dtype, torch.float32))
-        dparams: List[Optional[torch.Tensor]] = [None] * len(params)
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            with torch.no_grad():
-                k_bshd, v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
-            acc_dtype = torch.promote_types(k_bshd.dtype, torch.float32)
-            dk_bshd = torch.zeros(k_bshd.shape, dtype=acc_dtype, device=k_bshd.device)
-            dv_bshd = torch.zeros_like(dk_bshd)
-            for start in range(0, seq, chunk):
-                end = min(start + chunk, seq)
-                with torch.enable_grad():
-                    x_bch = x_bsh[:, start:end].requires_grad_()
-                    k_prefix, v_prefix = (t[:, :end].detach().requires_grad_() for t in (k_bshd, v_bshd))
-                    out_bch = _chunk_output(layer, x_bch, k_prefix, v_prefix, cos_bsd[:, start:end],
-                                            sin_bsd[:, start:end], start, doc_ids)
-                grads = torch.autograd.grad(out_bch, [x_bch, k_prefix, v_prefix, *params], dout_bsh[:, start:end],
-                                            allow_unused=True)
-                dx_bsh[:, start:end] += grads[0]
-                dk_bshd[:, :end] += grads[1]
-                dv_bshd[:, :end] += grads[2]
-                _accumulate(dparams, grads[3:])
-            del k_bshd, v_bshd
-            for start in range(0, seq, chunk):  # dK, dV through k-norm, RoPE and the projections
-                end = min(start + chunk, seq)
-                with torch.enable_grad():
-                    x_bch = x_bsh[:, start:end].requires_grad_()
-                    k_bchd, v_bchd = _keys_values(layer, x_bch, cos_bsd[:, start:end], sin_bsd[:, start:end])
-                grads = torch.autograd.grad([k_bchd, v_bchd], [x_bch, *params],
-                                            [dk_bshd[:, start:end].to(k_bchd.dtype),
-                                             dv_bshd[:, start:end].to(v_bchd.dtype)], allow_unused=True)
-                dx_bsh[:, start:end] += grads[0]
-                _accumulate(dparams, grads[1:])
+            if is_streamable(layer):
+                dx_bsh, dparams = _stream_whole_layer(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd,
+                                                      doc_ids, params)
+            else:
+                dx_bsh, dparams = _stream_mlp(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
+                                              params)
         dparams = [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)]
         return (None, None, None, None, None, None, dx_bsh.to(x_bsh.dtype), *dparams)
+
+
+def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params):
+    """Backward for a layer whose attention is distributed (Ulysses, ring): the attention half is
+    recomputed whole (its collectives run once, as in gradient checkpointing) and the MLP half,
+    the larger working set, streams in chunks."""
+    with torch.enable_grad():
+        x_leaf = x_bsh.requires_grad_()
+        h_bsh = x_leaf + layer.self_attn(layer.input_layernorm(x_leaf), cos_bsd, sin_bsd, doc_ids)
+    h_detached = h_bsh.detach()
+    dh_bsh = torch.zeros_like(h_detached, dtype=torch.promote_types(h_detached.dtype, torch.float32))
+    dparams: List[Optional[torch.Tensor]] = [None] * len(params)
+    for start in range(0, h_detached.shape[1], chunk):
+        end = min(start + chunk, h_detached.shape[1])
+        with torch.enable_grad():
+            h_bch = h_detached[:, start:end].requires_grad_()
+            out_bch = h_bch + layer.mlp(layer.post_attention_layernorm(h_bch))
+        grads = torch.autograd.grad(out_bch, [h_bch, *params], dout_bsh[:, start:end], allow_unused=True)
+        dh_bsh[:, start:end] = grads[0]
+        _accumulate(dparams, grads[1:])
+    grads = torch.autograd.grad(h_bsh, [x_leaf, *params], dh_bsh.to(h_bsh.dtype), allow_unused=True)
+    _accumulate(dparams, grads[1:])
+    return grads[0], dparams
+
+
+def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params):
+    """Backward of a layer with local attention, every part streamed (module docstring, steps 1-3)."""
+    seq = x_bsh.shape[1]
+    dx_bsh = torch.zeros_like(x_bsh, dtype=torch.promote_types(x_bsh.dtype, torch.float32))
+    dparams: List[Optional[torch.Tensor]] = [None] * len(params)
+    with torch.no_grad():
+        k_bshd, v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
+    acc_dtype = torch.promote_types(k_bshd.dtype, torch.float32)
+    dk_bshd = torch.zeros(k_bshd.shape, dtype=acc_dtype, device=k_bshd.device)
+    dv_bshd = torch.zeros_like(dk_bshd)
+    for start in range(0, seq, chunk):
+        end = min(start + chunk, seq)
+        with torch.enable_grad():
+            x_bch = x_bsh[:, start:end].requires_grad_()
+            k_prefix, v_prefix = (t[:, :end].detach().requires_grad_() for t in (k_bshd, v_bshd))
+            out_bch = _chunk_output(layer, x_bch, k_prefix, v_prefix, cos_bsd[:, start:end],
+                                    sin_bsd[:, start:end], start, doc_ids)
+        grads = torch.autograd.grad(out_bch, [x_bch, k_prefix, v_prefix, *params], dout_bsh[:, start:end],
+                                    allow_unused=True)
+        dx_bsh[:, start:end] += grads[0]
+        dk_bshd[:, :end] += grads[1]
+        dv_bshd[:, :end] += grads[2]
+        _accumulate(dparams, grads[3:])
+    del k_bshd, v_bshd
+    for start in range(0, seq, chunk):  # dK, dV through k-norm, RoPE and the projections
+        end = min(start + chunk, seq)
+        with torch.enable_grad():
+            x_bch = x_bsh[:, start:end].requires_grad_()
+            k_bchd, v_bchd = _keys_values(layer, x_bch, cos_bsd[:, start:end], sin_bsd[:, start:end])
+        grads = torch.autograd.grad([k_bchd, v_bchd], [x_bch, *params],
+                                    [dk_bshd[:, start:end].to(k_bchd.dtype),
+                                     dv_bshd[:, start:end].to(v_bchd.dtype)], allow_unused=True)
+        dx_bsh[:, start:end] += grads[0]
+        _accumulate(dparams, grads[1:])
+    return dx_bsh, dparams
 
 
 def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
@@ -161,7 +195,9 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
     """``layer(x_bsh, cos_bsd, sin_bsd, doc_ids)`` whose backward streams along the sequence.
 
     Args:
-        layer: a :class:`~longtrain.models.llama.DecoderLayer` using local attention.
+        layer: a :class:`~longtrain.models.llama.DecoderLayer`. With local attention all of it
+            streams; with distributed attention (Ulysses, ring) the MLP half streams and the
+            attention half is recomputed whole.
         x_bsh: [B, S, hidden] layer input (the only activation kept for the backward).
         cos_bsd, sin_bsd: [B, S, head_dim] RoPE tables.
         doc_ids: [B, S] document ids, or None.
