@@ -6,8 +6,12 @@ for forward + backward + AdamW step at batch size 1, random weights and tokens. 
 model, chunked LM-head loss and optimizer as the trainer, so its numbers compare directly with
 ``../shared/bench/hf_baseline.py`` run on the same GPU.
 
+Modes: ``checkpointing`` (each layer recomputed in the backward), ``streambp`` (the backward
+streamed along the sequence in ``--streambp-chunk`` tokens, :mod:`longtrain.optim.streambp`),
+``streambp_offload`` (the same, saved layer inputs in pinned host memory) and ``none``.
+
 Usage (on a GPU machine):
-  python bench/train_step.py --shape llama1b --modes checkpointing --start 8192 --max 1048576
+  python bench/train_step.py --shape llama1b --modes checkpointing streambp streambp_offload --start 8192
 On CPU it runs too (tiny shape) as a smoke test: python bench/train_step.py --shape tiny --max 2048
 """
 from __future__ import annotations
@@ -25,15 +29,26 @@ from longtrain.optim.optimizer import build_optimizer
 from longtrain.trainer.metrics import peak_flops_per_device
 
 
-def trial(model, opt, args, mode, seq, repeats, device, chunk):
+MODES = ("checkpointing", "streambp", "streambp_offload", "none")
+
+
+def set_mode(model, mode: str, streambp_chunk: int) -> None:
+    """Memory mode of ``model``: gradient checkpointing, StreamBP (optionally offloading the saved
+    layer inputs to host memory), or plain backprop."""
+    model.set_activation_checkpointing(mode == "checkpointing")
+    model.set_streambp(streambp_chunk if mode.startswith("streambp") else None, offload=mode == "streambp_offload")
+
+
+def trial(model, opt, args, mode, seq, repeats, device, chunk, streambp_chunk=4096):
     ids = torch.randint(0, args.vocab_size, (1, seq + 1), device=device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    model.set_activation_checkpointing(mode == "checkpointing")
+    set_mode(model, mode, streambp_chunk)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    row = dict(shape=args_name(args), mode=mode, seq=seq, ok=True)
+    row = dict(shape=args_name(args), mode=mode, seq=seq, ok=True,
+               streambp_chunk=streambp_chunk if mode.startswith("streambp") else None)
     try:
         times = []
         for _ in range(repeats):
@@ -65,7 +80,8 @@ def args_name(args) -> str:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama1b")
-    p.add_argument("--modes", nargs="+", default=["checkpointing"], choices=["checkpointing", "none"])
+    p.add_argument("--modes", nargs="+", default=["checkpointing"], choices=MODES)
+    p.add_argument("--streambp-chunk", type=int, default=4096, help="tokens per StreamBP backward chunk")
     p.add_argument("--start", type=int, default=8192)
     p.add_argument("--max", type=int, default=1 << 20)
     p.add_argument("--repeats", type=int, default=2)
@@ -83,7 +99,7 @@ def main():
     for mode in a.modes:
         seq = a.start
         while seq <= a.max and time.time() < deadline:
-            if not trial(model, opt, args, mode, seq, a.repeats, device, a.loss_chunk)["ok"]:
+            if not trial(model, opt, args, mode, seq, a.repeats, device, a.loss_chunk, a.streambp_chunk)["ok"]:
                 break
             seq *= 2
 

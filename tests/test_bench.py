@@ -18,3 +18,18 @@ def test_train_step_bench_prints_json():
     assert [(r["mode"], r["seq"], r["ok"]) for r in rows] == [("checkpointing", 256, True), ("checkpointing", 512, True),
                                                               ("none", 256, True), ("none", 512, True)]
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_streambp_compare_bench_summarises():
+    proc = subprocess.run([sys.executable, "bench/streambp_compare.py", "--shape", "tiny", "--start", "256",
+                           "--max", "512", "--streambp-chunk", "100", "--repeats", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    trials = [r for r in rows if "seq" in r]
+    assert {(r["mode"], r["seq"]) for r in trials if r["ok"]} == {
+        (m, s) for m in ("streambp", "streambp_offload", "checkpointing") for s in (256, 512)}
+    summaries = {r["mode"]: r for r in rows if r.get("summary")}
+    assert set(summaries) == {"streambp", "streambp_offload", "checkpointing"}
+    assert all(s["max_seq"] == 512 for s in summaries.values())
+    assert rows[-1]["targets"] is True
