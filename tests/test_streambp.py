@@ -138,3 +138,15 @@ def test_offloaded_inputs_on_gpu_give_the_same_gradients():
         results.append(_grads(layer, x_in, streamed_layer(layer, x_in, cos, sin, None, 8, offload=offload), dout))
     for name, g in results[0].items():
         torch.testing.assert_close(results[1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_chunk_size_follows_geometry_and_free_memory():
+    from longtrain.optim.streambp import auto_chunk_size, chunk_working_set_bytes
+    llama1b = get_model_args("llama1b")
+    per_token = chunk_working_set_bytes(llama1b, batch=1, elem_bytes=2)
+    assert per_token == 2 * (6 * 2048 + 2 * 2048 + 4 * 8192) * 2  # 192 KiB a token in bf16
+    chunk = auto_chunk_size(llama1b, 131072, 1, free_bytes=60 * 2**30)
+    assert chunk % 256 == 0 and chunk * per_token <= 60 * 2**30 / 8 < (chunk + 256) * per_token
+    assert auto_chunk_size(llama1b, 131072, 1, free_bytes=1) == 256          # never below one multiple
+    assert auto_chunk_size(llama1b, 1000, 1, free_bytes=80 * 2**30) == 1000  # never above the sequence
+    assert auto_chunk_size(llama1b, 131072, 1, free_bytes=None) == 4096      # CPU: the default

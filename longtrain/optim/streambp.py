@@ -220,3 +220,24 @@ def is_streamable(module: nn.Module) -> bool:
     from longtrain.parallel.attention import local_attention
 
     return isinstance(module, DecoderLayer) and module.self_attn.attn_fn is local_attention
+
+
+def chunk_working_set_bytes(args, batch: int, elem_bytes: int) -> int:
+    """Bytes one streamed chunk token costs in the backward: the chunk's recomputed activations
+    (layer input, norms, q, attention output, residual, MLP gate/up/activation/product, output) and
+    as many again for their gradients, for ``batch`` sequences."""
+    per_token = 6 * args.hidden_size + 2 * args.num_heads * args.head_dim + 4 * args.intermediate_size
+    return 2 * per_token * elem_bytes * batch
+
+
+def auto_chunk_size(args, seq_len: int, batch: int, free_bytes: Optional[int], elem_bytes: int = 2,
+                    share: float = 0.125, multiple: int = 256, default: int = 4096) -> int:
+    """``memory.streambp.chunk_size=auto``: the largest multiple of ``multiple`` tokens whose
+    backward working set (:func:`chunk_working_set_bytes`) takes at most ``share`` of the free
+    device memory, between ``multiple`` and ``seq_len``; ``default`` when free memory is unknown
+    (CPU). Larger chunks run the matmuls at higher efficiency; smaller ones save memory."""
+    if free_bytes is None:
+        return min(default, seq_len)
+    per_token = chunk_working_set_bytes(args, batch, elem_bytes)
+    chunk = int(free_bytes * share // per_token) // multiple * multiple
+    return max(min(chunk, seq_len), min(multiple, seq_len))
