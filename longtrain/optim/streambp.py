@@ -15,6 +15,18 @@ backward in chunks of the sequence, so at any moment only one chunk's activation
 3. dK and dV are pushed through k-norm/RoPE and the K/V projections chunk by chunk, adding the
    rest of the input gradient and of the norm and projection weight gradients.
 
+Sequence parallelism. With Ulysses attention the chunks are chunks of the local slice: step 1
+sends K/V through the all-to-all once (every rank then holds its heads of the whole sequence),
+each chunk's queries go through the all-to-all, attend to the key prefix and come back, and the
+accumulated dK/dV return with one all-to-all before step 3 (the KV replicas of GQA are summed).
+With ring or hybrid attention, whose keys live on other ranks, the attention half of the layer is
+recomputed whole (its ring passes run once, as under gradient checkpointing) and the MLP half,
+the larger working set, streams. Streaming the ring's attention too would run one ring pass per
+chunk with the chunk's queries against every visiting K/V block and send the dK/dV accumulators
+round with them: the same bytes per chunk as a whole ring backward, so C chunks cost C times the
+ring traffic unless the chunk loop is moved inside the ring loop (each visiting block streamed
+over the local chunks), which is the plan for it.
+
 The result equals ordinary backprop up to summation order (tested in fp64 to 1e-10 relative). The
 weight gradients leave the layer once, after the last chunk, so a gradient hook (DDP, ZeRO) fires
 once per layer per backward, not once per chunk.
@@ -44,21 +56,93 @@ def _keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor
     return apply_rope(k_bshd, cos_bsd, sin_bsd), v_bshd
 
 
-def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
-                  cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int,
-                  doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """The layer's output for tokens ``[start, start + chunk)`` given K/V of tokens ``[0, start + chunk)``."""
+class _LocalKeys:
+    """K/V of the whole sequence for a layer with local attention (no communication)."""
+
+    def __init__(self, layer: DecoderLayer, x_bsh, cos_bsd, sin_bsd, doc_ids) -> None:
+        self.k_bshd, self.v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
+        self.doc_ids, self.scale = doc_ids, layer.self_attn.scale
+
+    def key_end(self, start: int, end: int) -> int:
+        """Keys ``[0, key_end)`` of :attr:`k_bshd` that chunk ``[start, end)`` may see."""
+        return end
+
+    def attend(self, q_bchd, start: int, end: int, k_bshd, v_bshd):
+        """Attention of the chunk's queries over the key prefix (differentiable in all three)."""
+        q_idx = torch.arange(start, end, device=q_bchd.device)
+        k_idx = torch.arange(0, end, device=q_bchd.device)
+        q_doc, k_doc = (None, None) if self.doc_ids is None else (self.doc_ids[:, start:end], self.doc_ids[:, :end])
+        return block_attention(q_bchd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, self.scale)
+
+    def local_grads(self, dk_bshd, dv_bshd):
+        """dK/dV of this rank's own tokens from those of :attr:`k_bshd`."""
+        return dk_bshd, dv_bshd
+
+
+class _UlyssesKeys(_LocalKeys):
+    """K/V for a layer with Ulysses attention: this rank's heads of the whole Ulysses-level sequence.
+
+    The chunk ``[start, end)`` of every rank's local slice is one step: its queries go through the
+    all-to-all (rank u's chunk holds global tokens ``u*s + [start, end)``), attend to the key prefix
+    after the all-to-all, and come back; dK/dV of the whole sequence return with one all-to-all at
+    the end and the KV replicas are summed.
+    """
+
+    def __init__(self, layer: DecoderLayer, x_bsh, cos_bsd, sin_bsd, doc_ids) -> None:
+        from longtrain.parallel.ulysses import HEAD_DIM, SEQ_DIM, _exchange
+        attn = layer.self_attn.attn_fn
+        k_bshd, v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
+        self.rep = attn._kv_replication(layer.self_attn.num_heads, k_bshd.shape[HEAD_DIM])
+        self.ulysses, self.local_seq, self.num_kv = attn, x_bsh.shape[1], k_bshd.shape[HEAD_DIM]
+        self.k_bshd, self.v_bshd = _exchange([attn._replicate_kv(k_bshd, self.rep), attn._replicate_kv(v_bshd, self.rep)],
+                                             attn.group, HEAD_DIM, SEQ_DIM, attn.stats)
+        self.doc_ids, self.scale = attn._gather_doc_ids(doc_ids), layer.self_attn.scale
+
+    def key_end(self, start: int, end: int) -> int:
+        return (self.ulysses.degree - 1) * self.local_seq + end
+
+    def attend(self, q_bchd, start: int, end: int, k_bshd, v_bshd):
+        from longtrain.parallel.ulysses import all_to_all_heads_to_seq, all_to_all_seq_to_heads
+        attn = self.ulysses
+        q_bChd = all_to_all_seq_to_heads(q_bchd, attn.group, attn.stats)
+        q_idx = torch.cat([torch.arange(u * self.local_seq + start, u * self.local_seq + end)
+                           for u in range(attn.degree)]).to(q_bchd.device)
+        k_idx = torch.arange(0, k_bshd.shape[1], device=q_bchd.device)
+        q_doc, k_doc = (None, None) if self.doc_ids is None else (self.doc_ids[:, q_idx], self.doc_ids[:, :k_bshd.shape[1]])
+        out_bChd = block_attention(q_bChd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, self.scale)
+        return all_to_all_heads_to_seq(out_bChd, attn.group, attn.stats)
+
+    def local_grads(self, dk_bShd, dv_bShd):
+        from longtrain.parallel.ulysses import HEAD_DIM, SEQ_DIM, _exchange
+        attn = self.ulysses
+        dk_bshd, dv_bshd = _exchange([dk_bShd, dv_bShd], attn.group, SEQ_DIM, HEAD_DIM, attn.stats, backward=True)
+        # Replicas are consecutive (repeat_interleave): head h's copies are h*rep .. h*rep+rep-1.
+        return tuple(t.unflatten(HEAD_DIM, (self.num_kv, self.rep)).sum(HEAD_DIM + 1) for t in (dk_bshd, dv_bshd))
+
+
+def _keys_for(layer: DecoderLayer):
+    """The K/V strategy that streams ``layer``'s attention, or None (attention is recomputed whole)."""
+    from longtrain.parallel.attention import local_attention
+    from longtrain.parallel.ulysses import UlyssesAttention
+
+    fn = layer.self_attn.attn_fn
+    if fn is local_attention:
+        return _LocalKeys
+    if isinstance(fn, UlyssesAttention) and fn.inner is local_attention:
+        return _LocalKeys if fn.degree == 1 else _UlyssesKeys
+    return None
+
+
+def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: _LocalKeys, k_bshd: torch.Tensor,
+                  v_bshd: torch.Tensor, cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int) -> torch.Tensor:
+    """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see."""
     attn = layer.self_attn
     b, c, _ = x_bch.shape
-    end = start + c
     q_bchd = attn.q_proj(layer.input_layernorm(x_bch)).view(b, c, attn.num_heads, attn.head_dim)
     if attn.qk_norm:
         q_bchd = attn.q_norm(q_bchd)
     q_bchd = apply_rope(q_bchd, cos_bcd, sin_bcd)
-    q_idx = torch.arange(start, end, device=x_bch.device)
-    k_idx = torch.arange(0, end, device=x_bch.device)
-    q_doc, k_doc = (None, None) if doc_ids is None else (doc_ids[:, start:end], doc_ids[:, :end])
-    out_bchd = block_attention(q_bchd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, attn.scale)
+    out_bchd = keys.attend(q_bchd, start, start + c, k_bshd, v_bshd)
     h_bch = x_bch + attn.o_proj(out_bchd.reshape(b, c, -1))
     return h_bch + layer.mlp(layer.post_attention_layernorm(h_bch))
 
@@ -120,9 +204,10 @@ class _StreamedLayer(torch.autograd.Function):
         device_type, autocast_on, autocast_dtype = ctx.autocast
         x_bsh = x_bsh.detach()
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            if is_streamable(layer):
-                dx_bsh, dparams = _stream_whole_layer(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd,
-                                                      doc_ids, params)
+            keys_cls = _keys_for(layer)
+            if keys_cls is not None:
+                dx_bsh, dparams = _stream_whole_layer(layer, keys_cls, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd,
+                                                      sin_bsd, doc_ids, params)
             else:
                 dx_bsh, dparams = _stream_mlp(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
                                               params)
@@ -153,30 +238,33 @@ def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_b
     return grads[0], dparams
 
 
-def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params):
-    """Backward of a layer with local attention, every part streamed (module docstring, steps 1-3)."""
+def _stream_whole_layer(layer: DecoderLayer, keys_cls, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
+                        params):
+    """Backward of a layer with local or Ulysses attention, every part streamed (module docstring)."""
     seq = x_bsh.shape[1]
     dx_bsh = torch.zeros_like(x_bsh, dtype=torch.promote_types(x_bsh.dtype, torch.float32))
     dparams: List[Optional[torch.Tensor]] = [None] * len(params)
     with torch.no_grad():
-        k_bshd, v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
-    acc_dtype = torch.promote_types(k_bshd.dtype, torch.float32)
-    dk_bshd = torch.zeros(k_bshd.shape, dtype=acc_dtype, device=k_bshd.device)
+        keys = keys_cls(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
+    acc_dtype = torch.promote_types(keys.k_bshd.dtype, torch.float32)
+    dk_bshd = torch.zeros(keys.k_bshd.shape, dtype=acc_dtype, device=x_bsh.device)
     dv_bshd = torch.zeros_like(dk_bshd)
     for start in range(0, seq, chunk):
         end = min(start + chunk, seq)
+        key_end = keys.key_end(start, end)
         with torch.enable_grad():
             x_bch = x_bsh[:, start:end].requires_grad_()
-            k_prefix, v_prefix = (t[:, :end].detach().requires_grad_() for t in (k_bshd, v_bshd))
-            out_bch = _chunk_output(layer, x_bch, k_prefix, v_prefix, cos_bsd[:, start:end],
-                                    sin_bsd[:, start:end], start, doc_ids)
+            k_prefix, v_prefix = (t[:, :key_end].detach().requires_grad_() for t in (keys.k_bshd, keys.v_bshd))
+            out_bch = _chunk_output(layer, x_bch, keys, k_prefix, v_prefix, cos_bsd[:, start:end],
+                                    sin_bsd[:, start:end], start)
         grads = torch.autograd.grad(out_bch, [x_bch, k_prefix, v_prefix, *params], dout_bsh[:, start:end],
                                     allow_unused=True)
         dx_bsh[:, start:end] += grads[0]
-        dk_bshd[:, :end] += grads[1]
-        dv_bshd[:, :end] += grads[2]
+        dk_bshd[:, :key_end] += grads[1]
+        dv_bshd[:, :key_end] += grads[2]
         _accumulate(dparams, grads[3:])
-    del k_bshd, v_bshd
+    keys.k_bshd = keys.v_bshd = None  # free the whole-sequence K/V before the projection pass
+    dk_bshd, dv_bshd = keys.local_grads(dk_bshd, dv_bshd)
     for start in range(0, seq, chunk):  # dK, dV through k-norm, RoPE and the projections
         end = min(start + chunk, seq)
         with torch.enable_grad():
@@ -216,10 +304,9 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
 
 
 def is_streamable(module: nn.Module) -> bool:
-    """Whether ``module`` is a decoder layer whose attention :func:`streamed_layer` can stream."""
-    from longtrain.parallel.attention import local_attention
-
-    return isinstance(module, DecoderLayer) and module.self_attn.attn_fn is local_attention
+    """Whether ``module`` is a decoder layer whose attention :func:`streamed_layer` streams too
+    (local or Ulysses attention); otherwise (ring, hybrid) the attention half is recomputed whole."""
+    return isinstance(module, DecoderLayer) and _keys_for(module) is not None
 
 
 def chunk_working_set_bytes(args, batch: int, elem_bytes: int) -> int:
