@@ -96,6 +96,15 @@ class ZeroMPU:
     def get_model_parallel_group(self):
         return None
 
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_group(self):
+        return None
+
 
 class HeadModule(nn.Module):
     """The model and an output head as one module: what the DeepSpeed engine wraps.
@@ -180,6 +189,9 @@ def apply_zero(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paralle
     assert dist.is_initialized(), "ZeRO needs a process group (init_distributed(require_group=True))"
     wrapper = HeadModule(model)
     mpu = ZeroMPU(dims)
+    # DeepSpeed's communication layer over the existing torch process group (deepspeed.initialize
+    # would do it, but zero.Init below runs first and needs it for the batch arithmetic).
+    deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     if ds_config["zero_optimization"]["stage"] == 3:
         # Partition over dp x sp ourselves: left to the engine, DeepSpeed (0.19) partitions ZeRO-3
         # parameters over mpu.get_data_parallel_group(), the dp group alone, and its gradient
@@ -242,10 +254,16 @@ def save_sharded(engine, ckpt_dir: Path) -> None:
 def load_sharded(engine, ckpt_dir: Path) -> None:
     """Load a :func:`save_sharded` checkpoint (or a :func:`to_universal` one when the engine was
     built with ``load_universal``) into ``engine``: weights, master weights and optimizer state."""
+    # DeepSpeed's ZeRO-3 universal load copies param group 0's hyper-parameters into every group
+    # (weight decay on the norms); they come from the config anyway, so put each group's back.
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    keep = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in inner.param_groups]
     path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / ZERO_DIR), tag=TAG, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise ValueError(f"checkpoint.resume: DeepSpeed found no state in {Path(ckpt_dir) / ZERO_DIR}")
+    for group, hyper in zip(inner.param_groups, keep):
+        group.update(hyper)
 
 
 def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
@@ -262,6 +280,24 @@ def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
     dst.mkdir(parents=True)
     ds_to_universal(Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    # The engine looks for its own stage's model-states file name (ZeRO-3: zero_pp_rank_0_...,
+    # ZeRO-1/2: mp_rank_00_...) but the converter writes the source stage's; give it both.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    present = [n for n in names if (dst / n).is_file()]
+    assert present, f"no model states file in {dst}"
+    for name in names:
+        if not (dst / name).exists():
+            shutil.copyfile(dst / present[0], dst / name)
+    # Its global optimizer file has the layout of the source stage too: ZeRO-1/2 read top-level
+    # param_groups, ZeRO-3 reads optimizer_state_dict.{state[0].step, param_groups}. Write both.
+    optim_file = dst / "zero" / "optimizer_state.pt"
+    optim = torch.load(optim_file, map_location="cpu", weights_only=False)
+    inner = optim.get("optimizer_state_dict", {})
+    groups = optim.get("param_groups", inner.get("param_groups"))
+    step = torch.load(next((dst / "zero").glob("*/step.pt")), map_location="cpu", weights_only=False)
+    optim["param_groups"] = groups
+    optim["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": groups, **inner}
+    torch.save(optim, optim_file)
 
 
 def consolidated_fp32(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
