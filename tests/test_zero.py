@@ -95,12 +95,12 @@ def reference(tmp_path_factory):
     return tmp, ref
 
 
-LAYOUTS = [  # (world, ulysses, ring)
-    (2, 1, 1), (2, 2, 1), (2, 1, 2), (4, 2, 1),
+LAYOUTS = [  # (world, ulysses, ring); the 4-rank layout takes ~50 s on 2 cores: slow
+    (2, 1, 1), (2, 2, 1), (2, 1, 2), pytest.param(4, 2, 1, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("world, ulysses, ring", LAYOUTS, ids=[f"dp{w // (u * r)}-u{u}-r{r}" for w, u, r in LAYOUTS])
+@pytest.mark.parametrize("world, ulysses, ring", LAYOUTS, ids=["dp2-u1-r1", "dp1-u2-r1", "dp1-u1-r2", "dp2-u2-r1"])
 def test_every_stage_matches_single_process(reference, world, ulysses, ring):
     tmp, ref = reference
     tag = f"w{world}u{ulysses}r{ring}"
@@ -124,30 +124,45 @@ def test_every_stage_matches_single_process(reference, world, ulysses, ring):
             assert ds_config["zero_optimization"]["stage"] == s and ds_config["train_batch_size"] == 4
 
 
-def test_resume_is_exact_and_survives_a_layout_change(reference):
-    """Stage 2 on dp 2 stops at step 2 and resumes (a) as stage 2 on dp 2: exact (bitwise in
-    practice, 1e-12 states intent); (b) as stage 1 on ulysses 2 and (c) as stage 3 on ulysses 2,
-    re-sharded through DeepSpeed's universal checkpoint (fp32 weights, Adam moments, step).
-    (b) continues the uninterrupted curve within the fp32 reordering tolerance. (c): step 3 (the
-    restored weights, schedule and data order) matches at that tolerance; step 4 is compared at
-    1e-3 because DeepSpeed 0.19's ZeRO-3 universal load does not restore the Adam state exactly
-    (step 4 is off by 2e-5 relative in loss and 1.4e-4 in gradient norm; stage 1/2 targets are
-    exact). A lost or zeroed optimizer state would move step 4 by far more."""
-    tmp, ref = reference
-    base = ["zero.stage=2", "trainer.max_steps=4", "checkpoint.every=0"]
-    full = run_jobs(2, [("full", common(tmp, "full") + base, {})])["full"]["metrics"]
-    run_jobs(2, [("first", common(tmp, "split") + base + ["trainer.stop_at_step=2"], {})])
-    for name in ("to_s1", "to_s3"):
-        shutil.copytree(tmp / "split", tmp / name)
-    same = run_jobs(2, [("same", common(tmp, "split") + base, {})])["same"]["metrics"]
-    assert [m["step"] for m in same] == [1, 2, 3, 4]
-    assert_same_curve(full, same, rel=1e-12)
-    for name, stage in (("to_s1", 1), ("to_s3", 3)):
-        moved = run_jobs(2, [(name, common(tmp, name) + base + [f"zero.stage={stage}", "parallel.sp.ulysses=2"],
-                              {})])[name]["metrics"]
-        assert [m["step"] for m in moved] == [1, 2, 3, 4]
-        assert_same_curve(full[2:3], moved[2:3])
-        assert_same_curve(full[3:], moved[3:], rel=1e-5 if stage < 3 else 1e-3)
+RESUME_BASE = ["zero.stage=2", "trainer.max_steps=4", "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(reference):
+    """Stage 2 on dp 2: an uninterrupted 4-step curve, and a run stopped at step 2 (its directory)."""
+    tmp, _ = reference
+    full = run_jobs(2, [("full", common(tmp, "full") + RESUME_BASE, {})])["full"]["metrics"]
+    run_jobs(2, [("first", common(tmp, "split") + RESUME_BASE + ["trainer.stop_at_step=2"], {})])
+    return tmp, full
+
+
+def resume_as(tmp, name, overrides):
+    shutil.copytree(tmp / "split", tmp / name)
+    metrics = run_jobs(2, [(name, common(tmp, name) + RESUME_BASE + overrides, {})])[name]["metrics"]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    return metrics
+
+
+def test_resume_is_exact_and_survives_a_layout_change(stopped_run):
+    """The stopped stage-2 dp-2 run resumes (a) as itself: exact (bitwise in practice, 1e-12 states
+    intent); (b) as stage 1 on ulysses 2, re-sharded through DeepSpeed's universal checkpoint (fp32
+    weights, Adam moments, step): it continues the uninterrupted curve within the fp32 reordering
+    tolerance of the module docstring."""
+    tmp, full = stopped_run
+    assert_same_curve(full, resume_as(tmp, "same", []), rel=1e-12)
+    assert_same_curve(full[2:], resume_as(tmp, "to_s1", ["zero.stage=1", "parallel.sp.ulysses=2"])[2:])
+
+
+@pytest.mark.slow
+def test_resume_stage2_dp2_as_stage3_ulysses2(stopped_run):
+    """Into ZeRO-3 on ulysses 2: step 3 (restored weights, schedule and data order) matches at the
+    reordering tolerance; step 4 at 1e-3, because DeepSpeed 0.19's ZeRO-3 universal load does not
+    restore the Adam state exactly (step 4 is off by 2e-5 relative in loss and 1.4e-4 in gradient
+    norm; stage 1/2 targets are exact)."""
+    tmp, full = stopped_run
+    moved = resume_as(tmp, "to_s3", ["zero.stage=3", "parallel.sp.ulysses=2"])
+    assert_same_curve(full[2:3], moved[2:3])
+    assert_same_curve(full[3:], moved[3:], rel=1e-3)
 
 
 def test_hf_export_after_zero3_equals_unsharded_weights(reference):

@@ -67,6 +67,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     elif require_group and not dist.is_initialized():  # alone: an in-memory store, no port needed
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)  # DeepSpeed reads them even with a group in place
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
                                 device_id=device_id)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)

@@ -230,8 +230,9 @@ class Trainer:
                 loss.backward()
             else:
                 # The engine reduces at the boundary (ZeRO-1) or as gradients arrive (2, 3); its
-                # division by dp is cancelled by zero_loss_factor = dp, and scale_wrt_gas=False keeps
-                # it from dividing by the accumulation steps: the gradient is the plain sum.
+                # averaging divisor (dp, or dp x sp for ZeRO-3) is cancelled by zero_loss_factor, and
+                # scale_wrt_gas=False keeps it from dividing by the accumulation steps: the gradient
+                # is the plain sum (longtrain/parallel/zero.py).
                 self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
                 loss = self._head(batch, functools.partial(chunked_lm_loss, labels=labels, weights=weights,
                                                            chunk_size=cfg.trainer.loss_chunk_size))
