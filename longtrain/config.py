@@ -10,7 +10,7 @@ User errors raise :class:`ConfigError` (a ``ValueError``) naming the key and the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -228,6 +228,58 @@ class ParallelConfig:
                  f"must be auto, nccl or gloo, got {self.backend!r}")
 
 
+# DeepSpeed config keys longtrain derives from its own typed keys: setting them in zero.extra could
+# silently break the batch layout, the gradient scaling or the schedule, so they are refused there.
+ZERO_OWNED_KEYS = {
+    "train_batch_size": "data.global_batch_size", "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.grad_accum", "gradient_clipping": "optim.clip_grad_norm",
+    "optimizer": "optim.*", "scheduler": "optim.schedule", "bf16": "trainer.precision",
+    "fp16": "trainer.precision (fp16 is not supported)", "torch_autocast": "trainer.precision",
+    "zero_optimization.stage": "zero.stage", "zero_optimization.offload_optimizer": "zero.offload_optimizer",
+    "zero_optimization.offload_param": "zero.offload_params",
+    "zero_optimization.reduce_scatter": "nothing (ZeRO-3 averages differently without it; longtrain keeps it on)",
+    "zero_optimization.zero_quantized_gradients": "nothing (its all-to-all reduction averages differently)",
+    "gradient_predivide_factor": "nothing (longtrain owns the gradient scaling)",
+    "prescale_gradients": "nothing (longtrain owns the gradient scaling)",
+    "gradient_allreduce_op": "nothing (longtrain owns the gradient scaling)",
+    "sequence_parallel_size": "parallel.sp.*", "data_parallel_size": "parallel.sp.*",
+}
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+    """ZeRO stage over the dp x sp ranks: 0 plain data parallelism (no DeepSpeed), 1 shards the
+    optimizer state, 2 also the gradients, 3 also the parameters (DeepSpeed engine for 1-3)."""
+    offload_optimizer: str = "none"
+    """`none` or `cpu`: keep the optimizer state and fp32 master weights in host memory and step
+    them there with DeepSpeedCPUAdam (ZeRO-Offload; stages 1-3)."""
+    offload_params: str = "none"
+    """`none` or `cpu`: keep the sharded parameters in host memory between uses (stage 3 only)."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Any other DeepSpeed config key, merged into the generated config (e.g.
+    zero_optimization.reduce_bucket_size); keys longtrain derives itself are refused."""
+
+    def __post_init__(self) -> None:
+        _require(self.stage in (0, 1, 2, 3), "zero.stage", f"must be 0, 1, 2 or 3, got {self.stage}")
+        for key in ("offload_optimizer", "offload_params"):
+            value = getattr(self, key)
+            _require(value in ("none", "cpu"), f"zero.{key}", f"must be none or cpu, got {value!r}")
+        _require(self.offload_optimizer == "none" or self.stage >= 1, "zero.offload_optimizer",
+                 f"needs zero.stage 1, 2 or 3 (got stage {self.stage}); set zero.stage=2 or "
+                 "zero.offload_optimizer=none")
+        _require(self.offload_params == "none" or self.stage == 3, "zero.offload_params",
+                 f"only stage 3 shards parameters, so only stage 3 can offload them (got stage {self.stage}); "
+                 "set zero.stage=3 or zero.offload_params=none")
+        _require(self.extra == {} or self.stage >= 1, "zero.extra",
+                 "DeepSpeed keys only apply with zero.stage 1, 2 or 3")
+        for dotted, owner in ZERO_OWNED_KEYS.items():
+            node: Any = self.extra
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            _require(node is None, f"zero.extra.{dotted}", f"is set by longtrain from {owner}; remove it from zero.extra")
+
+
 @dataclass
 class MemoryConfig:
     checkpointing: bool = False
@@ -293,6 +345,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

@@ -49,7 +49,8 @@ def run(cfg: Config, config_yaml: str = ""):
     from longtrain.trainer.loop import Trainer
     from longtrain.trainer.metrics import save_resolved_config
 
-    dist_info = init_distributed(cfg.trainer.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    dist_info = init_distributed(cfg.trainer.device, cfg.parallel.backend, cfg.parallel.timeout_s,
+                                 require_group=cfg.zero.stage > 0)
     logging.basicConfig(level=logging.INFO if dist_info.is_writer else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
@@ -86,6 +87,21 @@ def _one_line(err: BaseException) -> str:
     return f"{key}: {text}" if key and key not in text else text
 
 
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Checks that need the world size (torchrun's ``WORLD_SIZE``): the parallel degrees and the
+    batch split ``micro_batch_size x grad_accum x dp = global_batch_size`` (the DeepSpeed batch
+    config under ZeRO is derived from the same three numbers).
+
+    Raises:
+        ValueError: naming the key and a consistent value.
+    """
+    from longtrain.parallel.dims import ParallelDims
+    from longtrain.trainer.loop import resolve_batch_layout
+
+    dims = ParallelDims(world_size=world_size, ulysses=cfg.parallel.sp.ulysses, ring=cfg.parallel.sp.ring)
+    resolve_batch_layout(cfg.data.global_batch_size, cfg.data.micro_batch_size, cfg.trainer.grad_accum, dims.dp)
+
+
 def precheck(argv: List[str]) -> Optional[str]:
     """Compose and validate the config the command line asks for; the one-line error, or None.
 
@@ -115,7 +131,8 @@ def precheck(argv: List[str]) -> Optional[str]:
         i += 1
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
-            to_config(compose(config_name=name, overrides=overrides))
+            cfg = to_config(compose(config_name=name, overrides=overrides))
+        check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except MissingConfigException:
         recipes = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
         return f"unknown recipe '{name}' in {config_dir}; choose one of: {', '.join(recipes)}"

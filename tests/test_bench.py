@@ -33,3 +33,16 @@ def test_streambp_compare_bench_summarises():
     assert set(summaries) == {"streambp", "streambp_offload", "checkpointing"}
     assert all(s["max_seq"] == 512 for s in summaries.values())
     assert rows[-1]["targets"] is True
+
+
+def test_zero_memory_bench_prints_json():
+    proc = subprocess.run([sys.executable, "bench/zero_memory.py", "--shapes", "tiny", "--modes", "stage0", "zero2",
+                           "--seq", "256", "--steps", "2", "--device", "cpu", "--largest"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    trials = [r for r in rows if "ok" in r]
+    assert [(r["mode"], r["ok"]) for r in trials] == [("stage0", True), ("zero2", True)], rows
+    assert all(r["step_s"] > 0 and r["peak_mem_gib"] > 0 for r in trials)
+    assert trials[1]["memory_report"]["stage"] == 2 and "memory_report" not in trials[0]
+    assert [r["largest_shape_that_trains"] for r in rows if "largest_shape_that_trains" in r] == ["tiny", "tiny"]

@@ -284,6 +284,7 @@ def test_registry_entries_and_param_counts():
         assert entry.num_params() > entry.num_params(exclude_embedding=True) > 0
     assert abs(MODEL_REGISTRY["llama1b"].num_params() - 1.236e9) < 1e6  # Llama-3.2-1B: 1,235,814,400
     assert abs(MODEL_REGISTRY["llama8b"].num_params() - 8.030e9) < 1e6  # Llama-3.1-8B: 8,030,261,248
+    assert abs(MODEL_REGISTRY["llama70b"].num_params() - 70.554e9) < 1e6  # Llama-3.1-70B: 70,553,706,496
     for args in (MODEL_REGISTRY["tiny"], MODEL_REGISTRY["tiny_qwen3"], _tiny(arch="qwen2", qkv_bias=True)):
         model = Transformer(args)
         assert args.num_params() == sum(p.numel() for p in model.parameters())

@@ -34,6 +34,10 @@ MODEL_REGISTRY: Dict[str, ModelArgs] = {
     "llama8b": ModelArgs(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                          num_kv_heads=8, rope_theta=500000.0, rope_scaling={**_LLAMA3_SCALING, "factor": 8.0},
                          max_position_embeddings=131072, tie_embeddings=False),
+    # Llama-3.1-70B (trains sharded: ZeRO-3 over every GPU of the job)
+    "llama70b": ModelArgs(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                          num_kv_heads=8, rope_theta=500000.0, rope_scaling={**_LLAMA3_SCALING, "factor": 8.0},
+                          max_position_embeddings=131072, tie_embeddings=False),
     "qwen3_0_6b": _qwen3(1024, 3072, 28, 16, tied=True),
     "qwen3_1_7b": _qwen3(2048, 6144, 28, 16, tied=True),
     "qwen3_4b": _qwen3(2560, 9728, 36, 32, tied=True),

@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, fused on CUDA when available."""
+"""AdamW with decoupled weight decay on matrices only, fused on CUDA when available (DeepSpeed's
+CPU AdamW when ZeRO offloads the optimizer to the host)."""
 from __future__ import annotations
 
 import logging
@@ -10,12 +11,15 @@ from longtrain.config import OptimConfig
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    offload: bool = False) -> torch.optim.Optimizer:
     """AdamW over ``model``'s trainable parameters.
 
     Weight decay applies to parameters with two or more dimensions (linear and embedding
     matrices); norms and biases are not decayed. ``optim.fused=auto`` uses torch's fused kernel on
-    CUDA and the foreach implementation elsewhere.
+    CUDA and the foreach implementation elsewhere. ``offload=True`` (ZeRO with the optimizer in
+    host memory) returns DeepSpeed's ``DeepSpeedCPUAdam`` in AdamW mode with the same groups and
+    hyper-parameters: the engine steps it on the host partitions.
     """
     decay, no_decay = [], []
     for p in model.parameters():
@@ -26,6 +30,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam([g for g in groups if g["params"]], adamw_mode=True, **kwargs)
     if use_fused:
         kwargs["fused"] = True
     else:

@@ -33,13 +33,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600) -> DistInfo:
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600,
+                     require_group: bool = False) -> DistInfo:
     """Join the process group described by torchrun's environment (or run alone without it).
 
     Args:
         device: ``auto``, ``cpu`` or ``cuda``.
         backend: ``auto`` (nccl with CUDA, gloo on CPU), ``nccl`` or ``gloo``.
         timeout_s: collective timeout, so a dead rank stops the others instead of hanging them.
+        require_group: start a one-rank group when running alone (the DeepSpeed engine needs one).
 
     Raises:
         ValueError: ``trainer.device=cuda`` without a GPU, or nccl requested on CPU.
@@ -60,9 +62,15 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError("parallel.backend: nccl needs CUDA devices; use parallel.backend=gloo on CPU")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    device_id = dev if dev.type == "cuda" else None
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
+    elif require_group and not dist.is_initialized():  # alone: an in-memory store, no port needed
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)  # DeepSpeed reads them even with a group in place
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device_id)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 

@@ -9,13 +9,19 @@ tokens of the *whole global batch* is summed over the data-parallel group (one a
 micro-batch then back-propagates ``sum_t CE_t / N_valid_global`` and gradients are summed, never
 averaged, across ranks and micro-batches, so every layout computes the same step as one process
 that sees the whole global batch at once.
+
+ZeRO (``zero.stage`` 1-3) hands the model and optimizer to a DeepSpeed engine sharding over dp x sp
+(:mod:`longtrain.parallel.zero`); the engine reduces the gradients, clips and steps, with the loss
+scaled so that the reduction is the same sum. Stage 0 is the plain path below, without DeepSpeed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import resource
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -32,6 +38,7 @@ from longtrain.optim.optimizer import build_optimizer
 from longtrain.optim.schedule import build_scheduler
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.apply import apply_sequence_parallel, sp_comm_stats
+from longtrain.parallel import zero as Z
 from longtrain.parallel.distributed import (DistInfo, all_gather_objects, all_reduce_gradients, all_reduce_sum,
                                             barrier)
 from longtrain.parallel.sharding import shard_batch
@@ -130,13 +137,27 @@ class Trainer:
         self.model.set_activation_checkpointing(cfg.memory.checkpointing)
         apply_sequence_parallel(self.model, self.dims, dc.seq_len, sp.ulysses_chunks)
         self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
-
         self.step, self.tokens_seen = 0, 0
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=dist_info.rank,
                                       world_size=dist_info.world_size, barrier=barrier)
-        self._resume(cfg.checkpoint.resume)
+        resume = self._resume_plan(cfg.checkpoint.resume)
+        zc = cfg.zero
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, offload=zc.offload_optimizer == "cpu")
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
+        self.engine, self.zero_loss_factor, self.memory = None, 1.0, None
+        self.bf16 = precision == "bf16"
+        if zc.stage > 0:
+            if resume is not None and resume[1] == "plain_to_zero":  # before the engine copies the weights
+                load_model(self.model, resume[0] / "model.safetensors")
+            self.ds_config = Z.deepspeed_config(zc, dc.micro_batch_size, self.grad_accum, self.dp_size,
+                                                bf16=precision == "bf16", clip_grad_norm=cfg.optim.clip_grad_norm,
+                                                load_universal=resume is not None and resume[1] == "universal")
+            if dist_info.is_writer:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
+            self.autocast_dtype = None  # DeepSpeed's bf16 mode holds bf16 parameters: no autocast
+            self.engine, self.zero_loss_factor = Z.apply_zero(self.model, self.optimizer, self.dims, self.ds_config)
+        self._resume(resume)
 
         self.peak_flops = peak_flops_per_device(self.device, cfg.logging.peak_tflops)
         self.flops_per_token = self.model_args.flops_per_token(dc.seq_len)
@@ -146,7 +167,7 @@ class Trainer:
         self._info(f"model {cfg.model.name}: {self.model_args.num_params() / 1e6:.1f}M parameters; "
                    f"layout {self.dims.describe()}; global batch {self.global_batch_size} x {dc.seq_len} tokens "
                    f"= {dc.micro_batch_size} per micro-batch x {self.grad_accum} accumulation x {self.dp_size} data-parallel ranks; "
-                   f"precision {precision}; device {self.device}")
+                   f"precision {precision}; device {self.device}; zero stage {zc.stage}")
 
     # ------------------------------------------------------------------ helpers
     def _info(self, msg: str) -> None:
@@ -170,6 +191,16 @@ class Trainer:
             return self.model.hidden_states(batch["input_ids"], position_ids=batch["position_ids"],
                                             doc_ids=batch["doc_ids"])
 
+    def _head(self, batch: Dict[str, torch.Tensor], head):
+        """``head(final hidden states, LM head weight)`` for ``batch``; through the engine under ZeRO,
+        whose forward gathers the ZeRO-3 shards the head needs."""
+        if self.engine is None:
+            return head(self._hidden(batch), self.model.output_weight)
+        return self.engine(batch["input_ids"], batch["position_ids"], batch["doc_ids"], head)
+
+    def _module(self) -> torch.nn.Module:
+        return self.model if self.engine is None else self.engine
+
     # ------------------------------------------------------------------ training
     def _local_batch(self, packed, rows) -> Dict[str, torch.Tensor]:
         """Rows ``rows`` of ``packed``, cut to this rank's part of each sequence, on the device."""
@@ -190,14 +221,25 @@ class Trainer:
                              device=self.device)
         num_valid = int(all_reduce_sum(valid, self.reduce_group).item())  # the one count all-reduce of the step
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             labels = batch["labels"]
             weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
-            loss = chunked_lm_loss(self._hidden(batch), self.model.output_weight, labels, weights,
-                                   cfg.trainer.loss_chunk_size)
-            loss.backward()
+            if self.engine is None:
+                loss = chunked_lm_loss(self._hidden(batch), self.model.output_weight, labels, weights,
+                                       cfg.trainer.loss_chunk_size)
+                loss.backward()
+            else:
+                # The engine reduces at the boundary (ZeRO-1) or as gradients arrive (2, 3); its
+                # averaging divisor (dp, or dp x sp for ZeRO-3) is cancelled by zero_loss_factor, and
+                # scale_wrt_gas=False keeps it from dividing by the accumulation steps: the gradient
+                # is the plain sum (longtrain/parallel/zero.py).
+                self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+                loss = self._head(batch, functools.partial(chunked_lm_loss, labels=labels, weights=weights,
+                                                           chunk_size=cfg.trainer.loss_chunk_size))
+                self.engine.backward(loss * self.zero_loss_factor, scale_wrt_gas=False)
             loss_sum += loss.detach().double()
-        all_reduce_gradients(self.model.parameters(), self.reduce_group)
+        if self.engine is None:
+            all_reduce_gradients(self.model.parameters(), self.reduce_group)
         return float(all_reduce_sum(loss_sum, self.reduce_group).item()), num_valid
 
     def train_step(self) -> Dict[str, float]:
@@ -205,16 +247,32 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         bytes0, comm0 = sp_comm_stats()
+        report = self.engine is not None and self.memory is None  # once, on the first step under ZeRO
+        cuda = self.device.type == "cuda"
+        grads0 = torch.cuda.memory_allocated(self.device) if report and cuda else 0
         loss, num_valid = self.forward_backward()
-        clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1}; the weights "
-                                     "were not updated (lower optim.lr or check the data)")
+        # Activations are freed by now: what the backward left allocated is gradient storage.
+        grads = torch.cuda.memory_allocated(self.device) - grads0 if report and cuda else None
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if self.engine is None:
+            clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1}; the "
+                                         "weights were not updated (lower optim.lr or check the data)")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.engine.step()  # clips to optim.clip_grad_norm (same formula as torch's), steps, zeroes grads
+            grad_norm = float(self.engine.get_global_grad_norm())
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1} (ZeRO "
+                                         "steps inside DeepSpeed, so the weights were updated; lower optim.lr or "
+                                         "check the data, and resume from the last checkpoint)")
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if report:  # after the first step every buffer exists (torch's AdamW creates its state lazily)
+            self.memory = self._memory_report(grads)
+            self._info(self._memory_line())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -241,7 +299,7 @@ class Trainer:
         Rows are split over the data-parallel ranks and each row over the sequence-parallel ranks,
         as in training; sums are reduced over dp x sp.
         """
-        self.model.eval()
+        self._module().eval()
         out: Dict[str, float] = {}
         mbs, limit = self.cfg.data.micro_batch_size, self.cfg.trainer.eval_rows
         if self.data.eval is not None:
@@ -251,8 +309,8 @@ class Trainer:
             for i in range(0, len(mine), mbs):
                 batch = self._local_batch(self.data.eval, mine[i:i + mbs])
                 labels = batch["labels"]
-                sums[0] += chunked_lm_loss(self._hidden(batch), self.model.output_weight, labels, None,
-                                           self.cfg.trainer.loss_chunk_size).double()
+                sums[0] += self._head(batch, functools.partial(chunked_lm_loss, labels=labels, weights=None,
+                                                               chunk_size=self.cfg.trainer.loss_chunk_size)).double()
                 sums[1] += (labels != IGNORE_INDEX).sum()
             all_reduce_sum(sums, self.reduce_group)
             out["eval_loss"] = float(sums[0] / sums[1].clamp(min=1))
@@ -264,8 +322,7 @@ class Trainer:
                 full, answer_mask, depth = pk.batch(mine[i:i + mbs])
                 batch = self._to_device(shard_batch({**full, "answer_mask": answer_mask}, self.dims))
                 answer_mask = batch.pop("answer_mask").bool()
-                hidden = self._hidden(batch)
-                logits = hidden[answer_mask].float() @ self.model.output_weight.float().t()
+                logits = self._head(batch, lambda hidden, weight: hidden[answer_mask].float() @ weight.float().t())
                 hit = torch.zeros_like(answer_mask)
                 hit[answer_mask] = logits.argmax(-1) == batch["labels"][answer_mask]
                 # Each sequence-parallel rank holds part of every row: sum hits and answers over sp.
@@ -280,40 +337,56 @@ class Trainer:
             out.update(pk.accuracy_by_depth([c for c, _, _ in gathered], [d for _, _, d in gathered]))
             # Per-token accuracy on the key: moves before whole-key accuracy does.
             out["passkey_digit_acc"] = float(np.mean([f for _, f, _ in gathered])) if gathered else 0.0
-        self.model.train()
+        self._module().train()
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch_size": self.global_batch_size,
                 "seq_len": self.cfg.data.seq_len, "seed": self.cfg.trainer.seed, "world_size": self.dist.world_size,
-                "model_args": asdict(self.model_args)}
+                "model_args": asdict(self.model_args),
+                "zero": {"stage": self.cfg.zero.stage, "shards": self.dims.size("dp_sp"),
+                         "layout": self.dims.describe()}}
 
     def save_checkpoint(self) -> Path:
-        """Save everything an exact resume needs; every rank saves its own RNG state."""
+        """Save everything an exact resume needs; every rank saves its own RNG state (and, under
+        ZeRO, its DeepSpeed shards under ``zero/``)."""
         def write(tmp: Path) -> None:
+            if self.engine is not None:
+                Z.save_sharded(self.engine, tmp)
             if self.dist.is_writer:
-                save_model(self.model, tmp / "model.safetensors")
-                save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                if self.engine is None:
+                    save_model(self.model, tmp / "model.safetensors")
+                    save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=1))
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
             save_torch(rng_state(), tmp / "rng" / f"rank_{self.dist.rank:05d}.pt")
 
-        path = self.ckpt.save(self.step, write, meta={"step": self.step})
+        path = self.ckpt.save(self.step, write, meta={"step": self.step, "zero_stage": self.cfg.zero.stage})
         self._info(f"saved checkpoint {path}")
         return path
 
-    def _resume(self, spec: str) -> None:
+    def _resume_plan(self, spec: str) -> Optional[Tuple[Path, str]]:
+        """The checkpoint to resume from and how: ``(path, mode)`` or None for a fresh start.
+
+        Modes: ``same`` (same ZeRO stage and shard count, or both plain: exact state), ``universal``
+        (ZeRO checkpoint, other stage or shard count: converted to DeepSpeed's universal format here,
+        which keeps fp32 weights and Adam moments), ``plain_to_zero`` / ``zero_to_plain`` (fp32
+        weights, schedule and step carried over; Adam moments restart).
+
+        Raises:
+            ConfigError: the checkpoint holds another model, batch size, sequence length or seed.
+        """
         if spec == "none":
             existing = self.ckpt.resolve_resume("auto")
             if existing is not None:
                 raise ConfigError(f"checkpoint.resume: run.dir '{self.run_dir}' already holds checkpoint {existing}; "
                                   "pass checkpoint.resume=auto to continue it or choose another run.dir")
-            return
+            return None
         path = self.ckpt.resolve_resume(spec)
         if path is None:
-            return
+            return None
         state = json.loads((path / "trainer_state.json").read_text())
         if state["model_args"] != asdict(self.model_args):
             diff = sorted(k for k in state["model_args"] if state["model_args"][k] != asdict(self.model_args).get(k))
@@ -326,9 +399,42 @@ class Trainer:
                         "seed": "trainer.seed"}[key]
                 raise ConfigError(f"{name}: the checkpoint {path} was trained with {name}={state[key]} but this run "
                                   f"uses {mine}; the data order would change. Set {name}={state[key]}")
-        load_model(self.model, path / "model.safetensors")
-        self.optimizer.load_state_dict(load_torch(path / "optimizer.pt"))
+        saved = state.get("zero", {"stage": 0, "shards": state["world_size"]})
+        stage = self.cfg.zero.stage
+        if (saved["stage"] > 0) != (stage > 0):
+            mode = "plain_to_zero" if stage > 0 else "zero_to_plain"
+        elif stage > 0 and (saved["stage"], saved["shards"]) != (stage, self.dims.size("dp_sp")):
+            mode = "universal"
+            self._universal_dir = self.run_dir / "checkpoints" / f".universal-{path.name}"
+            if self.dist.is_writer:
+                Z.to_universal(path, self._universal_dir)
+            barrier()
+        else:
+            mode = "same"
+        if mode != "same":
+            self._info(f"resuming {path} (zero stage {saved['stage']} on {saved['shards']} ranks) as zero stage "
+                       f"{stage} on {self.dims.size('dp_sp')} ranks: {Z.RESUME_MODES[mode]}")
+        return path, mode
+
+    def _resume(self, plan: Optional[Tuple[Path, str]]) -> None:
+        if plan is None:
+            return
+        path, mode = plan
+        if self.engine is None and mode == "same":
+            load_model(self.model, path / "model.safetensors")
+            self.optimizer.load_state_dict(load_torch(path / "optimizer.pt"))
+        elif self.engine is None:  # zero_to_plain
+            self.model.load_state_dict(Z.consolidated_fp32(path), strict=False)
+        elif mode == "same":
+            Z.load_sharded(self.engine, path)
+        elif mode == "universal":
+            Z.load_sharded(self.engine, self._universal_dir)
+            barrier()
+            if self.dist.is_writer:
+                shutil.rmtree(self._universal_dir, ignore_errors=True)
+        # plain_to_zero: the weights were loaded before the engine was built
         self.scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
+        state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
         if rng_file.exists():
@@ -336,6 +442,61 @@ class Trainer:
         else:  # resumed on more ranks than saved: derive a fresh, deterministic stream for this rank
             torch.manual_seed(self.cfg.trainer.seed * 100003 + self.step * 1009 + self.dist.rank)
         self._info(f"resumed from {path} at step {self.step}")
+
+    def export_hf(self, path, dtype: Optional[torch.dtype] = None) -> None:
+        """Write the current weights as a Hugging Face directory (:func:`longtrain.models.to_hf`).
+
+        Collective under ZeRO (every rank calls it; ZeRO-3 shards and the fp32 master weights are
+        gathered); the writing rank writes.
+        """
+        from longtrain.models import to_hf
+
+        if self.engine is None:
+            if self.dist.is_writer:
+                to_hf(self.model, path, dtype=dtype)
+        else:
+            state = Z.full_fp32_state_dict(self.model)
+            if self.dist.is_writer:
+                model = Transformer(self.model_args)
+                model.load_state_dict(state, strict=False)
+                to_hf(model, path, dtype=dtype)
+        barrier()
+
+    # ------------------------------------------------------------------ memory
+    def _memory_report(self, grads_device: Optional[int]) -> dict:
+        """Expected (ZeRO paper) and measured model-state bytes of every rank after the first step;
+        written to ``run.dir/memory_report.json``. ``grads_device``: what the first backward left
+        allocated on CUDA (None elsewhere)."""
+        zc = self.cfg.zero
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: full size
+        expected = Z.expected_memory(num_params, zc.stage, self.dims.size("dp_sp"), self.bf16,
+                                     zc.offload_optimizer == "cpu", zc.offload_params == "cpu")
+        measured = Z.measured_memory(self.model, self.engine.optimizer if self.engine else self.optimizer,
+                                     self.device)
+        report = {"stage": zc.stage, "shards": self.dims.size("dp_sp"), "num_params": num_params,
+                  "expected": asdict(expected), "measured": {**asdict(measured), "grads_device": grads_device,
+                                                             "grads_host": None}}
+        ranks = all_gather_objects({"rank": self.dist.rank, **report}, self.reduce_group)
+        if self.dist.is_writer:
+            (self.run_dir / "memory_report.json").write_text(json.dumps(ranks, indent=1) + "\n")
+        return report
+
+    def _memory_line(self) -> str:
+        gib = 2.0**20 if self.memory["expected"]["params_device"] < 2**30 else 2.0**30
+        unit = "MiB" if gib == 2.0**20 else "GiB"
+        e, m = self.memory["expected"], self.memory["measured"]
+
+        def fmt(x):
+            return "n/a" if x is None else f"{x / gib:.3f}"
+
+        def pair(key):
+            text = f"{key} {fmt(m[f'{key}_device'])} (expected {fmt(e[f'{key}_device'])}) {unit}"
+            if m[f"{key}_host"] or e[f"{key}_host"]:
+                text += f" + host {fmt(m[f'{key}_host'])} (expected {fmt(e[f'{key}_host'])})"
+            return text
+
+        return (f"memory per rank, zero stage {self.memory['stage']} over {self.memory['shards']} ranks "
+                f"(measured vs ZeRO formula): " + "; ".join(pair(k) for k in ("params", "grads", "optimizer")))
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> Optional[Dict[str, float]]:
