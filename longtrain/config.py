@@ -281,9 +281,33 @@ class ZeroConfig:
 
 
 @dataclass
+class StreamBPConfig:
+    enabled: bool = False
+    """Stream every decoder layer's backward along the sequence (exact; docs/STREAMBP.md)."""
+    chunk_size: Any = "auto"
+    """Tokens per backward chunk, or `auto` (from the model geometry and free GPU memory; 4096 on CPU)."""
+
+    def __post_init__(self) -> None:
+        ok = self.chunk_size == "auto" or (isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
+                                           and self.chunk_size >= 1)
+        _require(ok, "memory.streambp.chunk_size", f"must be a positive number of tokens or auto, got {self.chunk_size!r}")
+
+
+@dataclass
 class MemoryConfig:
     checkpointing: bool = False
     """Recompute each decoder layer in the backward (activation checkpointing)."""
+    streambp: StreamBPConfig = field(default_factory=StreamBPConfig)
+    """StreamBP: the backward streamed in sequence chunks; excludes `checkpointing`."""
+    offload_checkpoints: bool = False
+    """Keep each layer's saved input in pinned host memory until the backward (needs StreamBP)."""
+
+    def __post_init__(self) -> None:
+        _require(not (self.streambp.enabled and self.checkpointing), "memory.streambp.enabled",
+                 "excludes memory.checkpointing (StreamBP already keeps only each layer's input); set "
+                 "memory.checkpointing=false")
+        _require(not self.offload_checkpoints or self.streambp.enabled, "memory.offload_checkpoints",
+                 "offloads the layer inputs StreamBP keeps; set memory.streambp.enabled=true as well")
 
 
 @dataclass
@@ -348,6 +372,11 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        _require(not (self.memory.streambp.enabled and self.zero.stage == 3), "memory.streambp.enabled",
+                 "is not supported with zero.stage=3 yet (ZeRO-3 would gather each layer's parameters once per "
+                 "chunk); use zero.stage 1 or 2, or memory.checkpointing=true with stage 3")
 
 
 def register_configs() -> None:

@@ -136,6 +136,7 @@ class Trainer:
         self.model.to(self.device)
         self.model.set_activation_checkpointing(cfg.memory.checkpointing)
         apply_sequence_parallel(self.model, self.dims, dc.seq_len, sp.ulysses_chunks)
+        self._apply_streambp(precision)
         self.model.train()
         self.step, self.tokens_seen = 0, 0
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=dist_info.rank,
@@ -170,6 +171,23 @@ class Trainer:
                    f"precision {precision}; device {self.device}; zero stage {zc.stage}")
 
     # ------------------------------------------------------------------ helpers
+    def _apply_streambp(self, precision: str) -> None:
+        """Stream every layer's backward (``memory.streambp``), after sequence parallelism is applied
+        (the streamed backward follows each layer's attention function)."""
+        mc = self.cfg.memory
+        if not mc.streambp.enabled:
+            return
+        from longtrain.optim.streambp import auto_chunk_size, is_streamable
+        chunk = mc.streambp.chunk_size
+        if chunk == "auto":
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            chunk = auto_chunk_size(self.model_args, self.cfg.data.seq_len // self.dims.sp,
+                                    self.cfg.data.micro_batch_size, free, elem_bytes=2 if precision == "bf16" else 4)
+        self.model.set_streambp(chunk, offload=mc.offload_checkpoints)
+        streams = "every part" if is_streamable(self.model.layers[0]) else "the MLP half (ring attention recomputed whole)"
+        self._info(f"StreamBP: backward in chunks of {chunk} tokens, streaming {streams}"
+                   f"{'; layer inputs offloaded to host memory' if mc.offload_checkpoints else ''}")
+
     def _info(self, msg: str) -> None:
         if self.dist.is_writer:
             metrics = getattr(self, "metrics", None)
