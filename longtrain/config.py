@@ -374,9 +374,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        _require(not (self.memory.streambp.enabled and self.zero.stage == 3), "memory.streambp.enabled",
-                 "is not supported with zero.stage=3 yet (ZeRO-3 would gather each layer's parameters once per "
-                 "chunk); use zero.stage 1 or 2, or memory.checkpointing=true with stage 3")
+        _require(not (self.memory.streambp.enabled and self.zero.stage == 3 and self.parallel.sp.ring > 1),
+                 "memory.streambp.enabled", "with zero.stage=3 needs local or Ulysses attention: ring and hybrid "
+                 "layouts recompute attention whole through ZeRO-3's module hooks; use zero.stage 1 or 2 there")
 
 
 def register_configs() -> None:

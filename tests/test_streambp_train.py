@@ -85,7 +85,8 @@ def test_streambp_training_matches_plain_backprop(tmp_path):
     assert ref["streamed"] is None and single["streamed"] == 48
     _check(single, ref)
     layouts = {"u2": ["parallel.sp.ulysses=2"], "r2": ["parallel.sp.ring=2"], "dp2-zero1": ["zero.stage=1"],
-               "dp2-zero2": ["zero.stage=2"]}
+               "dp2-zero2": ["zero.stage=2"], "dp2-zero3": ["zero.stage=3"],
+               "u2-zero3": ["zero.stage=3", "parallel.sp.ulysses=2"]}
     results = _run(2, [(name, common(tmp_path, name) + SBP + extra + ["checkpoint.save_final=false"])
                        for name, extra in layouts.items()])
     for name in layouts:
@@ -98,8 +99,8 @@ def test_streambp_training_matches_plain_backprop(tmp_path):
 def test_streambp_config_errors():
     from test_train import cli
     for override, expected in [("memory.checkpointing=true", "memory.streambp.enabled"),
-                               ("zero.stage=3", "memory.streambp.enabled")]:
-        proc = cli("memory.streambp.enabled=true", override, "logging.progress=false")
+                               ("zero.stage=3 parallel.sp.ring=2", "memory.streambp.enabled")]:
+        proc = cli("memory.streambp.enabled=true", *override.split(), "logging.progress=false")
         assert proc.returncode == 2 and expected in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
     proc = cli("memory.offload_checkpoints=true")
     assert proc.returncode == 2 and "memory.offload_checkpoints" in proc.stderr.strip().splitlines()[-1]

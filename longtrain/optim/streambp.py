@@ -35,6 +35,7 @@ Layouts: ``x_bsh`` [B, S, hidden]; ``k_bshd``/``v_bshd`` [B, S, Hkv, D]; ``q_bch
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -44,15 +45,73 @@ from longtrain.models.llama import DecoderLayer, apply_rope
 from longtrain.parallel.fused_kernels import block_attention
 
 
+def _run(module: nn.Module, *args):
+    """``module(*args)`` without its hooks: under ZeRO-3 the streamed backward gathers a layer's
+    parameters once (:func:`_gathered`), and the per-module hooks would gather and release them
+    again around every call, once per chunk."""
+    return module.forward(*args)
+
+
+def _mlp(layer: DecoderLayer, h_bsh: torch.Tensor) -> torch.Tensor:
+    """The MLP half's residual branch, ``mlp(post_attention_layernorm(h))``, through :func:`_run`."""
+    mlp = layer.mlp
+    x = _run(layer.post_attention_layernorm, h_bsh)
+    return _run(mlp.down_proj, torch.nn.functional.silu(_run(mlp.gate_proj, x)) * _run(mlp.up_proj, x))
+
+
+def _zero3(params: Sequence[torch.Tensor]) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def _gathered(params: Sequence[torch.Tensor]):
+    """Context in which ZeRO-3-partitioned ``params`` are whole (one all-gather per layer), else nothing."""
+    if not _zero3(params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(params))
+
+
+class _HeldGather:
+    """ZeRO-3 parameters gathered in a streamed backward and held until their gradients have been
+    accumulated: autograd runs a parameter's AccumulateGrad (and ZeRO-3's reduce hook on it) right
+    after the node that produced the gradient, before the nodes upstream, so
+    :class:`_ReleaseAfterBackward`, placed on the layer input, releases them after that."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params, self.context = list(params), None
+
+    def gather(self) -> None:
+        import deepspeed
+        self.context = deepspeed.zero.GatheredParameters(self.params)
+        self.context.__enter__()
+
+    def release(self) -> None:
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+
+class _ReleaseAfterBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, held, x_bsh):
+        ctx.held = held
+        return x_bsh.view_as(x_bsh)
+
+    @staticmethod
+    def backward(ctx, grad_bsh):
+        ctx.held.release()
+        return None, grad_bsh
+
+
 def _keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor):
     """K (after k-norm and RoPE) and V of the tokens of ``x_bsh``."""
     attn = layer.self_attn
     b, s, _ = x_bsh.shape
-    h_bsh = layer.input_layernorm(x_bsh)
-    k_bshd = attn.k_proj(h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
-    v_bshd = attn.v_proj(h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
+    h_bsh = _run(layer.input_layernorm, x_bsh)
+    k_bshd = _run(attn.k_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
+    v_bshd = _run(attn.v_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
     if attn.qk_norm:
-        k_bshd = attn.k_norm(k_bshd)
+        k_bshd = _run(attn.k_norm, k_bshd)
     return apply_rope(k_bshd, cos_bsd, sin_bsd), v_bshd
 
 
@@ -138,13 +197,13 @@ def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: _LocalKeys, k_
     """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see."""
     attn = layer.self_attn
     b, c, _ = x_bch.shape
-    q_bchd = attn.q_proj(layer.input_layernorm(x_bch)).view(b, c, attn.num_heads, attn.head_dim)
+    q_bchd = _run(attn.q_proj, _run(layer.input_layernorm, x_bch)).view(b, c, attn.num_heads, attn.head_dim)
     if attn.qk_norm:
-        q_bchd = attn.q_norm(q_bchd)
+        q_bchd = _run(attn.q_norm, q_bchd)
     q_bchd = apply_rope(q_bchd, cos_bcd, sin_bcd)
     out_bchd = keys.attend(q_bchd, start, start + c, k_bshd, v_bshd)
-    h_bch = x_bch + attn.o_proj(out_bchd.reshape(b, c, -1))
-    return h_bch + layer.mlp(layer.post_attention_layernorm(h_bch))
+    h_bch = x_bch + _run(attn.o_proj, out_bchd.reshape(b, c, -1))
+    return h_bch + _mlp(layer, h_bch)
 
 
 def _accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
@@ -186,13 +245,17 @@ class _HostCopy:
 
 class _StreamedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer, chunk_size, offload, cos_bsd, sin_bsd, doc_ids, x_bsh, *params):
-        ctx.layer, ctx.chunk_size = layer, chunk_size
+    def forward(ctx, layer, chunk_size, offload, held, cos_bsd, sin_bsd, doc_ids, x_bsh, *params):
+        ctx.layer, ctx.chunk_size, ctx.held = layer, chunk_size, held
         device_type = x_bsh.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.host_copy = _HostCopy(x_bsh) if offload else None
         ctx.save_for_backward(None if offload else x_bsh, cos_bsd, sin_bsd, doc_ids)
-        return layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        if not _zero3(params):
+            return layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        # ZeRO-3: the parameters were gathered by streamed_layer; compute without module hooks.
+        keys = _keys_for(layer)(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
+        return _chunk_output(layer, x_bsh, keys, keys.k_bshd, keys.v_bshd, cos_bsd, sin_bsd, 0)
 
     @staticmethod
     def backward(ctx, dout_bsh):
@@ -203,6 +266,8 @@ class _StreamedLayer(torch.autograd.Function):
         params = [p for p in layer.parameters() if p.requires_grad]
         device_type, autocast_on, autocast_dtype = ctx.autocast
         x_bsh = x_bsh.detach()
+        if ctx.held is not None:
+            ctx.held.gather()  # once for the whole streamed backward; released by _ReleaseAfterBackward
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             keys_cls = _keys_for(layer)
             if keys_cls is not None:
@@ -212,7 +277,7 @@ class _StreamedLayer(torch.autograd.Function):
                 dx_bsh, dparams = _stream_mlp(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
                                               params)
         dparams = [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)]
-        return (None, None, None, None, None, None, dx_bsh.to(x_bsh.dtype), *dparams)
+        return (None, None, None, None, None, None, None, dx_bsh.to(x_bsh.dtype), *dparams)
 
 
 def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params):
@@ -229,7 +294,7 @@ def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_b
         end = min(start + chunk, h_detached.shape[1])
         with torch.enable_grad():
             h_bch = h_detached[:, start:end].requires_grad_()
-            out_bch = h_bch + layer.mlp(layer.post_attention_layernorm(h_bch))
+            out_bch = h_bch + _mlp(layer, h_bch)
         grads = torch.autograd.grad(out_bch, [h_bch, *params], dout_bsh[:, start:end], allow_unused=True)
         dh_bsh[:, start:end] = grads[0]
         _accumulate(dparams, grads[1:])
@@ -300,7 +365,15 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
     if chunk_size < 1:
         raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
     params = [p for p in layer.parameters() if p.requires_grad]
-    return _StreamedLayer.apply(layer, chunk_size, offload, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
+    if _zero3(params) and _keys_for(layer) is None:
+        raise ValueError("memory.streambp with zero.stage=3 needs local or Ulysses attention (ring and hybrid layouts "
+                         "recompute attention whole through the module hooks); use zero.stage 1 or 2 there")
+    held = None
+    if _zero3(params):
+        held = _HeldGather(params)
+        x_bsh = _ReleaseAfterBackward.apply(held, x_bsh)
+    with _gathered(params):  # ZeRO-3: whole parameters while autograd records their shapes
+        return _StreamedLayer.apply(layer, chunk_size, offload, held, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
 
 
 def is_streamable(module: nn.Module) -> bool:
