@@ -1,5 +1,8 @@
-"""Training with StreamBP equals training without it (gloo, CPU): single process, Ulysses 2, ring 2
-and ZeRO 1/2 on dp 2, against one process without StreamBP on the same global batch.
+"""Training with StreamBP equals training without it (gloo, CPU): single process, Ulysses 2, ring 2,
+ZeRO 1/2/3 on dp 2 and ZeRO-3 with Ulysses 2, against one process without StreamBP on the same
+global batch. Under ZeRO-2 each parameter's gradient is reduced once per backward and under ZeRO-3
+each layer's parameters are gathered once for its forward and once for its streamed backward,
+whatever the number of chunks (both counted).
 
 Tolerance as in test_zero.py: fp32, only the summation order changes (per-chunk weight gradients,
 split K/V gradients), ~1e-7 relative per op; 1e-5 on losses and gradient norms, 1e-4 relative (atol
@@ -31,6 +34,23 @@ def _count_zero2_reductions(trainer):
     return counts
 
 
+def _count_zero3_gathers(restore: bool = False):
+    """Count ``deepspeed.zero.GatheredParameters`` contexts (StreamBP's per-layer gathers under ZeRO-3)."""
+    import deepspeed
+    real = getattr(deepspeed.zero, "_real_gathered", deepspeed.zero.GatheredParameters)
+    if restore:
+        deepspeed.zero.GatheredParameters = real
+        return None
+    counts = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counts["n"] += 1
+        return real(*args, **kwargs)
+    deepspeed.zero._real_gathered = real
+    deepspeed.zero.GatheredParameters = counting
+    return counts
+
+
 def _worker(rank, world, port, jobs, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
@@ -47,11 +67,15 @@ def _worker(rank, world, port, jobs, out):
         cfg = compose_cfg(overrides)
         trainer = Trainer(cfg, dist_info)
         counts = _count_zero2_reductions(trainer) if cfg.zero.stage == 2 else None
+        gathers = _count_zero3_gathers() if cfg.zero.stage == 3 else None
         result = {"streamed": trainer.model.streambp_chunk}
         result["loss"], _ = trainer.forward_backward()
         if counts is not None:  # one reduction per parameter per backward (2 micro-batches), not per chunk
             result["reductions"] = sorted(set(counts.values())), len(counts)
             counts.clear()
+        if gathers is not None:  # per layer and micro-batch: one gather for the forward, one for the backward
+            result["gathers"] = gathers.pop("n"), cfg.model.num_layers * trainer.grad_accum
+            _count_zero3_gathers(restore=True)
         result["grads"] = _full_grads(trainer)
         trainer.fit()
         if rank == 0:
@@ -92,6 +116,9 @@ def test_streambp_training_matches_plain_backprop(tmp_path):
     for name in layouts:
         assert results[name]["streamed"] == 48, name
         _check(results[name], ref)
+    for name in ("dp2-zero3", "u2-zero3"):
+        gathers, layer_passes = results[name]["gathers"]
+        assert gathers == 2 * layer_passes, (name, gathers, layer_passes)
     counts, num_params = results["dp2-zero2"]["reductions"]
     assert counts == [2] and num_params == len(ref["grads"])  # 2 micro-batches per step on dp 2
 
