@@ -155,14 +155,15 @@ def test_resume_is_exact_and_survives_a_layout_change(stopped_run):
 
 @pytest.mark.slow
 def test_resume_stage2_dp2_as_stage3_ulysses2(stopped_run):
-    """Into ZeRO-3 on ulysses 2: step 3 (restored weights, schedule and data order) matches at the
-    reordering tolerance; step 4 at 1e-3, because DeepSpeed 0.19's ZeRO-3 universal load does not
-    restore the Adam state exactly (step 4 is off by 2e-5 relative in loss and 1.4e-4 in gradient
-    norm; stage 1/2 targets are exact)."""
+    """Into ZeRO-3 on ulysses 2, through the universal checkpoint: steps 3 and 4 continue the
+    uninterrupted curve at the reordering tolerance. Step 3 checks the restored weights, schedule
+    and data order; step 4 the restored Adam state (moments, per-group hyper-parameters and step
+    counts). DeepSpeed 0.19's ZeRO-3 universal load shares one step tensor between the two param
+    groups, which AdamW then advanced twice per step (step 4 off by 2e-5 in loss, 1.4e-4 in gradient
+    norm) until ``load_sharded`` gave each group its own counter."""
     tmp, full = stopped_run
     moved = resume_as(tmp, "to_s3", ["zero.stage=3", "parallel.sp.ulysses=2"])
-    assert_same_curve(full[2:3], moved[2:3])
-    assert_same_curve(full[3:], moved[3:], rel=1e-3)
+    assert_same_curve(full[2:], moved[2:])
 
 
 def test_hf_export_after_zero3_equals_unsharded_weights(reference):

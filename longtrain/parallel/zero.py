@@ -27,6 +27,16 @@ gradients with a single process for every stage and layout, so a wrong divisor f
 
 Precision: fp32 on CPU (parameters, gradients and reductions); bf16 on GPU with fp32 master
 weights, fp32 gradient accumulation and fp32 reductions (DeepSpeed's ``bf16`` mode).
+
+Checkpoints (:func:`save_sharded`, :func:`load_sharded`). The same stage and shard count reload
+DeepSpeed's own shards exactly. Another stage or shard count goes through DeepSpeed's universal
+checkpoint (:func:`to_universal`): fp32 weights, Adam moments and step counts are re-sharded per
+parameter, and the resumed run continues the uninterrupted one within the fp32 reordering
+tolerance into every stage (``tests/test_zero.py``). DeepSpeed 0.19's ZeRO-3 universal load needs
+two repairs, both in :func:`load_sharded`: it copies param group 0's hyper-parameters into every
+group (weight decay on the norms), and it gives every flat group's state the same ``step`` tensor,
+which AdamW's in-place increment then advances once per group and step (the loss one step after
+the resume was off by ~2e-5 relative). The moments and master weights it loads are exact.
 """
 from __future__ import annotations
 
@@ -264,6 +274,17 @@ def load_sharded(engine, ckpt_dir: Path) -> None:
         raise ValueError(f"checkpoint.resume: DeepSpeed found no state in {Path(ckpt_dir) / ZERO_DIR}")
     for group, hyper in zip(inner.param_groups, keep):
         group.update(hyper)
+    # DeepSpeed's ZeRO-3 universal load also puts ONE step tensor (the checkpoint's) into the state
+    # of every flat fp32 group. torch's AdamW increments the step in place once per group, so with
+    # the two groups (decay, no decay) the shared counter advanced by 2 per step and the bias
+    # corrections of every later step were wrong. Give each group's state its own counter.
+    seen = set()
+    for state in inner.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
 
 
 def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
