@@ -11,88 +11,58 @@ The chunk size (48 tokens) divides neither the 256-token sequence nor the 128-to
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from test_zero import _full_grads, assert_same_curve, common, run_jobs
+from test_zero import assert_same_curve, common, run_jobs
 
 SBP = ["memory.streambp.enabled=true", "memory.streambp.chunk_size=48"]
 
 
-def _count_zero2_reductions(trainer):
-    """Count ZeRO-2's per-parameter gradient reductions (the hook DeepSpeed fires as gradients arrive)."""
-    opt = trainer.engine.optimizer
-    counts = {}
-    real = opt.reduce_ready_partitions_and_remove_grads
-
-    def counting(param, i):
-        counts[id(param)] = counts.get(id(param), 0) + 1
-        return real(param, i)
-    opt.reduce_ready_partitions_and_remove_grads = counting
-    return counts
+_COUNTS: dict = {}
 
 
-def _count_zero3_gathers(restore: bool = False):
-    """Count ``deepspeed.zero.GatheredParameters`` contexts (StreamBP's per-layer gathers under ZeRO-3)."""
+def _count(trainer) -> None:
+    """Before the first step: count ZeRO-2's per-parameter gradient reductions (the hook DeepSpeed fires
+    as gradients arrive) and ZeRO-3's ``GatheredParameters`` contexts (StreamBP's per-layer gathers)."""
     import deepspeed
-    real = getattr(deepspeed.zero, "_real_gathered", deepspeed.zero.GatheredParameters)
-    if restore:
-        deepspeed.zero.GatheredParameters = real
-        return None
-    counts = {"n": 0}
+    _COUNTS.clear()
+    stage = trainer.cfg.zero.stage
+    if stage == 2:
+        opt = trainer.engine.optimizer
+        real_reduce = opt.reduce_ready_partitions_and_remove_grads
 
-    def counting(*args, **kwargs):
-        counts["n"] += 1
-        return real(*args, **kwargs)
-    deepspeed.zero._real_gathered = real
-    deepspeed.zero.GatheredParameters = counting
-    return counts
+        def counting_reduce(param, i):
+            _COUNTS[id(param)] = _COUNTS.get(id(param), 0) + 1
+            return real_reduce(param, i)
+        opt.reduce_ready_partitions_and_remove_grads = counting_reduce
+    if stage == 3:
+        real_gathered = getattr(deepspeed.zero, "_real_gathered", deepspeed.zero.GatheredParameters)
+        deepspeed.zero._real_gathered = real_gathered
 
-
-def _worker(rank, world, port, jobs, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import json
-    from pathlib import Path
-
-    from longtrain.parallel.distributed import destroy_distributed, init_distributed
-    from longtrain.trainer.loop import Trainer
-    from test_train import compose_cfg
-
-    dist_info = init_distributed("cpu", "gloo", 300, require_group=True)
-    for name, overrides in jobs:
-        cfg = compose_cfg(overrides)
-        trainer = Trainer(cfg, dist_info)
-        counts = _count_zero2_reductions(trainer) if cfg.zero.stage == 2 else None
-        gathers = _count_zero3_gathers() if cfg.zero.stage == 3 else None
-        result = {"streamed": trainer.model.streambp_chunk}
-        result["loss"], _ = trainer.forward_backward()
-        if counts is not None:  # one reduction per parameter per backward (2 micro-batches), not per chunk
-            result["reductions"] = sorted(set(counts.values())), len(counts)
-            counts.clear()
-        if gathers is not None:  # per layer and micro-batch: one gather for the forward, one for the backward
-            result["gathers"] = gathers.pop("n"), cfg.model.num_layers * trainer.grad_accum
-            _count_zero3_gathers(restore=True)
-        result["grads"] = _full_grads(trainer)
-        trainer.fit()
-        if rank == 0:
-            lines = (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()
-            result["metrics"] = [json.loads(x) for x in lines]
-            out[name] = result
-    destroy_distributed()
+        def counting_gathered(*args, **kwargs):
+            _COUNTS["gathers"] = _COUNTS.get("gathers", 0) + 1
+            return real_gathered(*args, **kwargs)
+        deepspeed.zero.GatheredParameters = counting_gathered
 
 
-def _run(world, jobs):
-    import torch.multiprocessing as mp
+def _probe(trainer, result) -> None:
+    """After the first step's backward: what :func:`_count` counted, and whether StreamBP was on."""
+    import deepspeed
+    result["streamed"] = trainer.model.streambp_chunk
+    stage = trainer.cfg.zero.stage
+    if stage == 2:  # one reduction per parameter per backward (micro-batch), not per chunk
+        result["reductions"] = sorted(set(_COUNTS.values())), len(_COUNTS)
+        trainer.engine.optimizer.__dict__.pop("reduce_ready_partitions_and_remove_grads")
+    if stage == 3:  # per layer and micro-batch: one gather for the forward, one for the backward
+        result["gathers"] = _COUNTS.get("gathers", 0), trainer.cfg.model.num_layers * trainer.grad_accum
+        deepspeed.zero.GatheredParameters = deepspeed.zero._real_gathered
+    _COUNTS.clear()
 
-    from dist_utils import free_port
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), jobs, out), nprocs=world)
-        return dict(out)
+
+def _jobs(tmp, layouts):
+    return [(name, common(tmp, name) + extra + ["checkpoint.save_final=false"],
+             {"grads": True, "setup": _count, "probe": _probe}) for name, extra in layouts.items()]
 
 
 def _check(got, ref):
@@ -103,16 +73,14 @@ def _check(got, ref):
 
 
 def test_streambp_training_matches_plain_backprop(tmp_path):
-    ref, single = (lambda r: (r["ref"], r["sbp"]))(_run(1, [
-        ("ref", common(tmp_path, "ref") + ["checkpoint.save_final=false"]),
-        ("sbp", common(tmp_path, "sbp") + SBP + ["checkpoint.save_final=false"])]))
-    assert ref["streamed"] is None and single["streamed"] == 48
-    _check(single, ref)
+    singles = run_jobs(1, _jobs(tmp_path, {"ref": [], "sbp": SBP}))
+    ref = singles["ref"]
+    assert ref["streamed"] is None and singles["sbp"]["streamed"] == 48
+    _check(singles["sbp"], ref)
     layouts = {"u2": ["parallel.sp.ulysses=2"], "r2": ["parallel.sp.ring=2"], "dp2-zero1": ["zero.stage=1"],
                "dp2-zero2": ["zero.stage=2"], "dp2-zero3": ["zero.stage=3"],
                "u2-zero3": ["zero.stage=3", "parallel.sp.ulysses=2"]}
-    results = _run(2, [(name, common(tmp_path, name) + SBP + extra + ["checkpoint.save_final=false"])
-                       for name, extra in layouts.items()])
+    results = run_jobs(2, _jobs(tmp_path, {name: SBP + extra for name, extra in layouts.items()}))
     for name in layouts:
         assert results[name]["streamed"] == 48, name
         _check(results[name], ref)

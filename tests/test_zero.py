@@ -44,7 +44,9 @@ def _full_grads(trainer):
 
 
 def _worker(rank, world, port, jobs, out):
-    """Run ``jobs`` (name, overrides, options) one after the other in one process group."""
+    """Run ``jobs`` (name, overrides, options) one after the other in one process group. Options:
+    ``grads`` (record the first step's loss and full gradients), ``export`` (HF export path),
+    ``setup(trainer)`` (called before the first step) and ``probe(trainer, result)`` (after its backward)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -55,9 +57,14 @@ def _worker(rank, world, port, jobs, out):
     for name, overrides, opts in jobs:
         cfg = compose_cfg(overrides)
         trainer = Trainer(cfg, dist_info)
+        if opts.get("setup") is not None:
+            opts["setup"](trainer)
         result = {}
+        probe = opts.get("probe")  # probe(trainer, result): a callable run after the first step's backward
         if opts.get("grads"):
             result["loss"], _ = trainer.forward_backward()
+            if probe is not None:
+                probe(trainer, result)
             result["grads"] = _full_grads(trainer)
         trainer.fit()
         if opts.get("export"):
