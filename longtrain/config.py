@@ -33,6 +33,22 @@ class RunConfig:
 
 
 @dataclass
+class MoEConfig:
+    num_experts: Optional[int] = None
+    """Routed experts per MoE layer; 0 makes the model dense; null keeps the registry's value."""
+    top_k: Optional[int] = None
+    """Experts each token is routed to."""
+    num_shared_experts: Optional[int] = None
+    """Always-on experts whose output is added to the routed ones."""
+    capacity_factor: Optional[float] = None
+    """Drop assignments past capacity_factor x the even share per expert; null never drops."""
+
+    def model_args(self) -> Dict[str, Any]:
+        """The ModelArgs fields these keys set (the unset ones left out)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     """Entry of the size registry (longtrain.models.registry): tiny, llama1b, llama8b, qwen3_0_6b, ..."""
@@ -60,6 +76,8 @@ class ModelConfig:
     """Share the input embedding and the LM head weight."""
     init_std: Optional[float] = None
     """Standard deviation of the random initialisation."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts keys (null keeps the registry's value)."""
 
 
 @dataclass

@@ -300,8 +300,8 @@ def test_get_model_args_overrides_and_errors():
     assert (args.hidden_size, args.head_dim, args.num_layers) == (256, 64, 4)
     assert get_model_args("qwen3_0_6b", hidden_size=2048).head_dim == 128  # explicit head_dim is kept
     assert MODEL_REGISTRY["tiny"].hidden_size == 128  # the registry is not mutated
-    with pytest.raises(ValueError, match="model.num_experts"):
-        get_model_args("tiny", num_experts=4)
+    with pytest.raises(ValueError, match="model.num_routers: not a model setting"):
+        get_model_args("tiny", num_routers=4)
     with pytest.raises(ValueError, match="model.num_kv_heads"):
         get_model_args("tiny", num_kv_heads=3)
     with pytest.raises(ValueError, match="model.rope_scaling"):

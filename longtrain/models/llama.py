@@ -1,4 +1,5 @@
-"""Llama-family causal decoder (Llama 2/3, Qwen2, Qwen3) for long-sequence training.
+"""Llama-family causal decoder (Llama 2/3, Qwen2, Qwen3; Qwen3-MoE and Mixtral with
+:mod:`longtrain.models.moe` blocks) for long-sequence training.
 
 Parameter names are exactly those of Hugging Face's ``*ForCausalLM`` (``model.layers.0.self_attn.
 q_proj.weight``, ``lm_head.weight``, ...) and RoPE uses the same rotate-half convention, so HF
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longtrain.models.args import ModelArgs
+from longtrain.models.moe import Experts, MoE
 from longtrain.parallel.attention import local_attention
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -93,25 +95,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, intermediate_size: Optional[int] = None):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        inner = intermediate_size or args.intermediate_size
+        self.gate_proj = nn.Linear(args.hidden_size, inner, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, inner, bias=False)
+        self.down_proj = nn.Linear(inner, args.hidden_size, bias=False)
 
     def forward(self, x_bsh: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x_bsh)) * self.up_proj(x_bsh))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; ``mlp`` is a :class:`MoE`
+    block in the layers ``args.moe_layers`` lists."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_attn = Attention(args)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MoE(args) if layer_idx in args.moe_layers else MLP(args)
 
     def forward(self, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -125,7 +129,7 @@ class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
@@ -170,8 +174,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Random initialisation, deterministic given torch's seed: N(0, init_std) for matrices, with
-        output projections (o_proj, down_proj) scaled by 1/sqrt(2 * num_layers) so the residual
-        stream's variance does not grow with depth; ones for norms, zeros for biases."""
+        output projections (o_proj, down_proj, the experts' down_proj) scaled by 1/sqrt(2 * num_layers)
+        so the residual stream's variance does not grow with depth; ones for norms, zeros for biases."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.num_layers)
         for name, module in self.named_modules():
@@ -184,6 +188,9 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(module.down_proj, mean=0.0, std=out_std)
         self.reset_rope()
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
@@ -196,6 +203,10 @@ class Transformer(nn.Module):
         parks each layer's saved input in pinned host memory."""
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
+        if chunk_size is not None and self.args.moe_layers and self.args.capacity_factor is not None:
+            raise ValueError("memory.streambp: model.moe.capacity_factor drops assignments by their place in the "
+                             "whole batch, which a chunked recomputation cannot reproduce; set "
+                             "model.moe.capacity_factor=null or turn StreamBP off")
         self.streambp_chunk, self.streambp_offload = chunk_size, bool(offload)
 
     def set_attention_fn(self, fn: AttentionFn) -> None:

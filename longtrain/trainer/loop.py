@@ -57,11 +57,14 @@ def build_model_args(cfg: ModelConfig) -> ModelArgs:
     """Model geometry: the registry entry ``model.name`` with the geometry keys given in the config
     applied on top, or exactly the geometry of ``model.hf_path``'s config.json."""
     overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES if getattr(cfg, k) is not None}
+    moe = cfg.moe.model_args()  # ModelArgs field names equal the model.moe keys
+    overrides.update(moe)
     if cfg.hf_path is None:
         return get_model_args(cfg.name, **overrides)
     if overrides:
-        raise ConfigError(f"model.{next(iter(overrides))}: the geometry comes from model.hf_path's config.json and "
-                          "cannot be overridden (the weights would not fit); remove the override")
+        key = next(iter(overrides))
+        raise ConfigError(f"model.{'moe.' * (key in moe)}{key}: the geometry comes from model.hf_path's config.json "
+                          "and cannot be overridden (the weights would not fit); remove the override")
     config_file = Path(cfg.hf_path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"model.hf_path: no config.json in '{cfg.hf_path}' (expected a local Hugging Face model "
