@@ -1,27 +1,38 @@
 """Hugging Face conversion: local ``config.json`` + safetensors <-> :class:`Transformer`.
 
-Parameter names are identical on both sides, so weights are copied without renaming or
-permutation. Supported model types: llama, qwen2 (q/k/v bias), qwen3 (q/k norm).
+Parameter names are identical on both sides (but for MoE experts, below), so weights are copied
+without renaming or permutation. Supported model types: llama, qwen2 (q/k/v bias), qwen3 (q/k
+norm), and the MoE types qwen3_moe and mixtral.
 
-RoPE in ``config.json``: transformers >= 5 writes ``rope_parameters`` (with ``rope_theta``
-inside); earlier versions write top-level ``rope_theta`` and ``rope_scaling``. On reading,
-``rope_scaling`` takes precedence over ``rope_parameters`` (as in transformers 5); on writing, both
-forms are emitted with the same content so either generation of transformers reads the file.
+MoE weights. The model stacks each layer's experts (``mlp.experts.gate_up_proj`` [E, 2I, H], gate
+rows first, and ``mlp.experts.down_proj`` [E, H, I]), as transformers 5 does in memory. Checkpoints
+on disk (and transformers 5's own ``save_pretrained``) keep one tensor per expert; they are written
+that way and read either way. With P the file prefix of a layer's block, ``mlp`` for qwen3_moe and
+``block_sparse_moe`` for mixtral (``model.layers.{i}.`` omitted):
+
+- ``mlp.gate.weight`` <-> ``P.gate.weight``
+- ``mlp.experts.gate_up_proj[e, :I]`` <-> ``P.experts.{e}.gate_proj.weight`` (mixtral: ``w1``)
+- ``mlp.experts.gate_up_proj[e, I:]`` <-> ``P.experts.{e}.up_proj.weight`` (mixtral: ``w3``)
+- ``mlp.experts.down_proj[e]`` <-> ``P.experts.{e}.down_proj.weight`` (mixtral: ``w2``)
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from longtrain.models.args import ModelArgs
+from longtrain.models.args import MOE_ARCHS, ModelArgs
 from longtrain.models.llama import Transformer
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+# Per-expert file names: (prefix replacing "mlp.", gate, up, down) for each MoE model type.
+_EXPERT_FILE_NAMES = {"qwen3_moe": ("mlp.", "gate_proj", "up_proj", "down_proj"),
+                      "mixtral": ("block_sparse_moe.", "w1", "w3", "w2")}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PathLike = Union[str, Path]
@@ -66,17 +77,32 @@ def args_from_hf_config(cfg: Dict[str, Any]) -> ModelArgs:
         raise _unsupported("mlp_bias")
     if model_type != "qwen2" and cfg.get("attention_bias"):
         raise _unsupported(f"attention_bias for {model_type} (it also puts a bias on o_proj)")
-    if cfg.get("use_sliding_window"):
+    if cfg.get("use_sliding_window") or (model_type == "mixtral" and cfg.get("sliding_window")):
         raise _unsupported("use_sliding_window")
     theta, scaling = _rope_from_hf(cfg)
+    moe = _moe_from_hf(cfg) if model_type in MOE_ARCHS else {}
     return ModelArgs(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
         num_kv_heads=cfg.get("num_key_value_heads"), head_dim=cfg.get("head_dim"), rope_theta=theta,
         rope_scaling=scaling, max_position_embeddings=cfg.get("max_position_embeddings", 8192),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-        init_std=cfg.get("initializer_range", 0.02), arch=model_type)
+        qkv_bias=model_type == "qwen2", qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        init_std=cfg.get("initializer_range", 0.02), arch=model_type, **moe)
+
+
+def _moe_from_hf(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    if cfg.get("router_jitter_noise"):
+        raise _unsupported("router_jitter_noise")
+    num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if not num_experts or not cfg.get("num_experts_per_tok"):
+        raise ValueError("model.hf_path: config.json lacks num_experts/num_local_experts or num_experts_per_tok")
+    moe = dict(num_experts=num_experts, top_k=cfg["num_experts_per_tok"])
+    if cfg["model_type"] == "mixtral":  # every layer MoE, experts as wide as intermediate_size, weights renormalised
+        return dict(moe, moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True)
+    return dict(moe, moe_intermediate_size=cfg.get("moe_intermediate_size"),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                moe_layer_step=cfg.get("decoder_sparse_step", 1), dense_layers=tuple(cfg.get("mlp_only_layers") or ()))
 
 
 def hf_config_from_args(args: ModelArgs, dtype: Optional[torch.dtype] = None, bos_token_id: Optional[int] = None,
@@ -90,13 +116,25 @@ def hf_config_from_args(args: ModelArgs, dtype: Optional[torch.dtype] = None, bo
         eos_token_id: tokenizer EOS id, or None.
 
     Raises:
-        ValueError: ``args`` uses a feature the HF class of ``args.arch`` lacks (llama: no qkv
-            bias or qk norm; qwen2: qkv bias and no qk norm; qwen3: qk norm and no qkv bias).
+        ValueError: ``args`` uses a feature the HF class of ``args.arch`` lacks (llama, mixtral: no
+            qkv bias or qk norm; qwen2: qkv bias and no qk norm; qwen3, qwen3_moe: qk norm and no
+            qkv bias; experts only for qwen3_moe and mixtral, shared experts for neither; mixtral:
+            every layer MoE with renormalised top-k weights).
     """
-    wants = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}[args.arch]
+    wants = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True), "qwen3_moe": (False, True),
+             "mixtral": (False, False)}[args.arch]
     if (args.qkv_bias, args.qk_norm) != wants:
         raise ValueError(f"model.arch: {args.arch} export needs qkv_bias={wants[0]} and qk_norm={wants[1]}, got "
                          f"qkv_bias={args.qkv_bias}, qk_norm={args.qk_norm}; pick the arch that matches")
+    moe_arch = args.arch in MOE_ARCHS
+    if moe_arch != bool(args.num_experts):
+        raise ValueError(f"model.moe.num_experts: {args.arch} export needs "
+                         f"{'experts' if moe_arch else 'a dense model'}, got num_experts={args.num_experts}; pick "
+                         f"{'a dense arch' if args.num_experts else 'qwen3_moe or mixtral'}")
+    if args.num_shared_experts:
+        raise ValueError(f"model.moe.num_shared_experts: {args.arch} has no shared experts; set it to 0 to export")
+    if args.arch == "mixtral" and (len(args.moe_layers) != args.num_layers or not args.norm_topk_prob):
+        raise ValueError("model.arch: mixtral export needs every layer MoE and norm_topk_prob=True; use qwen3_moe")
     dtype_name = str(dtype or torch.float32).removeprefix("torch.")
     rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling is not None:
@@ -117,9 +155,35 @@ def hf_config_from_args(args: ModelArgs, dtype: Optional[torch.dtype] = None, bo
         cfg["attention_bias"] = False
     if args.arch == "llama":
         cfg["mlp_bias"] = False
+    elif args.arch == "mixtral":
+        cfg.update(sliding_window=None, num_local_experts=args.num_experts, num_experts_per_tok=args.top_k,
+                   intermediate_size=args.expert_size, router_jitter_noise=0.0)
     else:
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.num_layers)
+    if args.arch == "qwen3_moe":
+        cfg.update(num_experts=args.num_experts, num_experts_per_tok=args.top_k,
+                   moe_intermediate_size=args.expert_size, norm_topk_prob=args.norm_topk_prob,
+                   decoder_sparse_step=args.moe_layer_step, mlp_only_layers=list(args.dense_layers))
     return cfg
+
+
+def _file_layout(model: Transformer) -> Dict[str, Tuple[str, Tuple]]:
+    """File tensor name -> (model state-dict name, index into it) for the per-expert tensors of
+    ``model.args.arch``'s checkpoints (module docstring); other names map to themselves whole."""
+    args = model.args
+    if args.arch not in _EXPERT_FILE_NAMES:
+        return {}
+    prefix, gate, up, down = _EXPERT_FILE_NAMES[args.arch]
+    inner = args.expert_size
+    layout = {}
+    for i in args.moe_layers:
+        ours, theirs = f"model.layers.{i}.mlp.", f"model.layers.{i}.{prefix}"
+        layout[theirs + "gate.weight"] = (ours + "gate.weight", ())
+        for e in range(args.num_experts):
+            layout[f"{theirs}experts.{e}.{gate}.weight"] = (ours + "experts.gate_up_proj", (e, slice(0, inner)))
+            layout[f"{theirs}experts.{e}.{up}.weight"] = (ours + "experts.gate_up_proj", (e, slice(inner, 2 * inner)))
+            layout[f"{theirs}experts.{e}.{down}.weight"] = (ours + "experts.down_proj", (e,))
+    return layout
 
 
 def _read_config(path: PathLike) -> Dict[str, Any]:
@@ -144,7 +208,7 @@ def load_hf_weights(model: Transformer, path: PathLike) -> None:
     """Copy the safetensors weights of the HF directory ``path`` into ``model`` (cast to its dtype).
 
     A tied model ignores a stored ``lm_head.weight``; old checkpoints' ``rotary_emb.inv_freq``
-    entries are ignored.
+    entries are ignored. MoE experts load from per-expert tensors or stacked ones (module docstring).
 
     Raises:
         ValueError: no weight files, a tensor with no counterpart, a shape mismatch (naming the
@@ -152,23 +216,29 @@ def load_hf_weights(model: Transformer, path: PathLike) -> None:
     """
     targets = model.state_dict()  # detached views sharing storage with the parameters
     tied = model.args.tie_embeddings
-    expected = set(targets) - ({"lm_head.weight"} if tied else set())
+    layout = _file_layout(model)
+    # A target is complete when every piece of it was read: stacked experts by all their
+    # per-expert tensors or by the stacked one.
+    pieces: Dict[str, set] = {name: {name} for name in targets if not (tied and name == "lm_head.weight")}
+    for file_name, (target, _) in layout.items():
+        pieces[target] = pieces[target] - {target} | {file_name}
     loaded = set()
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt") as reader:
             for name in reader.keys():
                 if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                     continue
-                if name not in targets:
+                target, index = layout.get(name, (name, ()))
+                if target not in targets:
                     raise ValueError(f"model.hf_path: tensor {name!r} in {file} has no counterpart in the model "
                                      f"(is the config's architecture right?)")
-                tensor = reader.get_tensor(name)
-                if tuple(tensor.shape) != tuple(targets[name].shape):
+                tensor, dest = reader.get_tensor(name), targets[target][index]
+                if tuple(tensor.shape) != tuple(dest.shape):
                     raise ValueError(f"model.hf_path: tensor {name!r} has shape {tuple(tensor.shape)} in {file}, the "
-                                     f"model expects {tuple(targets[name].shape)}; check the model geometry")
-                targets[name].copy_(tensor)
-                loaded.add(name)
-    missing = sorted(expected - loaded)
+                                     f"model expects {tuple(dest.shape)}; check the model geometry")
+                dest.copy_(tensor)
+                loaded |= pieces[target] if name == target else {name}
+    missing = sorted(name for name, need in pieces.items() if not need <= loaded)
     if missing:
         raise ValueError(f"model.hf_path: '{path}' lacks {len(missing)} model tensors, e.g. {', '.join(missing[:3])}")
 
@@ -207,10 +277,15 @@ def to_hf(model: Transformer, path: PathLike, dtype: Optional[torch.dtype] = Non
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     state = {}
-    for name, tensor in model.state_dict().items():
+    params = model.state_dict()
+    by_target: Dict[str, List[Tuple[str, Tuple]]] = {}
+    for file_name, (target, index) in _file_layout(model).items():
+        by_target.setdefault(target, []).append((file_name, index))
+    for name, tensor in params.items():
         if model.args.tie_embeddings and name == "lm_head.weight":
             continue  # safetensors refuses shared storage; HF re-ties from tie_word_embeddings
-        state[name] = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+        for file_name, index in by_target.get(name, [(name, ())]):
+            state[file_name] = tensor.detach()[index].to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
     for stale in [root / SINGLE_FILE, root / INDEX_FILE, *root.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     saved_dtype = next(iter(state.values())).dtype

@@ -1,4 +1,5 @@
-"""Named model geometries (``model.name``): a tiny CPU model for tests and real Llama-3 / Qwen3 sizes.
+"""Named model geometries (``model.name``): tiny CPU models for tests and real Llama-3 / Qwen3 /
+Qwen3-MoE / Mixtral sizes.
 
 The real entries copy the geometry of the published checkpoints, so that ``model.hf_path`` weights
 of the same name load into them; weights are never downloaded by this project.
@@ -42,6 +43,16 @@ MODEL_REGISTRY: Dict[str, ModelArgs] = {
     "qwen3_1_7b": _qwen3(2048, 6144, 28, 16, tied=True),
     "qwen3_4b": _qwen3(2560, 9728, 36, 32, tied=True),
     "qwen3_8b": _qwen3(4096, 12288, 36, 32, tied=False),
+    # Qwen3-MoE geometry at CPU size: 8 experts, top-2, renormalised weights.
+    "tiny_moe": dataclasses.replace(_TINY, arch="qwen3_moe", qk_norm=True, rms_norm_eps=1e-6, num_experts=8, top_k=2,
+                                    moe_intermediate_size=96, norm_topk_prob=True),
+    # Qwen3-30B-A3B: 128 experts, top-8, every layer MoE
+    "qwen3_30b_a3b": dataclasses.replace(_qwen3(2048, 6144, 48, 32, tied=False), arch="qwen3_moe", num_kv_heads=4,
+                                         num_experts=128, top_k=8, moe_intermediate_size=768, norm_topk_prob=True),
+    # Mixtral-8x7B-v0.1: 8 experts, top-2
+    "mixtral_8x7b": ModelArgs(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                              num_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                              tie_embeddings=False, arch="mixtral", num_experts=8, top_k=2, norm_topk_prob=True),
 }
 
 _DERIVED_BY_DEFAULT = ("hidden_size", "num_heads")
