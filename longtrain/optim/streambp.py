@@ -27,6 +27,12 @@ round with them: the same bytes per chunk as a whole ring backward, so C chunks 
 ring traffic unless the chunk loop is moved inside the ring loop (each visiting block streamed
 over the local chunks), which is the plan for it.
 
+MoE layers. The chunked recomputation routes every token to the experts the forward chose (kept
+as [B, S, top_k] ids), so a near-tie in the router that rounding could flip between a chunk and
+the whole sequence cannot change the function being differentiated; the routing weights are
+recomputed from the router, so the router's gradient is exact too. A capacity factor depends on
+the whole batch and is refused (``Transformer.set_streambp``).
+
 The result equals ordinary backprop up to summation order (tested in fp64 to 1e-10 relative). The
 weight gradients leave the layer once, after the last chunk, so a gradient hook (DDP, ZeRO) fires
 once per layer per backward, not once per chunk.
@@ -42,6 +48,7 @@ import torch
 from torch import nn
 
 from longtrain.models.llama import DecoderLayer, apply_rope
+from longtrain.models.moe import MoE
 from longtrain.parallel.fused_kernels import block_attention
 
 
@@ -52,10 +59,15 @@ def _run(module: nn.Module, *args):
     return module.forward(*args)
 
 
-def _mlp(layer: DecoderLayer, h_bsh: torch.Tensor) -> torch.Tensor:
-    """The MLP half's residual branch, ``mlp(post_attention_layernorm(h))``, through :func:`_run`."""
+def _mlp(layer: DecoderLayer, h_bsh: torch.Tensor, routing_bsk: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The MLP half's residual branch, ``mlp(post_attention_layernorm(h))``, through :func:`_run`.
+    An MoE block routes by ``routing_bsk`` (the forward's expert ids) when given, and records its
+    routing only when not (i.e. in a forward, not in a recomputation)."""
     mlp = layer.mlp
     x = _run(layer.post_attention_layernorm, h_bsh)
+    if isinstance(mlp, MoE):
+        routing = None if routing_bsk is None else routing_bsk.reshape(-1, routing_bsk.shape[-1])
+        return mlp.forward(x, routing=routing, stash=routing is None, call=_run)
     return _run(mlp.down_proj, torch.nn.functional.silu(_run(mlp.gate_proj, x)) * _run(mlp.up_proj, x))
 
 
@@ -193,8 +205,10 @@ def _keys_for(layer: DecoderLayer):
 
 
 def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: _LocalKeys, k_bshd: torch.Tensor,
-                  v_bshd: torch.Tensor, cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int) -> torch.Tensor:
-    """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see."""
+                  v_bshd: torch.Tensor, cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int,
+                  routing_bck: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see
+    (and, for an MoE layer in the backward, the experts the forward chose for them)."""
     attn = layer.self_attn
     b, c, _ = x_bch.shape
     q_bchd = _run(attn.q_proj, _run(layer.input_layernorm, x_bch)).view(b, c, attn.num_heads, attn.head_dim)
@@ -203,7 +217,14 @@ def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: _LocalKeys, k_
     q_bchd = apply_rope(q_bchd, cos_bcd, sin_bcd)
     out_bchd = keys.attend(q_bchd, start, start + c, k_bshd, v_bshd)
     h_bch = x_bch + _run(attn.o_proj, out_bchd.reshape(b, c, -1))
-    return h_bch + _mlp(layer, h_bch)
+    return h_bch + _mlp(layer, h_bch, routing_bck)
+
+
+def _routing(layer: DecoderLayer, x_bsh: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, S, top_k] expert ids the latest forward of ``layer``'s MoE block chose; None if dense."""
+    if not isinstance(layer.mlp, MoE):
+        return None
+    return layer.mlp.last_routing.experts.view(*x_bsh.shape[:2], -1)
 
 
 def _accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
@@ -252,10 +273,12 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.host_copy = _HostCopy(x_bsh) if offload else None
         ctx.save_for_backward(None if offload else x_bsh, cos_bsd, sin_bsd, doc_ids)
         if not _zero3(params):
-            return layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
-        # ZeRO-3: the parameters were gathered by streamed_layer; compute without module hooks.
-        keys = _keys_for(layer)(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
-        return _chunk_output(layer, x_bsh, keys, keys.k_bshd, keys.v_bshd, cos_bsd, sin_bsd, 0)
+            out_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        else:  # ZeRO-3: the parameters were gathered by streamed_layer; compute without module hooks.
+            keys = _keys_for(layer)(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
+            out_bsh = _chunk_output(layer, x_bsh, keys, keys.k_bshd, keys.v_bshd, cos_bsd, sin_bsd, 0)
+        ctx.routing_bsk = _routing(layer, x_bsh)
+        return out_bsh
 
     @staticmethod
     def backward(ctx, dout_bsh):
@@ -272,15 +295,17 @@ class _StreamedLayer(torch.autograd.Function):
             keys_cls = _keys_for(layer)
             if keys_cls is not None:
                 dx_bsh, dparams = _stream_whole_layer(layer, keys_cls, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd,
-                                                      sin_bsd, doc_ids, params)
+                                                      sin_bsd, doc_ids, params, ctx.routing_bsk)
             else:
                 dx_bsh, dparams = _stream_mlp(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
-                                              params)
+                                              params, ctx.routing_bsk)
+        ctx.routing_bsk = None
         dparams = [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)]
         return (None, None, None, None, None, None, None, dx_bsh.to(x_bsh.dtype), *dparams)
 
 
-def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params):
+def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params,
+                routing_bsk=None):
     """Backward for a layer whose attention is distributed (Ulysses, ring): the attention half is
     recomputed whole (its collectives run once, as in gradient checkpointing) and the MLP half,
     the larger working set, streams in chunks."""
@@ -294,7 +319,8 @@ def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_b
         end = min(start + chunk, h_detached.shape[1])
         with torch.enable_grad():
             h_bch = h_detached[:, start:end].requires_grad_()
-            out_bch = h_bch + _mlp(layer, h_bch)
+            routing_bck = None if routing_bsk is None else routing_bsk[:, start:end]
+            out_bch = h_bch + _mlp(layer, h_bch, routing_bck)
         grads = torch.autograd.grad(out_bch, [h_bch, *params], dout_bsh[:, start:end], allow_unused=True)
         dh_bsh[:, start:end] = grads[0]
         _accumulate(dparams, grads[1:])
@@ -304,7 +330,7 @@ def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_b
 
 
 def _stream_whole_layer(layer: DecoderLayer, keys_cls, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
-                        params):
+                        params, routing_bsk=None):
     """Backward of a layer with local or Ulysses attention, every part streamed (module docstring)."""
     seq = x_bsh.shape[1]
     dx_bsh = torch.zeros_like(x_bsh, dtype=torch.promote_types(x_bsh.dtype, torch.float32))
@@ -320,8 +346,9 @@ def _stream_whole_layer(layer: DecoderLayer, keys_cls, chunk: int, x_bsh, dout_b
         with torch.enable_grad():
             x_bch = x_bsh[:, start:end].requires_grad_()
             k_prefix, v_prefix = (t[:, :key_end].detach().requires_grad_() for t in (keys.k_bshd, keys.v_bshd))
+            routing_bck = None if routing_bsk is None else routing_bsk[:, start:end]
             out_bch = _chunk_output(layer, x_bch, keys, k_prefix, v_prefix, cos_bsd[:, start:end],
-                                    sin_bsd[:, start:end], start)
+                                    sin_bsd[:, start:end], start, routing_bck)
         grads = torch.autograd.grad(out_bch, [x_bch, k_prefix, v_prefix, *params], dout_bsh[:, start:end],
                                     allow_unused=True)
         dx_bsh[:, start:end] += grads[0]
@@ -385,8 +412,12 @@ def is_streamable(module: nn.Module) -> bool:
 def chunk_working_set_bytes(args, batch: int, elem_bytes: int) -> int:
     """Bytes one streamed chunk token costs in the backward: the chunk's recomputed activations
     (layer input, norms, q, attention output, residual, MLP gate/up/activation/product, output) and
-    as many again for their gradients, for ``batch`` sequences."""
-    per_token = 6 * args.hidden_size + 2 * args.num_heads * args.head_dim + 4 * args.intermediate_size
+    as many again for their gradients, for ``batch`` sequences. In an MoE layer a token's MLP width
+    is that of its ``top_k`` routed experts plus the shared ones; the widest layer counts."""
+    inner = args.intermediate_size if len(args.moe_layers) < args.num_layers else 0
+    if args.moe_layers:
+        inner = max(inner, args.top_k * args.expert_size + args.shared_size)
+    per_token = 6 * args.hidden_size + 2 * args.num_heads * args.head_dim + 4 * inner
     return 2 * per_token * elem_bytes * batch
 
 
