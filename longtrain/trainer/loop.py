@@ -409,8 +409,9 @@ class Trainer:
         if path is None:
             return None
         state = json.loads((path / "trainer_state.json").read_text())
-        if state["model_args"] != asdict(self.model_args):
-            diff = sorted(k for k in state["model_args"] if state["model_args"][k] != asdict(self.model_args).get(k))
+        mine = json.loads(json.dumps(asdict(self.model_args)))  # as stored: tuples become lists
+        if state["model_args"] != mine:
+            diff = sorted(k for k in state["model_args"] if state["model_args"][k] != mine.get(k))
             raise ConfigError(f"checkpoint.resume: {path} holds a different model (differs in {', '.join(diff)}); "
                               "resume with the same model.* settings or start a new run.dir")
         for key, mine in (("global_batch_size", self.global_batch_size), ("seq_len", self.cfg.data.seq_len),
