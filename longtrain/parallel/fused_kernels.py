@@ -288,13 +288,25 @@ def _executor(q_bshd: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------- the block kernels
-def fused_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
-                        k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
-                        scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~longtrain.parallel.kernels.block_attention_forward` on a fused op (reference fallback)."""
+Plan = Tuple[Optional[tuple], Optional[Segments]]
+"""(executor, segments) for one block: :func:`plan_block`'s answer; a None in it means the reference."""
+
+
+def plan_block(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
+               k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor]) -> Plan:
+    """Check a block's shapes and pick its executor and segments; the forward and the backward of
+    the same block take the same plan, so a caller that holds both may plan once."""
     _check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
     executor = _executor(q_bshd)
-    seg = None if executor is None else plan_segments(q_idx, k_idx, q_doc, k_doc, q_bshd.shape[0])
+    return executor, None if executor is None else plan_segments(q_idx, k_idx, q_doc, k_doc, q_bshd.shape[0])
+
+
+def fused_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
+                        k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
+                        scale: float, plan: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~longtrain.parallel.kernels.block_attention_forward` on a fused op (reference fallback);
+    ``plan`` from :func:`plan_block` (None: planned here)."""
+    executor, seg = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc) if plan is None else plan
     if seg is None:
         FUSED_STATS.fallback += 1
         return reference_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
@@ -304,12 +316,11 @@ def fused_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torc
 
 def fused_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                          out_bshd: torch.Tensor, lse_bhs: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
-                         q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], scale: float
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~longtrain.parallel.kernels.block_attention_backward` on a fused op (reference fallback)."""
-    _check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
-    executor = _executor(q_bshd)
-    seg = None if executor is None else plan_segments(q_idx, k_idx, q_doc, k_doc, q_bshd.shape[0])
+                         q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], scale: float,
+                         plan: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~longtrain.parallel.kernels.block_attention_backward` on a fused op (reference fallback);
+    ``plan`` from :func:`plan_block` (None: planned here)."""
+    executor, seg = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc) if plan is None else plan
     if seg is None:
         FUSED_STATS.fallback += 1
         return reference_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx,
@@ -320,11 +331,13 @@ def fused_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bshd: 
 
 
 class _BlockAttention(torch.autograd.Function):
-    """One block as a differentiable op: forward kernel, then the backward kernel from its own lse."""
+    """One block as a differentiable op: forward kernel, then the backward kernel from its own lse,
+    both on one plan."""
 
     @staticmethod
     def forward(ctx, q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale):
-        out_bshd, lse_bhs = fused_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
+        ctx.plan = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc)
+        out_bshd, lse_bhs = fused_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale, ctx.plan)
         ctx.save_for_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc)
         ctx.scale = scale
         return out_bshd
@@ -333,7 +346,7 @@ class _BlockAttention(torch.autograd.Function):
     def backward(ctx, dout_bshd):
         q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc = ctx.saved_tensors
         grads = fused_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx,
-                                     q_doc, k_doc, ctx.scale)
+                                     q_doc, k_doc, ctx.scale, ctx.plan)
         return (*grads, None, None, None, None, None)
 
 
