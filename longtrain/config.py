@@ -379,6 +379,41 @@ class CheckpointConfig:
 
 
 @dataclass
+class BalanceConfig:
+    scope: str = "global"
+    """Tokens the load-balancing loss counts expert loads over: `micro_batch` (this rank's
+    micro-batch, whole sequences), `sequence` (each sequence alone) or `global` (the whole step:
+    counts summed over data x sequence parallel ranks and, as running totals, over the step's
+    accumulation micro-batches). See docs/MOE.md."""
+    coef: float = 0.001
+    """Weight of the load-balancing loss E * sum_i f_i p_i (averaged over MoE layers); 0 turns the
+    loss off (its value is still logged)."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each step every expert's routing bias
+    moves by this much towards balance (down if overloaded over the global batch, up if not);
+    the bias changes which experts are chosen, never their weights. 0 turns it off."""
+
+    def __post_init__(self) -> None:
+        _require(self.scope in ("micro_batch", "sequence", "global"), "moe.balance.scope",
+                 f"must be micro_batch, sequence or global, got {self.scope!r}")
+        _require(self.coef >= 0, "moe.balance.coef", f"must be >= 0, got {self.coef}")
+        _require(self.bias_update_rate >= 0, "moe.balance.bias_update_rate",
+                 f"must be >= 0, got {self.bias_update_rate}")
+
+
+@dataclass
+class MoETrainConfig:
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    """Load balancing of the routed experts."""
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss, the mean over tokens of logsumexp(router logits)^2 (averaged
+    over MoE layers); 0 turns it off."""
+
+    def __post_init__(self) -> None:
+        _require(self.z_loss_coef >= 0, "moe.z_loss_coef", f"must be >= 0, got {self.z_loss_coef}")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -390,6 +425,7 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    moe: MoETrainConfig = field(default_factory=MoETrainConfig)
 
     def __post_init__(self) -> None:
         _require(not (self.memory.streambp.enabled and self.zero.stage == 3 and self.parallel.sp.ring > 1),

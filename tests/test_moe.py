@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from longtrain.models import ModelArgs, Transformer, args_from_hf_config, from_hf, get_model_args, to_hf
-from longtrain.models.moe import MoE, router_outputs, set_keep_router_probs
+from longtrain.models.moe import MoE, router_outputs
 from longtrain.optim.streambp import streamed_layer
 
 transformers = pytest.importorskip("transformers")
@@ -125,7 +125,7 @@ def test_block_equals_per_token_loop_in_fp64(norm, shared):
     want = _naive_moe(block, x_bsh.reshape(-1, 64)).view_as(got)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     routing = block.last_routing
-    assert routing.experts.shape == (48, 2) and routing.probs is None
+    assert routing.experts.shape == (48, 2) and routing.row_counts.sum(1).tolist() == [48.0, 48.0]
     assert routing.counts.sum() == 48 * 2
 
 
@@ -149,15 +149,20 @@ def test_grouped_mm_equals_reference_loop_on_gpu():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
-def test_gradients_reach_router_and_experts_and_router_probs_are_kept():
+def test_gradients_reach_router_and_experts_and_routing_is_recorded():
     torch.manual_seed(0)
     model = Transformer(_moe_args(num_shared_experts=1))
     model.init_weights()
-    set_keep_router_probs(model, True)
-    logits = model(_ids())
+    ids = _ids()
+    logits = model(ids)
     routings = router_outputs(model)
-    assert len(routings) == 2 and all(r.probs.shape == (80, 6) and r.probs.requires_grad for r in routings)
-    (logits.square().mean() + sum(r.probs.square().sum() for r in routings)).backward()
+    assert len(routings) == 2
+    for r in routings:
+        assert r.experts.shape == (80, 2) and r.row_counts.shape == (2, 6) and r.prob_sums.shape == (2, 6)
+        assert r.row_counts.sum(1).tolist() == [80.0, 80.0]  # 40 tokens x top-2 per row
+        torch.testing.assert_close(r.prob_sums.sum(1), torch.full((2,), 40.0))  # probabilities sum to 1
+        assert not r.prob_sums.requires_grad
+    logits.square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     # every expert got tokens here, so every expert's slice has a gradient
@@ -201,7 +206,7 @@ def test_capacity_factor_drops_only_when_set():
         kept[(experts == e).nonzero()[:capacity]] = True
     whole = kept.view(60, 2).all(1)
     assert whole.any() and not whole.all()
-    torch.testing.assert_close(out[0, whole], free[0, whole], rtol=0, atol=0)
+    torch.testing.assert_close(out[0, whole], free[0, whole], rtol=1e-5, atol=1e-6)  # BLAS blocking varies with threads
     assert not torch.allclose(out[0, ~whole], free[0, ~whole])
 
 

@@ -11,13 +11,18 @@ grouped matrix product over the (token, expert) assignments sorted by expert: ``
 on CUDA in bf16, and on CPU (or where it is missing) a reference loop over each expert's contiguous
 segment of the sorted assignments. No assignment is dropped unless ``capacity_factor`` is set.
 
-Router outputs for load balancing. After each forward the block keeps ``last_routing``, a
-:class:`Routing` with the selected experts [T, k] and the kept assignments per expert [E]
-(detached; T = batch * seq tokens of this rank); with ``keep_router_probs`` set (by the balancing
-loss, see :func:`set_keep_router_probs`) it also keeps the fp32 router probabilities [T, E] with
-their autograd graph, so a loss built from them back-propagates into the router.
-:func:`router_outputs` lists the blocks' ``last_routing`` in layer order. Under StreamBP the layer's
-forward runs without autograd, so the kept probabilities carry no graph there.
+Router outputs for load balancing (:mod:`longtrain.optim.balance`). After each forward the block
+keeps ``last_routing``, a :class:`Routing` with the selected experts [T, k], the assignments per
+expert (kept after capacity [E]; selected, per row [B, E]) and the per-row sums of the router
+probabilities [B, E], all detached (T = batch * seq tokens of this rank). The auxiliary losses
+never hold the probabilities outside the block: their gradient is linear in the probability sums
+once the expert counts are known, so the balancer sets :attr:`MoE.aux_weights` (the gradient of
+the total loss w.r.t. each row's probability sums) between a micro-batch's forward and its backward,
+and the block adds ``aux_weights`` (and the z-loss weight :attr:`MoE.z_weight`) to the backward
+where its output's gradient arrives (:class:`_AuxGrad`). The same holds when the block's forward is
+recomputed: under activation checkpointing the recomputation reuses the forward's expert choice
+and records nothing, and under StreamBP each chunk's recomputation injects the weights of its own
+tokens, so nothing is counted twice and the counts are always those of the whole sequence.
 
 Layout legend: x_th [tokens, hidden]; probs_te [tokens, experts]; experts_tk/weights_tk
 [tokens, top_k]; x_nh [assignments sorted by expert, hidden].
@@ -49,9 +54,38 @@ class Routing:
     """[T, top_k] selected expert ids (int64, detached)."""
     counts: torch.Tensor
     """[E] assignments each expert computed (after capacity dropping), int64, detached."""
-    probs: Optional[torch.Tensor] = None
-    """[T, E] softmax of the router logits (fp32, fp64 in an fp64 model) with its graph; only with
-    ``keep_router_probs``."""
+    row_counts: torch.Tensor
+    """[B, E] assignments the router selected per row (before capacity dropping), fp32, detached."""
+    prob_sums: torch.Tensor
+    """[B, E] sum over each row's tokens of the router probabilities, fp32 (fp64 in an fp64 model)."""
+    lse_sq_sum: Optional[torch.Tensor] = None
+    """Sum over the tokens of logsumexp(router logits)^2 (the router z-loss's sum); only when
+    :attr:`MoE.z_weight` is set."""
+
+
+class _AuxGrad(torch.autograd.Function):
+    """Identity on the block's output whose backward also sends the auxiliary losses' gradient into
+    the router: ``block.aux_weights`` into the per-row probability sums and ``block.z_weight`` into
+    the sum of squared router log-sum-exps (both read when the backward runs, after the balancer
+    has set them from the whole micro-batch's expert counts)."""
+
+    @staticmethod
+    def forward(ctx, out, prob_sums_be, lse_sq_sum, block):
+        ctx.block = block
+        ctx.shapes = (prob_sums_be.shape, prob_sums_be.dtype, lse_sq_sum is not None)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        block = ctx.block
+        shape, dtype, has_z = ctx.shapes
+        weights = block.aux_weights if block.aux_grad else None
+        if block.aux_grad and weights is None:
+            raise RuntimeError("MoE balancing: the backward ran before the balancer set the block's aux_weights "
+                               "(call Balancer.after_forward between a micro-batch's forward and its backward)")
+        d_probs = None if weights is None else weights.to(dtype).expand(shape)
+        d_z = torch.full((), block.z_weight, dtype=dtype, device=grad_out.device) if has_z else None
+        return grad_out, d_probs, d_z, None
 
 
 class Experts(nn.Module):
@@ -108,8 +142,17 @@ class MoE(nn.Module):
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.experts = Experts(args.num_experts, args.hidden_size, args.expert_size)
         self.shared_experts = MLP(args, args.shared_size) if args.num_shared_experts else None
-        self.keep_router_probs = False
         self.last_routing: Optional[Routing] = None
+        self.aux_grad = False
+        """Whether the backward adds the balancing loss's gradient (:attr:`aux_weights`)."""
+        self.aux_weights: Optional[torch.Tensor] = None
+        """[B or 1, E] gradient of the total loss w.r.t. each row's router probability sums
+        (set by the balancer after the forward; None: no balancing-loss gradient)."""
+        self.z_weight: Optional[float] = None
+        """Gradient of the total loss w.r.t. :attr:`Routing.lse_sq_sum`; None: no z-loss."""
+        self.expert_bias: Optional[torch.Tensor] = None
+        """[E] fp32 bias added to the probabilities for the top-k choice only (auxiliary-loss-free
+        balancing); the weights stay the unbiased probabilities."""
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Assignments one expert may compute for ``num_tokens`` tokens; None: unlimited."""
@@ -130,14 +173,21 @@ class MoE(nn.Module):
             call: how submodules are called (StreamBP bypasses their hooks).
         """
         b, s, h = x_bsh.shape
+        if routing is None and stash and _in_backward() and self.last_routing is not None:
+            # Activation checkpointing recomputes this forward inside the backward: route as the
+            # forward did (a near-tie must not flip) and record nothing (counts stay the forward's).
+            routing, stash = self.last_routing.experts, False
         x_th = x_bsh.reshape(b * s, h)
         logits_te = call(self.gate, x_th)
         probs_te = torch.softmax(logits_te, dim=-1, dtype=torch.promote_types(logits_te.dtype, torch.float32))
         if routing is None:
-            weights_tk, experts_tk = torch.topk(probs_te, self.top_k, dim=-1)
+            # The choice carries no gradient (the weights are gathered below), so the forward and a
+            # recomputation given the choice record the same graph.
+            scores_te = probs_te.detach() if self.expert_bias is None else probs_te.detach() + self.expert_bias
+            experts_tk = torch.topk(scores_te, self.top_k, dim=-1).indices
         else:
             experts_tk = routing
-            weights_tk = probs_te.gather(-1, experts_tk)
+        weights_tk = probs_te.gather(-1, experts_tk)
         if self.norm_topk_prob:
             weights_tk = weights_tk / weights_tk.sum(dim=-1, keepdim=True)
         # Sort the T*k assignments by expert; a stable sort keeps token order inside an expert, so
@@ -157,10 +207,26 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             mlp = self.shared_experts
             out_th = out_th + call(mlp.down_proj, F.silu(call(mlp.gate_proj, x_th)) * call(mlp.up_proj, x_th))
+        out_bsh = out_th.view(b, s, h)
+        prob_sums_be = probs_te.view(b, s, -1).sum(dim=1)
+        lse_sq_sum = torch.logsumexp(logits_te.to(probs_te.dtype), dim=-1).square().sum() \
+            if self.z_weight is not None else None
         if stash:
-            self.last_routing = Routing(experts_tk.detach(), counts.detach(),
-                                        probs_te if self.keep_router_probs else None)
-        return out_th.view(b, s, h)
+            row_offset = torch.arange(b, device=flat_experts.device).unsqueeze(1) * self.num_experts
+            row_counts = torch.bincount((experts_tk.view(b, -1) + row_offset).reshape(-1),
+                                        minlength=b * self.num_experts).view(b, -1)
+            self.last_routing = Routing(experts_tk.detach(), counts.detach(), row_counts.float(),
+                                        prob_sums_be.detach(),
+                                        None if lse_sq_sum is None else lse_sq_sum.detach())
+        if torch.is_grad_enabled() and (self.aux_grad or lse_sq_sum is not None):
+            out_bsh = _AuxGrad.apply(out_bsh, prob_sums_be, lse_sq_sum, self)
+        return out_bsh
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward now (a checkpointed forward being recomputed)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def moe_blocks(model: nn.Module) -> List[MoE]:
@@ -171,9 +237,3 @@ def moe_blocks(model: nn.Module) -> List[MoE]:
 def router_outputs(model: nn.Module) -> List[Optional[Routing]]:
     """Each MoE block's :attr:`MoE.last_routing` from the latest forward, in layer order."""
     return [m.last_routing for m in moe_blocks(model)]
-
-
-def set_keep_router_probs(model: nn.Module, enabled: bool) -> None:
-    """Make every MoE block keep its router probabilities (with their graph) after each forward."""
-    for m in moe_blocks(model):
-        m.keep_router_probs = bool(enabled)

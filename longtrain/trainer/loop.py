@@ -161,6 +161,11 @@ class Trainer:
                 (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
             self.autocast_dtype = None  # DeepSpeed's bf16 mode holds bf16 parameters: no autocast
             self.engine, self.zero_loss_factor = Z.apply_zero(self.model, self.optimizer, self.dims, self.ds_config)
+        self.balancer = None
+        if self.model_args.moe_layers:
+            from longtrain.optim.balance import Balancer
+            self.balancer = Balancer(self.model, cfg.moe, self.dims, dc.micro_batch_size, self.grad_accum,
+                                     dc.seq_len, grad_scale=self.zero_loss_factor)
         self._resume(resume)
 
         self.peak_flops = peak_flops_per_device(self.device, cfg.logging.peak_tflops)
@@ -241,6 +246,8 @@ class Trainer:
         valid = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)], dtype=torch.float64,
                              device=self.device)
         num_valid = int(all_reduce_sum(valid, self.reduce_group).item())  # the one count all-reduce of the step
+        if self.balancer is not None:
+            self.balancer.begin_step()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             labels = batch["labels"]
@@ -248,6 +255,8 @@ class Trainer:
             if self.engine is None:
                 loss = chunked_lm_loss(self._hidden(batch), self.model.output_weight, labels, weights,
                                        cfg.trainer.loss_chunk_size)
+                if self.balancer is not None:
+                    self.balancer.after_forward()
                 loss.backward()
             else:
                 # The engine reduces at the boundary (ZeRO-1) or as gradients arrive (2, 3); its
@@ -257,6 +266,8 @@ class Trainer:
                 self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
                 loss = self._head(batch, functools.partial(chunked_lm_loss, labels=labels, weights=weights,
                                                            chunk_size=cfg.trainer.loss_chunk_size))
+                if self.balancer is not None:
+                    self.balancer.after_forward()
                 self.engine.backward(loss * self.zero_loss_factor, scale_wrt_gas=False)
             loss_sum += loss.detach().double()
         if self.engine is None:
@@ -274,6 +285,7 @@ class Trainer:
         loss, num_valid = self.forward_backward()
         # Activations are freed by now: what the backward left allocated is gradient storage.
         grads = torch.cuda.memory_allocated(self.device) - grads0 if report and cuda else None
+        moe_metrics = self.balancer.end_step() if self.balancer is not None else {}
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is None:
             clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
@@ -306,7 +318,7 @@ class Trainer:
         out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen, "valid_tokens": num_valid,
                "tokens_per_s": step_tokens / dt, "step_time_s": dt, "mfu": mfu,
                "peak_mem_gib": _peak_mem_gib(self.device),
-               "tokens_per_rank": step_tokens // self.dist.world_size}
+               "tokens_per_rank": step_tokens // self.dist.world_size, **moe_metrics}
         if self.dims.sp > 1:
             bytes1, comm1 = sp_comm_stats()
             out["sp_bytes_sent"] = bytes1 - bytes0  # this rank, forward and backward, all layers
@@ -380,6 +392,8 @@ class Trainer:
                     save_model(self.model, tmp / "model.safetensors")
                     save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                if self.balancer is not None and self.balancer.state_dict():
+                    save_torch(self.balancer.state_dict(), tmp / "moe_balance.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=1))
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
             save_torch(rng_state(), tmp / "rng" / f"rank_{self.dist.rank:05d}.pt")
@@ -456,6 +470,8 @@ class Trainer:
                 shutil.rmtree(self._universal_dir, ignore_errors=True)
         # plain_to_zero: the weights were loaded before the engine was built
         self.scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
+        if self.balancer is not None and (path / "moe_balance.pt").exists():
+            self.balancer.load_state_dict(load_torch(path / "moe_balance.pt"))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"

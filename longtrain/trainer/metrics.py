@@ -53,6 +53,16 @@ def wandb_name(key: str) -> str:
     return key
 
 
+def _wandb_value(value: Any) -> Any:
+    """A list of numbers (e.g. ``moe/layer{i}/expert_frac``) becomes a W&B histogram with one bin
+    per position, so each expert is a bar and the steps stack into a heat map; others pass as is."""
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        import wandb
+
+        return wandb.Histogram(np_histogram=(value, list(range(len(value) + 1))))
+    return value
+
+
 def _to_json(value: Any) -> Any:
     # json.dumps hook: tensors and numpy values become Python numbers or lists (full precision).
     if isinstance(value, torch.Tensor):
@@ -153,7 +163,8 @@ class MetricsLogger:
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
         if self._wandb_run is not None:
-            self._wandb_run.log({wandb_name(k): v for k, v in record.items() if k != "step"}, step=int(step))
+            self._wandb_run.log({wandb_name(k): _wandb_value(v) for k, v in record.items() if k != "step"},
+                                step=int(step))
 
     def info(self, msg: str) -> None:
         """Print a line on the writing rank without breaking the progress bar."""
