@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from longtrain.trainer.domains import DOMAIN_NAMES, domain_probabilities
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
@@ -95,18 +97,47 @@ class PasskeyConfig:
 
 
 @dataclass
+class DomainsConfig:
+    num_train: int = 2048
+    """Number of synthetic training documents."""
+    num_eval: int = 128
+    """Number of synthetic evaluation documents."""
+    min_chars: int = 128
+    """Shortest document, in characters (rounded up to a whole line or sentence)."""
+    max_chars: int = 512
+    """Longest document, in characters (rounded up to a whole line or sentence)."""
+    names: List[str] = field(default_factory=lambda: list(DOMAIN_NAMES))
+    """Domains to draw documents from: any of arithmetic, code, dna, prose."""
+    mix: Optional[List[float]] = None
+    """One weight per entry of names (the chance a document is from that domain); null is uniform."""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.min_chars <= self.max_chars, "data.domains.min_chars",
+                 f"need 0 < min_chars <= max_chars, got {self.min_chars} and {self.max_chars}")
+        _require(self.num_train >= 1 and self.num_eval >= 0, "data.domains.num_train",
+                 "num_train must be >= 1 and num_eval >= 0")
+        try:
+            domain_probabilities(self.names, self.mix)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
 class DataConfig:
     source: str = "passkey"
-    """`passkey` (the embedded synthetic dataset), or a local jsonl/json/parquet/txt file, a folder
-    of such files, or a folder written by datasets' save_to_disk."""
+    """`passkey` or `domains` (the embedded synthetic datasets), or a local jsonl/json/parquet/txt
+    file, a folder of such files, or a folder written by datasets' save_to_disk."""
     eval_source: Optional[str] = None
-    """Evaluation data in the same forms; null uses the passkey eval split or no eval data."""
+    """Evaluation data in the same forms; null uses the passkey or domains eval split, or no eval data."""
     tokenizer: str = "byte"
     """`byte` (byte-level, no files needed) or a local Hugging Face tokenizer directory."""
     mode: str = "pretrain"
     """`pretrain` (loss on every token) or `sft` (loss on responses only)."""
     text_field: str = "text"
     """Field holding the document text in pretrain mode."""
+    domain_field: Optional[str] = None
+    """Field holding each record's domain name (text), carried to every token of the packed data;
+    null means no domains, or `domain` when data.source or data.eval_source is `domains`."""
     seq_len: int = 1024
     """Tokens per packed training sequence."""
     micro_batch_size: int = 1
@@ -125,6 +156,8 @@ class DataConfig:
     """Cache for tokenised and packed data; null means ~/.cache/longtrain."""
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     """Settings of the embedded passkey dataset."""
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
+    """Settings of the embedded mixed-domain dataset."""
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, "data.seq_len", f"must be at least 2, got {self.seq_len}")
@@ -141,6 +174,17 @@ class DataConfig:
         _require(pk.num_train >= 1 and pk.num_eval >= 0, "data.passkey.num_train",
                  "num_train must be >= 1 and num_eval >= 0")
         _require(1 <= pk.digits <= 18, "data.passkey.digits", f"must be in 1..18, got {pk.digits}")
+        used = {self.source, self.eval_source or self.source}  # a null eval_source means the source's eval split
+        if "domains" in used:
+            _require(self.domain_field in (None, "domain"), "data.domain_field",
+                     f"the domains source labels records in the field 'domain', got {self.domain_field!r}; "
+                     "set data.domain_field=null")
+            _require(self.mode == "pretrain", "data.mode",
+                     "the domains source is pretraining text; set data.mode=pretrain")
+        _require("passkey" not in used or (self.domain_field is None and "domains" not in used),
+                 "data.source" if self.source == "passkey" else "data.eval_source",
+                 "passkey records carry no domain, but domains are used (data.domain_field or the domains source); "
+                 "use another source here, or set data.domain_field=null and use no domains source")
 
 
 @dataclass

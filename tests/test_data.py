@@ -1,17 +1,21 @@
-"""Tokenizers, loading, tokenisation cache, packing, global-batch sampling and the passkey dataset."""
+"""Tokenizers, loading, tokenisation cache, packing, global-batch sampling, the passkey and domains datasets."""
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import datasets
 import numpy as np
 import pytest
 import torch
 
-from longtrain.config import DataConfig, PasskeyConfig
-from longtrain.trainer.data import GlobalBatchSampler, build_datasets, collate, load_records, pack, tokenize
+from longtrain.config import ConfigError, DataConfig, DomainsConfig, PasskeyConfig
+from longtrain.trainer.data import (_ARRAYS, _CACHE_VERSION, GlobalBatchSampler, PackedData, build_datasets,
+                                    collate, collate_domains, load_records, pack, pack_cached, tokenize)
+from longtrain.trainer.domains import _DNA_PERCENT, _WORDS, DOMAIN_NAMES, domain_records
 from longtrain.trainer.passkey import PasskeyEval, passkey_records, passkey_text
+from longtrain.trainer.tokenizer import cache_key
 from longtrain.trainer.tokenizer import ByteTokenizer, load_tokenizer
 
 
@@ -147,6 +151,91 @@ def test_pack_split_drop_and_errors():
         pack([np.arange(10), np.arange(9)], [np.ones(10), np.ones(9)], 8, "drop")
     with pytest.raises(ValueError, match=r"token id 300 .*vocabulary of size 259.*model.vocab_size"):
         pack([np.array([1, 300, 2])], [np.ones(3)], 8, vocab_size=259)
+
+
+def test_pack_carries_domains():
+    # Document i is made of the token i, so every token names its document; empty documents shift
+    # the kept ones, and overlong ones are split (or dropped) into pieces that must keep the domain.
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(0, 40, size=120)
+    lengths[[3, 50]] = 0
+    docs = [np.full(n, i, dtype=np.int32) for i, n in enumerate(lengths)]
+    doc_domains = rng.integers(0, 3, size=len(docs))
+    names = ["a", "b", "c"]
+    for overlong in ("split", "drop"):
+        packed = pack(docs, [np.ones(len(d)) for d in docs], 16, overlong, pad_id=255, doc_domains=doc_domains,
+                      domain_names=names)
+        assert packed.domain_names == names and packed.domains.dtype == np.int32
+        assert packed.domains.shape == packed.input_ids.shape
+        pad = packed.input_ids == 255
+        assert pad.any() and (packed.domains[pad] == -1).all()
+        assert (packed.domains[~pad] == doc_domains[packed.input_ids[~pad]]).all()
+        for r in range(packed.num_rows):  # one domain per document (or piece) of a row
+            for s, e in doc_spans(packed.doc_ids[r]):
+                assert len(set(packed.domains[r, s:e].tolist())) == 1
+        kept = set(np.unique(packed.input_ids[~pad]).tolist())
+        assert kept == {i for i, n in enumerate(lengths) if n and (overlong == "split" or n <= 16)}
+    assert packed.stats.num_dropped > 0
+    split = pack(docs, [np.ones(len(d)) for d in docs], 16, pad_id=255, doc_domains=doc_domains, domain_names=names)
+    long_doc = int(np.argmax(lengths))
+    assert lengths[long_doc] > 32 and (split.input_ids == long_doc).any(axis=1).sum() >= 3  # in 3+ pieces
+    assert (split.domains[split.input_ids == long_doc] == doc_domains[long_doc]).all()
+    assert pack(docs, [np.ones(len(d)) for d in docs], 16).domains is None
+    with pytest.raises(ValueError, match=r"doc_domains and domain_names together"):
+        pack(docs, [np.ones(len(d)) for d in docs], 16, doc_domains=doc_domains)
+    with pytest.raises(ValueError, match=r"one id in \[0, 2\) per document \(120 documents\)"):
+        pack(docs, [np.ones(len(d)) for d in docs], 16, doc_domains=doc_domains, domain_names=["a", "b"])
+
+
+def test_packed_cache_round_trip(tmp_path):
+    docs = [np.arange(n) for n in (5, 12, 3, 9)]
+    masks = [np.ones(len(d), np.int8) for d in docs]
+    plain = pack(docs, masks, 8)
+    with_domains = pack(docs, masks, 8, doc_domains=[1, 0, 1, 1], domain_names=["code", "dna"])
+    for name, packed in (("plain", plain), ("domains", with_domains)):
+        packed.save(str(tmp_path / name))
+        back = PackedData.load(str(tmp_path / name))
+        assert back.stats == packed.stats and back.domain_names == packed.domain_names
+        for field in _ARRAYS:
+            assert isinstance(getattr(back, field), np.memmap)
+            assert np.array_equal(getattr(back, field), getattr(packed, field))
+    assert PackedData.load(str(tmp_path / "plain")).domains is None
+    back = PackedData.load(str(tmp_path / "domains"))
+    assert isinstance(back.domains, np.memmap) and np.array_equal(back.domains, with_domains.domains)
+    assert back.domain_names == ["code", "dna"] and sorted(np.unique(back.domains).tolist()) == [-1, 0, 1]
+    # A cache folder as written before domains existed: the four arrays and the stats only.
+    old = tmp_path / "old"
+    old.mkdir()
+    for field in _ARRAYS:
+        np.save(str(old / f"{field}.npy"), getattr(plain, field))
+    np.save(str(old / "stats.npy"), np.asarray([7, 1, 0, 0, plain.stats.num_rows, 29, 3]))
+    loaded = PackedData.load(str(old))
+    assert loaded.domains is None and loaded.domain_names is None and loaded.stats.num_docs == 7
+    assert np.array_equal(loaded.input_ids, plain.input_ids)
+    assert collate_domains(loaded, np.array([0])) is None
+    batch = collate_domains(back, np.array([1, 0]))
+    assert batch.dtype == torch.int64 and batch.tolist() == with_domains.domains[[1, 0]].tolist()
+
+
+def test_pack_cached_key(tmp_path):
+    ds = datasets.Dataset.from_list([{"text": t} for t in ("abc", "defgh", "ij")])
+    tokenized = tokenize(ds, ByteTokenizer(), "pretrain", cache_dir=str(tmp_path))
+    cache = str(tmp_path / "cache")
+    plain = pack_cached(tokenized, 8, "split", 258, cache)
+    # Without domains the key is the one used before domains existed, so old caches are still found.
+    old_key = cache_key([tokenized._fingerprint, 8, "split", 258, _CACHE_VERSION])
+    assert os.listdir(os.path.join(cache, "packed")) == [old_key] and plain.domains is None
+    a = pack_cached(tokenized, 8, "split", 258, cache, doc_domains=np.array([0, 1, 0], np.int32),
+                    domain_names=["x", "y"])
+    b = pack_cached(tokenized, 8, "split", 258, cache, doc_domains=np.array([1, 1, 0], np.int32),
+                    domain_names=["x", "y"])
+    c = pack_cached(tokenized, 8, "split", 258, cache, doc_domains=np.array([1, 1, 0], np.int32),
+                    domain_names=["y", "z"])
+    assert len(os.listdir(os.path.join(cache, "packed"))) == 4
+    assert a.domain_names == b.domain_names == ["x", "y"] and c.domain_names == ["y", "z"]
+    for packed, ids in ((a, [0, 1, 0]), (b, [1, 1, 0])):  # each document's domain, found by its first byte
+        for first, domain in zip(b"adi", ids):
+            assert (packed.domains[packed.input_ids == first] == domain).all()
 
 
 def test_pack_is_first_fit_decreasing():
@@ -318,6 +407,76 @@ def test_passkey_eval_and_accuracy():
                    "passkey_acc_depth_80-100": 0.5}
 
 
+# ---------------------------------------------------------------------------------------- domains
+
+def test_domain_records_content():
+    recs = domain_records(400, 3, 100, 300)
+    assert recs == domain_records(400, 3, 100, 300)
+    assert recs != domain_records(400, 4, 100, 300)
+    evals = domain_records(400, 3, 100, 300, split="eval")
+    assert not {r["text"] for r in recs} & {r["text"] for r in evals}
+    assert {r["domain"] for r in recs} == set(DOMAIN_NAMES) == {"arithmetic", "code", "dna", "prose"}
+    by_domain = {name: [r["text"] for r in recs if r["domain"] == name] for name in DOMAIN_NAMES}
+    for text in sum(by_domain.values(), []):
+        assert 100 <= len(text) <= 300 + 100 and text.isascii()  # rounded up to a whole line or sentence
+    for text in by_domain["arithmetic"]:
+        for line in text.split("\n"):
+            a, op, b, c = re.fullmatch(r"(\d+)([-+*])(\d+)=(-?\d+)", line).groups()
+            assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] >= 0
+    pairs = np.zeros((4, 4))
+    for text in by_domain["dna"]:
+        lines = text.split("\n")
+        assert set("".join(lines)) <= set("ACGT") and all(len(line) == 60 for line in lines)
+        bases = ["ACGT".index(ch) for ch in "".join(lines)]
+        np.add.at(pairs, (bases[:-1], bases[1:]), 1)
+    # transition frequencies follow the fixed chain (over ~25k pairs: within 0.03 is > 5 standard errors)
+    assert np.abs(pairs / pairs.sum(axis=1, keepdims=True) - np.asarray(_DNA_PERCENT) / 100).max() < 0.03
+    words = [w.strip(".,").lower() for text in by_domain["prose"] for w in text.split()]
+    assert set(words) <= set(_WORDS) and len(_WORDS) >= 200
+    assert 6 < words.count("the") / words.count(_WORDS[9]) < 16  # Zipf: rank 1 about 10 times rank 10
+    assert all(text.endswith(".") and text[0].isupper() for text in by_domain["prose"])
+    for text in by_domain["code"]:
+        lines = text.split("\n")
+        assert lines[0].startswith("def ") and lines[0].endswith("):")
+        assert all((len(line) - len(line.lstrip(" "))) % 4 == 0 for line in lines)
+        assert any(line.startswith("    ") for line in lines)
+    # clearly distinct byte statistics: the character sets barely overlap
+    chars = {name: set("".join(texts)) for name, texts in by_domain.items()}
+    assert chars["dna"] == set("ACGT\n") and chars["arithmetic"] == set("0123456789+-*=\n")
+    assert "(" in chars["code"] and "(" not in chars["prose"] and "=" not in chars["prose"]
+
+
+def test_domain_records_mix():
+    recs = domain_records(4000, 0, 20, 40, names=["dna", "arithmetic"], mix=[1, 3])
+    share = np.mean([r["domain"] == "arithmetic" for r in recs])
+    assert abs(share - 0.75) < 0.03  # 4000 draws: the standard error is 0.007
+    recs = domain_records(500, 0, 20, 40, names=["prose", "code", "dna"], mix=[1, 0, 1])
+    assert {r["domain"] for r in recs} == {"prose", "dna"}
+    uniform = domain_records(4000, 1, 20, 40)
+    counts = [sum(r["domain"] == name for r in uniform) for name in DOMAIN_NAMES]
+    assert max(counts) - min(counts) < 150  # each about 1000
+
+
+def test_domains_config_errors():
+    with pytest.raises(ConfigError, match=r"data.domains.names: unknown domain 'poetry'; choose from arithmetic, "
+                                          r"code, dna, prose"):
+        DomainsConfig(names=["dna", "poetry"])
+    with pytest.raises(ConfigError, match=r"data.domains.mix: has 2 weights but data.domains.names has 4"):
+        DomainsConfig(mix=[1.0, 2.0])
+    with pytest.raises(ConfigError, match=r"data.domains.mix: .*non-negative"):
+        DomainsConfig(names=["dna", "code"], mix=[1.0, -1.0])
+    with pytest.raises(ConfigError, match=r"data.domains.names: repeats a domain"):
+        DomainsConfig(names=["dna", "dna"])
+    with pytest.raises(ConfigError, match=r"data.domain_field: .*field 'domain', got 'topic'"):
+        DataConfig(source="domains", domain_field="topic")
+    with pytest.raises(ConfigError, match=r"data.mode: the domains source is pretraining text"):
+        DataConfig(source="domains", mode="sft")
+    with pytest.raises(ConfigError, match=r"data.eval_source: passkey records carry no domain"):
+        DataConfig(source="domains", eval_source="passkey")
+    with pytest.raises(ConfigError, match=r"data.source: passkey records carry no domain"):
+        DataConfig(domain_field="domain")
+
+
 # ----------------------------------------------------------------------------------------- bundle
 
 def test_build_datasets_passkey(tmp_path):
@@ -348,5 +507,71 @@ def test_build_datasets_file_source(tmp_path):
                      cache_dir=str(tmp_path / "cache"))
     bundle = build_datasets(cfg, vocab_size=259, seed=0, log=lambda _m: None)
     assert bundle.train.stats.num_dropped == 1 and bundle.passkey_eval is None and bundle.eval is not None
+    assert bundle.train.domains is None and collate_domains(bundle.train, np.array([0])) is None
     with pytest.raises(ValueError, match=r"no field 'text' \(fields: content\).*data.text_field"):
         build_datasets(DataConfig(source=src, cache_dir=cfg.cache_dir), vocab_size=259, seed=0)
+
+
+def test_build_datasets_domains(tmp_path):
+    cfg = DataConfig(source="domains", seq_len=512, cache_dir=str(tmp_path / "cache"),
+                     domains=DomainsConfig(num_train=60, num_eval=12, min_chars=64, max_chars=200))
+    lines = []
+    bundle = build_datasets(cfg, vocab_size=259, seed=5, log=lines.append)
+    assert lines[0].endswith("; domains arithmetic, code, dna, prose") and bundle.passkey_eval is None
+    tok = bundle.tokenizer
+    for split, packed in (("train", bundle.train), ("eval", bundle.eval)):
+        assert packed.domain_names == ["arithmetic", "code", "dna", "prose"]
+        recs = domain_records(60 if split == "train" else 12, 5, 64, 200, split=split)
+        domain_of = {r["text"]: r["domain"] for r in recs}
+        seen = []
+        for r in range(packed.num_rows):
+            for s, e in doc_spans(packed.doc_ids[r]):
+                ids = packed.input_ids[r, s:e]
+                if ids[0] == tok.pad_id:
+                    assert (packed.domains[r, s:e] == -1).all()
+                    continue
+                text = tok.decode(ids)
+                assert (packed.domains[r, s:e] == packed.domain_names.index(domain_of[text])).all()
+                seen.append(text)
+        assert sorted(seen) == sorted(domain_of)  # every document once, none split at 512 tokens
+    rows = np.array([2, 0])
+    assert set(collate(bundle.train, rows)) == {"input_ids", "labels", "position_ids", "doc_ids"}
+    domains = collate_domains(bundle.train, rows)
+    assert domains.dtype == torch.int64 and domains.tolist() == bundle.train.domains[rows].tolist()
+    again = build_datasets(cfg, vocab_size=259, seed=5, log=lambda _m: None)  # from the cache
+    assert isinstance(again.train.domains, np.memmap) and np.array_equal(again.train.domains, bundle.train.domains)
+    other = build_datasets(DataConfig(source="domains", seq_len=512, cache_dir=cfg.cache_dir, domains=DomainsConfig(
+        num_train=60, num_eval=0, min_chars=64, max_chars=200, names=["prose", "dna"])), 259, 5, log=lambda _m: None)
+    assert other.eval is None and other.train.domain_names == ["dna", "prose"]
+
+
+def test_build_datasets_domain_field(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "bb one", "topic": "b"}, {"text": "aa two", "topic": "a"},
+                                                   {"text": "bb three", "topic": "b"}])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"text": "cc four", "topic": "c"}, {"text": "aa five", "topic": "a"}])
+    cache = str(tmp_path / "cache")
+    cfg = DataConfig(source=train, eval_source=evals, domain_field="topic", seq_len=64, cache_dir=cache)
+    bundle = build_datasets(cfg, vocab_size=259, seed=0, log=lambda _m: None)
+    # ids from the names of both splits: "c" only occurs in eval and still has its own id there
+    for packed in (bundle.train, bundle.eval):
+        assert packed.domain_names == ["a", "b", "c"]
+        for first, domain in ((ord("a"), 0), (ord("b"), 1), (ord("c"), 2)):
+            starts = packed.input_ids[packed.position_ids == 1] == first  # the byte after BOS
+            assert (packed.domains[packed.position_ids == 1][starts] == domain).all()
+    assert sorted(np.unique(bundle.eval.domains).tolist()) == [-1, 0, 2]
+    assert sorted(np.unique(bundle.train.domains).tolist()) == [-1, 0, 1]
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "topic": "a"}, {"text": "y"}])
+    with pytest.raises(ValueError, match=r"data.source: record 1 of '.*bad.jsonl' has no domain field 'topic'; "
+                                         r"add it to every record, or set data.domain_field"):
+        build_datasets(DataConfig(source=bad, domain_field="topic", cache_dir=str(tmp_path / "c1")), 259, 0)
+    assert not (tmp_path / "c1" / "packed").exists()  # refused before packing
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "x", "id": 1}])
+    with pytest.raises(ValueError, match=r"data.eval_source: records of '.*plain.jsonl' have no domain field 'topic' "
+                                         r"\(fields: text, id\)"):
+        build_datasets(DataConfig(source=train, eval_source=plain, domain_field="topic", cache_dir=cache), 259, 0)
+    numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"text": "x", "topic": 3}])
+    with pytest.raises(ValueError, match=r"domain field 'topic' of '.*numbers.jsonl' holds int64, not text"):
+        build_datasets(DataConfig(source=numbers, domain_field="topic", cache_dir=cache), 259, 0)
+    with pytest.raises(ValueError, match=r"data.source: records of '.*train.jsonl' have no domain field 'domain'"):
+        build_datasets(DataConfig(source=train, eval_source="domains", cache_dir=cache), 259, 0)

@@ -1,38 +1,46 @@
 """Data: load records, tokenise (cached by ``datasets``), pack documents into rows, sample global batches.
 
-Path of the data: ``load_records`` (local files or a ``save_to_disk`` folder) or the passkey
-generator -> ``tokenize`` (``input_ids`` and ``loss_mask`` per document, cached as Arrow files) ->
-``pack`` (whole documents into rows of ``seq_len`` tokens with labels, positions and document ids,
-cached as memory-mapped ``.npy``) -> ``GlobalBatchSampler`` (which rows form the global batch of a step) ->
-``collate`` (rows as int64 tensors).
+Path of the data: ``load_records`` (local files or a ``save_to_disk`` folder) or the passkey or
+domains generator -> ``tokenize`` (``input_ids`` and ``loss_mask`` per document, cached as Arrow
+files) -> ``pack`` (whole documents into rows of ``seq_len`` tokens with labels, positions, document
+ids and optionally domain ids, cached as memory-mapped ``.npy``) -> ``GlobalBatchSampler`` (which rows
+form the global batch of a step) -> ``collate`` and ``collate_domains`` (rows as int64 tensors).
 
 Packed row layout, all ``[num_rows, seq_len]``: ``labels[t]`` is the next token when it belongs to
 the same document and carries loss (else -100); ``position_ids`` restart at 0 at every document;
 ``doc_ids`` number the documents of a row 0, 1, 2, ... and the padding at the end of a row is one
-more document.
+more document; ``domains`` (only with a domain field) is the domain id of each token's document,
+-1 on padding, and ``domain_names[id]`` its name. Domain ids are given by the sorted names found in
+the train and eval data together, so an id means the same domain in both.
 """
 from __future__ import annotations
 
 import codecs
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, fields
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from longtrain.config import DataConfig
+from longtrain.trainer.domains import domain_records
 from longtrain.trainer.passkey import PasskeyEval, passkey_records, passkey_text
 from longtrain.trainer.tokenizer import cache_key, load_tokenizer, tokenize  # noqa: F401 (re-exported)
 
 _EXT_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_EXPECTED = "expected 'passkey', a .jsonl/.json/.parquet/.txt file, a folder of such files or a save_to_disk folder"
+_EXPECTED = "expected 'passkey', 'domains', a .jsonl/.json/.parquet/.txt file, a folder of such files or a save_to_disk folder"
 _CACHE_VERSION = "1"  # bump when the packing output changes, to invalidate old caches
 _UTF8_CHECK_BYTES = 1 << 20
 _ARRAYS = ("input_ids", "labels", "position_ids", "doc_ids")
+_BUILTIN = ("passkey", "domains")
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -121,6 +129,28 @@ def _precheck_file(path: str, builder: str, key: str) -> None:
         raise ValueError(f"{key}: {path!r} is empty")
 
 
+def _domain_labels(ds: datasets.Dataset, field: str, key: str, source: str) -> pa.ChunkedArray:
+    """The domain name of every record of ``ds`` (its ``field`` column), checked to be text in every record.
+
+    Raises:
+        ValueError: ``field`` is missing from a record or is not text.
+    """
+    fix = ("add it to every record, or set data.domain_field to the field holding each record's domain "
+           "(null: no domains)")
+    if field not in ds.column_names:
+        raise ValueError(f"{key}: records of {source} have no domain field {field!r} (fields: "
+                         f"{', '.join(ds.column_names)}); {fix}")
+    ds = ds.flatten_indices() if ds._indices is not None else ds
+    labels = ds.data.column(field)
+    if labels.null_count:
+        first = pc.index(pc.is_null(labels), True).as_py()
+        raise ValueError(f"{key}: record {first} of {source} has no domain field {field!r}; {fix}")
+    if not (pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type)):
+        raise ValueError(f"{key}: domain field {field!r} of {source} holds {labels.type}, not text; "
+                         "give each record's domain as a name, or set data.domain_field to the field holding it")
+    return labels
+
+
 # ---------------------------------------------------------------------------------------- packing
 
 @dataclass
@@ -142,13 +172,18 @@ class PackStats:
 
 @dataclass
 class PackedData:
-    """Packed rows, each array ``[num_rows, seq_len]`` (layout in the module docstring)."""
+    """Packed rows, each array ``[num_rows, seq_len]`` (layout in the module docstring).
+
+    ``domains`` and ``domain_names`` are both None when the data has no domain field.
+    """
 
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int64
     position_ids: np.ndarray  # int32
     doc_ids: np.ndarray  # int32
     stats: PackStats
+    domains: Optional[np.ndarray] = None  # int32, -1 on padding
+    domain_names: Optional[List[str]] = None  # name of each domain id
 
     @property
     def num_rows(self) -> int:
@@ -159,13 +194,18 @@ class PackedData:
         return int(self.input_ids.shape[1])
 
     def save(self, path: str) -> None:
-        """Write ``path/<array>.npy`` in a temporary folder renamed into place, so a concurrent reader
-        never sees half a cache; if another process renamed the same cache first, keep theirs."""
+        """Write ``path/<array>.npy`` (with domains: also ``domains.npy`` and ``domain_names.json``) in a
+        temporary folder renamed into place, so a concurrent reader never sees half a cache; if another
+        process renamed the same cache first, keep theirs."""
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
         for name in _ARRAYS:
             np.save(os.path.join(tmp, f"{name}.npy"), getattr(self, name))
         np.save(os.path.join(tmp, "stats.npy"), np.asarray([getattr(self.stats, f.name) for f in fields(PackStats)]))
+        if self.domains is not None:
+            np.save(os.path.join(tmp, "domains.npy"), self.domains)
+            with open(os.path.join(tmp, "domain_names.json"), "w", encoding="utf-8") as f:
+                json.dump(list(self.domain_names), f)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -173,13 +213,20 @@ class PackedData:
 
     @classmethod
     def load(cls, path: str) -> "PackedData":
-        """Memory-map a saved cache: ranks on one node share the pages instead of each holding a copy."""
+        """Memory-map a saved cache: ranks on one node share the pages instead of each holding a copy.
+        A cache without ``domains.npy`` (no domains, or written before domains existed) loads without domains."""
         arrays = [np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in _ARRAYS]
-        return cls(*arrays, PackStats(*(int(v) for v in np.load(os.path.join(path, "stats.npy")))))
+        stats = PackStats(*(int(v) for v in np.load(os.path.join(path, "stats.npy"))))
+        if not os.path.exists(os.path.join(path, "domains.npy")):
+            return cls(*arrays, stats)
+        with open(os.path.join(path, "domain_names.json"), encoding="utf-8") as f:
+            names = json.load(f)
+        return cls(*arrays, stats, np.load(os.path.join(path, "domains.npy"), mmap_mode="r"), names)
 
 
 def pack(docs_ids: Sequence[np.ndarray], docs_mask: Sequence[np.ndarray], seq_len: int, overlong: str = "split",
-         pad_id: int = 0, key: str = "data.source", vocab_size: Optional[int] = None) -> PackedData:
+         pad_id: int = 0, key: str = "data.source", vocab_size: Optional[int] = None,
+         doc_domains: Optional[Sequence[int]] = None, domain_names: Optional[Sequence[str]] = None) -> PackedData:
     """Pack whole documents into rows of ``seq_len`` tokens with first-fit decreasing.
 
     Documents (and pieces of split ones) are placed longest first (ties by input order) into the
@@ -194,21 +241,35 @@ def pack(docs_ids: Sequence[np.ndarray], docs_mask: Sequence[np.ndarray], seq_le
         pad_id: id filling the end of rows.
         key: config key named in errors.
         vocab_size: when given, every id must be below it (see :func:`check_token_ids`).
+        doc_domains: per document, its domain id (an index into ``domain_names``); every token of
+            the document (and of each of its pieces) gets it. None: no domains.
+        domain_names: name of each domain id; given exactly when ``doc_domains`` is.
 
     Raises:
-        ValueError: nothing is left to pack, or an id is out of the vocabulary.
+        ValueError: nothing is left to pack, an id is out of the vocabulary, or the domains do not
+            match the documents.
     """
     lengths = np.asarray([len(d) for d in docs_ids], dtype=np.int64)
     flat_ids, flat_mask = (np.concatenate([np.asarray(d).reshape(-1) for d in docs] + [np.zeros(0, np.int64)])
                            for docs in (docs_ids, docs_mask))
-    packed = _pack_flat(flat_ids, flat_mask, lengths, seq_len, overlong, pad_id, key)
+    if (doc_domains is None) != (domain_names is None):
+        raise ValueError("pack: give doc_domains and domain_names together, or neither")
+    if doc_domains is not None:
+        doc_domains = np.asarray(doc_domains, dtype=np.int32)
+        if doc_domains.shape != lengths.shape or (doc_domains.size and not (
+                0 <= doc_domains.min() and doc_domains.max() < len(domain_names))):
+            raise ValueError(f"pack: doc_domains must hold one id in [0, {len(domain_names)}) per document "
+                             f"({len(lengths)} documents), got shape {doc_domains.shape}")
+        domain_names = list(domain_names)
+    packed = _pack_flat(flat_ids, flat_mask, lengths, seq_len, overlong, pad_id, key, doc_domains, domain_names)
     if vocab_size is not None:
         check_token_ids(packed.input_ids, vocab_size, key)
     return packed
 
 
 def _pack_flat(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray, seq_len: int, overlong: str,
-               pad_id: int, key: str) -> PackedData:
+               pad_id: int, key: str, doc_domains: Optional[np.ndarray] = None,
+               domain_names: Optional[List[str]] = None) -> PackedData:
     """:func:`pack` of documents stored back to back in ``flat_ids``/``flat_mask`` (``lengths`` each)."""
     over = lengths > seq_len
     keep = (lengths > 0) & ~(over & (overlong == "drop"))
@@ -264,6 +325,10 @@ def _pack_flat(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray,
     seg_start = np.concatenate([piece_start, np.full(len(pad_rows), -1)])[by]  # -1: padding
     seg_len = np.concatenate([piece_len, seq_len - used[pad_rows]])[by]
     seg_doc = np.concatenate([doc_in_row, np.asarray(docs_in_row, dtype=np.int32)[pad_rows]])[by]
+    domains = None
+    if doc_domains is not None:  # one domain per segment, like doc_ids: a piece keeps its document's
+        seg_domain = np.concatenate([doc_domains[keep][piece_doc], np.full(len(pad_rows), -1, dtype=np.int32)])[by]
+        domains = np.repeat(seg_domain.astype(np.int32), seg_len).reshape((num_rows, seq_len))
     pad_ids, pad_labels = np.full(seq_len, pad_id, dtype=flat_ids.dtype), np.full(seq_len, -100, dtype=np.int64)
     ids_parts, label_parts = [], []
     for start, n in zip(seg_start.tolist(), seg_len.tolist()):
@@ -277,7 +342,7 @@ def _pack_flat(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray,
     doc_ids = np.repeat(seg_doc.astype(np.int32), seg_len).reshape(shape)
     stats.num_rows, stats.num_tokens = num_rows, int(piece_len.sum())
     stats.num_padding = num_rows * seq_len - stats.num_tokens
-    return PackedData(input_ids, labels, position_ids, doc_ids, stats)
+    return PackedData(input_ids, labels, position_ids, doc_ids, stats, domains, domain_names)
 
 
 def check_token_ids(input_ids: np.ndarray, vocab_size: int, key: str = "data.source",
@@ -302,13 +367,21 @@ def _flat_docs(ds: datasets.Dataset):
 
 
 def pack_cached(tokenized: datasets.Dataset, seq_len: int, overlong: str, pad_id: int,
-                cache_dir: Optional[str], key: str = "data.source") -> PackedData:
-    """:func:`pack` a tokenised dataset, reusing (memory-mapping) ``cache_dir/packed/<hash>/`` when present."""
-    digest = cache_key([tokenized._fingerprint, seq_len, overlong, pad_id, _CACHE_VERSION])
-    path = os.path.join(cache_dir, "packed", digest) if cache_dir else None
+                cache_dir: Optional[str], key: str = "data.source", doc_domains: Optional[np.ndarray] = None,
+                domain_names: Optional[List[str]] = None) -> PackedData:
+    """:func:`pack` a tokenised dataset, reusing (memory-mapping) ``cache_dir/packed/<hash>/`` when present.
+
+    ``doc_domains`` (int32, one id per record) and ``domain_names`` are as in :func:`pack`; they are
+    part of the cache key, which without domains is the same as before domains existed.
+    """
+    parts = [tokenized._fingerprint, seq_len, overlong, pad_id, _CACHE_VERSION]
+    if doc_domains is not None:
+        parts += [hashlib.sha256(np.ascontiguousarray(doc_domains, dtype=np.int32).tobytes()).hexdigest(),
+                  domain_names]
+    path = os.path.join(cache_dir, "packed", cache_key(parts)) if cache_dir else None
     if path and os.path.isdir(path):
         return PackedData.load(path)
-    packed = _pack_flat(*_flat_docs(tokenized), seq_len, overlong, pad_id, key)
+    packed = _pack_flat(*_flat_docs(tokenized), seq_len, overlong, pad_id, key, doc_domains, domain_names)
     if not path:
         return packed
     packed.save(path)
@@ -377,6 +450,14 @@ def collate(packed: PackedData, rows: np.ndarray) -> Dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.asarray(getattr(packed, name)[rows], dtype=np.int64)) for name in _ARRAYS}
 
 
+def collate_domains(packed: PackedData, rows: np.ndarray) -> Optional[torch.Tensor]:
+    """Domain ids of rows ``rows`` of ``packed`` as an int64 tensor ``[B, S]`` (-1 on padding; names in
+    ``packed.domain_names``), or None when the data has no domains."""
+    if packed.domains is None:
+        return None
+    return torch.from_numpy(np.asarray(packed.domains[np.asarray(rows, dtype=np.int64)], dtype=np.int64))
+
+
 # ----------------------------------------------------------------------------------------- bundle
 
 @dataclass
@@ -402,7 +483,7 @@ def build_datasets(cfg: DataConfig, vocab_size: int, seed: int, rank: int = 0,
     Args:
         cfg: the data config.
         vocab_size: the model's vocabulary size; every token id must be below it.
-        seed: seed of the passkey generator (the train and eval splits draw separate streams).
+        seed: seed of the passkey and domains generators (the train and eval splits draw separate streams).
         rank: this process's rank (0 prepares the caches and logs).
         barrier: called once by every rank between the two phases (None: single process).
         log: receives one line of packing statistics (rank 0 only).
@@ -424,9 +505,10 @@ def build_datasets(cfg: DataConfig, vocab_size: int, seed: int, rank: int = 0,
 def _build(cfg: DataConfig, vocab_size: int, seed: int, log: Callable[[str], None]) -> DataBundle:
     tok = load_tokenizer(cfg.tokenizer)
     cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or "~/.cache/longtrain"))
-    pk = cfg.passkey
+    pk, dm = cfg.passkey, cfg.domains
 
-    def packed_split(source: str, key: str, split: str) -> PackedData:
+    def records(source: str, key: str, split: str) -> Tuple[datasets.Dataset, str, str]:
+        """The records of one split, the field holding their text and how errors name them."""
         if source == "passkey":
             num = pk.num_train if split == "train" else pk.num_eval
             recs = passkey_records(num, seed, pk.min_chars, pk.max_chars, pk.digits, split=split)
@@ -434,28 +516,43 @@ def _build(cfg: DataConfig, vocab_size: int, seed: int, log: Callable[[str], Non
                 ds = datasets.Dataset.from_list([{"text": passkey_text(r)} for r in recs])
             else:
                 ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "response": r["response"]} for r in recs])
-            field, origin = "text", f"passkey {split} records"
-        else:
-            ds = load_records(source, key, os.path.join(cache_dir, "datasets"))
-            field, origin = cfg.text_field, repr(source)
-        tokenized = tokenize(ds, tok, cfg.mode, field, cfg.add_bos, cfg.add_eos, cache_dir, key, origin)
-        packed = pack_cached(tokenized, cfg.seq_len, cfg.overlong, tok.pad_id, cache_dir, key)
-        check_token_ids(packed.input_ids, vocab_size, key, tok.vocab_size)
-        return packed
+            return ds, "text", f"passkey {split} records"
+        if source == "domains":
+            num = dm.num_train if split == "train" else dm.num_eval
+            recs = domain_records(num, seed, dm.min_chars, dm.max_chars, dm.names, dm.mix, split=split)
+            return datasets.Dataset.from_list(recs), "text", f"domains {split} records"
+        return load_records(source, key, os.path.join(cache_dir, "datasets")), cfg.text_field, repr(source)
 
-    train = packed_split(cfg.source, "data.source", "train")
-    stats = {"train": train.stats}
-    eval_source = cfg.eval_source or ("passkey" if cfg.source == "passkey" else None)
-    evaluation, passkey_eval = None, None
-    if eval_source == "passkey" and pk.num_eval > 0:
-        evaluation = packed_split("passkey", "data.eval_source", "eval")
+    builtin_eval = {"passkey": pk.num_eval, "domains": dm.num_eval}
+    eval_source = cfg.eval_source or (cfg.source if cfg.source in _BUILTIN else None)
+    splits = {"train": ("data.source", *records(cfg.source, "data.source", "train"))}
+    if eval_source is not None and builtin_eval.get(eval_source, 1) > 0:
+        splits["eval"] = ("data.eval_source", *records(eval_source, "data.eval_source", "eval"))
+
+    # Domain ids from the names of both splits together, so that an id means the same domain in each.
+    domain_field = cfg.domain_field or ("domain" if "domains" in (cfg.source, cfg.eval_source) else None)
+    doc_domains: Dict[str, Optional[np.ndarray]] = {split: None for split in splits}
+    names = None
+    if domain_field is not None:
+        labels = {split: _domain_labels(ds, domain_field, key, origin)
+                  for split, (key, ds, _, origin) in splits.items()}
+        names = sorted(set().union(*(pc.unique(col).to_pylist() for col in labels.values())))
+        doc_domains = {split: pc.index_in(col, value_set=pa.array(names, type=col.type)).to_numpy().astype(np.int32)
+                       for split, col in labels.items()}
+
+    packed = {}
+    for split, (key, ds, field, origin) in splits.items():
+        tokenized = tokenize(ds, tok, cfg.mode, field, cfg.add_bos, cfg.add_eos, cache_dir, key, origin)
+        packed[split] = pack_cached(tokenized, cfg.seq_len, cfg.overlong, tok.pad_id, cache_dir, key,
+                                    doc_domains[split], names)
+        check_token_ids(packed[split].input_ids, vocab_size, key, tok.vocab_size)
+    train, evaluation = packed["train"], packed.get("eval")
+    passkey_eval = None
+    if eval_source == "passkey" and evaluation is not None:
         recs = passkey_records(pk.num_eval, seed, pk.min_chars, pk.max_chars, pk.digits, split="eval")
         passkey_eval = PasskeyEval.from_records(recs, tok, cfg.seq_len, cfg.add_bos, cfg.add_eos)
         check_token_ids(passkey_eval.input_ids, vocab_size, "data.eval_source", tok.vocab_size)
-    elif eval_source not in (None, "passkey"):
-        evaluation = packed_split(eval_source, "data.eval_source", "eval")
-    if evaluation is not None:
-        stats["eval"] = evaluation.stats
+    stats = {split: p.stats for split, p in packed.items()}
     s = train.stats
     line = (f"data: train {s.num_docs} docs ({s.num_split} split, {s.num_dropped} dropped) -> {s.num_rows} rows "
             f"x {cfg.seq_len} tokens, {100 * s.padding_fraction:.1f}% padding")
@@ -463,5 +560,7 @@ def _build(cfg: DataConfig, vocab_size: int, seed: int, log: Callable[[str], Non
         line += f"; eval {evaluation.stats.num_docs} docs -> {evaluation.num_rows} rows"
     if passkey_eval is not None:
         line += f"; passkey eval {passkey_eval.num_rows} records"
+    if names is not None:
+        line += f"; domains {', '.join(names)}"
     log(line)
     return DataBundle(train, evaluation, passkey_eval, tok, stats)
