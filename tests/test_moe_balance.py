@@ -10,8 +10,8 @@ gradients, as in test_zero.py.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
+
+import numpy as np
 
 import pytest
 import torch
@@ -24,6 +24,8 @@ from test_train import train_in_process
 from test_zero import common, run_jobs
 
 MOE = ["model.name=tiny_moe", "moe.balance.coef=0.1", "moe.z_loss_coef=0.01"]
+DOMAINS = ["data.source=domains", "data.domains.num_train=48", "data.domains.num_eval=8", "trainer.eval_every=3",
+           "trainer.eval_rows=8"]
 GLOBAL, MICRO, SEQUENCE = ("moe.balance.scope=global",), ("moe.balance.scope=micro_batch",), \
     ("moe.balance.scope=sequence",)
 
@@ -136,7 +138,7 @@ def test_micro_batch_loss_and_gradients_match_transformers(tmp_path):
 
 # ------------------------------------------------------------------ trainer: scopes and layouts
 def _jobs(tmp, specs):
-    return [(name, common(tmp, name) + MOE + list(extra) + ["checkpoint.save_final=false"], {"grads": True})
+    return [(name, common(tmp, name) + MOE + DOMAINS + list(extra) + ["checkpoint.save_final=false"], {"grads": True})
             for name, extra in specs.items()]
 
 
@@ -151,6 +153,11 @@ def _same(got, ref, grads=True):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a["step"], a[key], b[key])
         for key in (k for k in b if k.endswith("expert_frac")):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    evals = [m for m in ref["metrics"] if "eval_loss" in m]
+    assert evals and "eval_moe_specialisation/dna" in evals[-1]
+    for a, b in zip([m for m in got["metrics"] if "eval_loss" in m], evals):
+        for key in (k for k in b if k.startswith("eval_")):  # expert load by domain: whole-sequence counts
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
 def _router_grads_differ(a, b) -> bool:
@@ -229,7 +236,8 @@ def test_running_totals_formula():
 
 def test_layouts_match_single_process(single):
     """Global scope: dp 2, Ulysses 2, ring 2 and dp 2 with accumulation equal one process on the same
-    global batch (loss, gradients, aux losses, loads); ZeRO-2 on dp 2 too. Sequence scope is layout
+    global batch (loss, gradients, aux losses, loads, eval load by domain); so do ZeRO-2 and ZeRO-3 on
+    dp 2 and StreamBP under Ulysses 2 (chunks of the local shard). Sequence scope is layout
     independent. Micro-batch scope on dp 2 gives another loss and other router gradients."""
     tmp, r = single
     dist = run_jobs(2, _jobs(tmp, {
@@ -240,8 +248,11 @@ def test_layouts_match_single_process(single):
         "r2": ("data.micro_batch_size=4", "parallel.sp.ring=2") + GLOBAL,
         "dp2-accum2": ("data.micro_batch_size=1", "trainer.grad_accum=2") + GLOBAL,
         "dp2-zero2": ("data.micro_batch_size=2", "zero.stage=2") + GLOBAL,
+        "dp2-zero3": ("data.micro_batch_size=2", "zero.stage=3") + GLOBAL,
+        "u2-streambp": ("data.micro_batch_size=4", "parallel.sp.ulysses=2", "memory.streambp.enabled=true",
+                        "memory.streambp.chunk_size=48") + GLOBAL,
     }))
-    for name in ("dp2", "u2", "r2", "dp2-zero2"):
+    for name in ("dp2", "u2", "r2", "dp2-zero2", "dp2-zero3", "u2-streambp"):
         _same(dist[name], r["global"])
     _same(dist["dp2-accum2"], r["accum2"])
     _same(dist["dp2-sequence"], r["sequence"])
@@ -307,3 +318,47 @@ def test_bad_balance_settings_name_the_key(override, key):
     from test_train import compose_cfg
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_cfg([override])
+
+
+# ------------------------------------------------------------------ expert load by domain
+def test_specialisation_is_the_top_k_share():
+    from longtrain.trainer.moe_report import specialisation, summarise
+    counts = np.zeros((3, 1, 4))
+    counts[0, 0] = [10, 10, 10, 10]  # spread evenly: top-2 share 1/2
+    counts[1, 0] = [0, 30, 30, 0]  # always the same two experts: 1
+    # domain 2 has no tokens: NaN, left out of the means
+    spec = specialisation(counts, top_k=2)
+    assert spec[0, 0] == 0.5 and spec[1, 0] == 1.0 and np.isnan(spec[2, 0])
+    out = summarise(counts, ["a", "b", "c"], top_k=2)
+    assert out == {"moe_specialisation": 0.75, "moe_specialisation/a": 0.5, "moe_specialisation/b": 1.0}
+
+
+def test_domain_counts_follow_each_token():
+    from longtrain.trainer.moe_report import add_domain_counts
+    torch.manual_seed(0)
+    block = MoE(_moe_args())
+    with torch.no_grad():
+        block(torch.randn(2, 5, 64))
+    domains = torch.tensor([[0, 0, 1, 1, -1], [1, 1, 1, 0, -1]])
+    counts = torch.zeros(2, 1, 6, dtype=torch.float64)
+    add_domain_counts(counts, [block], domains)
+    experts = block.last_routing.experts.view(2, 5, 2)
+    for d in (0, 1):
+        want = torch.bincount(experts[domains == d].reshape(-1), minlength=6).double()
+        assert torch.equal(counts[d, 0], want)
+    assert counts.sum() == 8 * 2  # padding (-1) not counted
+
+
+def test_eval_writes_the_heat_map(single):
+    import json
+    tmp, r = single
+    plots = tmp / "global" / "plots"
+    record = json.loads((plots / "expert_load_step0000003.json").read_text())
+    assert (plots / "expert_load_step0000003.png").stat().st_size > 1000
+    assert record["domains"] == ["arithmetic", "code", "dna", "prose"] and record["layers"] == [0, 1]
+    counts = np.asarray(record["counts"])  # [domain, layer, expert]
+    per_layer = counts.sum((0, 2))
+    assert per_layer[0] == per_layer[1] > 0 and per_layer[0] % 2 == 0  # every token routed top-2 per layer
+    metrics = r["global"]["metrics"][-1]
+    assert metrics["eval_moe_specialisation"] == pytest.approx(np.mean(
+        [v for row in record["specialisation"] for v in row if v is not None]))

@@ -44,8 +44,9 @@ from longtrain.parallel.distributed import (DistInfo, all_gather_objects, all_re
 from longtrain.parallel.sharding import shard_batch
 from longtrain.trainer.checkpoint import (CheckpointManager, load_model, load_torch, rng_state, save_model,
                                           save_torch, set_rng_state)
-from longtrain.trainer.data import GlobalBatchSampler, build_datasets, collate
+from longtrain.trainer.data import GlobalBatchSampler, build_datasets, collate, collate_domains
 from longtrain.trainer.metrics import MetricsLogger, peak_flops_per_device
+from longtrain.trainer.moe_report import add_domain_counts, summarise, write_expert_load
 
 log = logging.getLogger("longtrain")
 
@@ -339,14 +340,20 @@ class Trainer:
             rows = np.arange(self.data.eval.num_rows if limit == 0 else min(limit, self.data.eval.num_rows))
             mine = rows[self.dp_rank::self.dp_size]
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+            by_domain = self._domain_counts()
             for i in range(0, len(mine), mbs):
                 batch = self._local_batch(self.data.eval, mine[i:i + mbs])
                 labels = batch["labels"]
                 sums[0] += self._head(batch, functools.partial(chunked_lm_loss, labels=labels, weights=None,
                                                                chunk_size=self.cfg.trainer.loss_chunk_size)).double()
                 sums[1] += (labels != IGNORE_INDEX).sum()
+                if by_domain is not None:
+                    domains = shard_batch({"domains": collate_domains(self.data.eval, mine[i:i + mbs])}, self.dims)
+                    add_domain_counts(by_domain, self.balancer.blocks, domains["domains"])
             all_reduce_sum(sums, self.reduce_group)
             out["eval_loss"] = float(sums[0] / sums[1].clamp(min=1))
+            if by_domain is not None:
+                out.update(self._report_domains(all_reduce_sum(by_domain, self.reduce_group)))
         pk = self.data.passkey_eval
         if pk is not None:
             mine = np.arange(pk.num_rows)[self.dp_rank::self.dp_size]
@@ -372,6 +379,26 @@ class Trainer:
             out["passkey_digit_acc"] = float(np.mean([f for _, f, _ in gathered])) if gathered else 0.0
         self._module().train()
         return out
+
+    def _domain_counts(self) -> Optional[torch.Tensor]:
+        """Zero [domains, MoE layers, experts] counts when the eval data has domains and the model
+        MoE layers (the expert load by domain is then reported), else None."""
+        names = self.data.eval.domain_names
+        if self.balancer is None or self.data.eval.domains is None or not names:
+            return None
+        return torch.zeros(len(names), len(self.balancer.blocks), self.model_args.num_experts,
+                           dtype=torch.float64, device=self.device)
+
+    def _report_domains(self, counts: torch.Tensor) -> Dict[str, float]:
+        """Specialisation metrics of the eval expert load by domain; the writing rank also draws the
+        heat map (run.dir/plots/expert_load_step{N}.png, counts beside it as JSON)."""
+        names, top_k = self.data.eval.domain_names, self.model_args.top_k
+        counts_np = counts.cpu().numpy()
+        if self.dist.is_writer:
+            png = write_expert_load(counts_np, names, self.balancer.layer_ids, top_k, self.step,
+                                    self.run_dir / "plots")
+            self.metrics.image(self.step, "eval/expert_load", png)
+        return {f"eval_{k}": v for k, v in summarise(counts_np, names, top_k).items()}
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:

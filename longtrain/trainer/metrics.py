@@ -166,6 +166,13 @@ class MetricsLogger:
             self._wandb_run.log({wandb_name(k): _wandb_value(v) for k, v in record.items() if k != "step"},
                                 step=int(step))
 
+    def image(self, step: int, key: str, path: Union[str, Path]) -> None:
+        """Send the image file ``path`` to W&B under ``key`` (the file itself is already in run.dir)."""
+        if self.enabled and self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({key: wandb.Image(str(path))}, step=int(step))
+
     def info(self, msg: str) -> None:
         """Print a line on the writing rank without breaking the progress bar."""
         if self.enabled:
