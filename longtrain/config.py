@@ -398,11 +398,17 @@ class LoggingConfig:
     """Show a progress bar on the writing rank."""
     peak_tflops: Optional[float] = None
     """Peak dense bf16 TFLOP/s of one device for MFU; null detects known GPUs (MFU null on CPU)."""
+    expert_frac_every: int = 50
+    """MoE models: also log each layer's per-expert load shares (moe/layer{i}/expert_frac, one list
+    per layer) every N steps (and at the first step); 0 never. The scalar moe/* metrics go with
+    every logged step."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases tracking."""
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "logging.log_every", f"must be at least 1, got {self.log_every}")
+        _require(self.expert_frac_every >= 0, "logging.expert_frac_every",
+                 f"must be >= 0 (0: never), got {self.expert_frac_every}")
 
 
 @dataclass

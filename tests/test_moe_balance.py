@@ -23,7 +23,7 @@ from test_moe import _moe_args, _perturb
 from test_train import train_in_process
 from test_zero import common, run_jobs
 
-MOE = ["model.name=tiny_moe", "moe.balance.coef=0.1", "moe.z_loss_coef=0.01"]
+MOE = ["model.name=tiny_moe", "moe.balance.coef=0.1", "moe.z_loss_coef=0.01", "logging.expert_frac_every=1"]
 DOMAINS = ["data.source=domains", "data.domains.num_train=48", "data.domains.num_eval=8", "trainer.eval_every=3",
            "trainer.eval_rows=8"]
 GLOBAL, MICRO, SEQUENCE = ("moe.balance.scope=global",), ("moe.balance.scope=micro_batch",), \
@@ -362,3 +362,9 @@ def test_eval_writes_the_heat_map(single):
     metrics = r["global"]["metrics"][-1]
     assert metrics["eval_moe_specialisation"] == pytest.approx(np.mean(
         [v for row in record["specialisation"] for v in row if v is not None]))
+
+
+def test_expert_frac_cadence(tmp_path):
+    metrics = train_in_process(tmp_path, "cadence", MOE + ["logging.expert_frac_every=2", "trainer.max_steps=3"])
+    has = [("moe/layer1/expert_frac" in m, "moe/layer1/maxvio" in m) for m in metrics]
+    assert has == [(True, True), (True, True), (False, True)]  # first step, every 2nd; scalars always

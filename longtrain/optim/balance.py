@@ -139,15 +139,15 @@ class Balancer:
         self._micro += 1
 
     @torch.no_grad()
-    def end_step(self) -> Dict[str, object]:
+    def end_step(self, expert_frac: bool = True) -> Dict[str, object]:
         """The step's balance metrics (reduced over dp x sp) and, with bias balancing, the bias update.
 
         Returns:
             ``aux_loss`` (what the auxiliary losses added to the objective), ``moe/lbl`` and
             ``moe/z_loss`` (means over layers, without their coefficients), ``moe/maxvio`` (mean
             over layers of max load / mean load - 1 over the global batch), and per layer
-            ``moe/layer{i}/{lbl,maxvio,expert_frac}`` (``expert_frac``: each expert's share of the
-            layer's assignments).
+            ``moe/layer{i}/{lbl,maxvio}`` and, with ``expert_frac``, ``moe/layer{i}/expert_frac``
+            (each expert's share of the layer's assignments).
         """
         if self._micro != self.grad_accum:
             raise RuntimeError(f"Balancer.end_step: saw {self._micro} micro-batches, expected {self.grad_accum}")
@@ -169,7 +169,8 @@ class Balancer:
         for j, i in enumerate(self.layer_ids):
             out[f"moe/layer{i}/lbl"] = float(lbl[j])
             out[f"moe/layer{i}/maxvio"] = float(maxvio[j])
-            out[f"moe/layer{i}/expert_frac"] = [round(float(v), 6) for v in frac[j]]
+            if expert_frac:
+                out[f"moe/layer{i}/expert_frac"] = [round(float(v), 6) for v in frac[j]]
         if self.bias is not None:
             out["moe/bias_absmax"] = float(self.bias.abs().max())
         self.begin_step()

@@ -286,7 +286,9 @@ class Trainer:
         loss, num_valid = self.forward_backward()
         # Activations are freed by now: what the backward left allocated is gradient storage.
         grads = torch.cuda.memory_allocated(self.device) - grads0 if report and cuda else None
-        moe_metrics = self.balancer.end_step() if self.balancer is not None else {}
+        every = cfg.logging.expert_frac_every
+        moe_metrics = {} if self.balancer is None else self.balancer.end_step(
+            expert_frac=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is None:
             clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
@@ -516,6 +518,11 @@ class Trainer:
         """
         from longtrain.models import to_hf
 
+        bias = None if self.balancer is None else self.balancer.bias
+        if bias is not None and bias.abs().max() > 0 and self.dist.is_writer:
+            log.warning("export_hf: the MoE routing bias (moe.balance.bias_update_rate) has no place in the Hugging "
+                        "Face %s format; the exported model routes without it (the bias stays in the checkpoints)",
+                        self.model_args.arch)
         if self.engine is None:
             if self.dist.is_writer:
                 to_hf(self.model, path, dtype=dtype)
