@@ -59,9 +59,21 @@ def run(cfg: Config, config_yaml: str = ""):
         if dist_info.is_writer:
             Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
             save_resolved_config(Path(cfg.run.dir), config_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            record_environment(cfg.run.dir)
         return Trainer(cfg, dist_info, config_yaml).fit()
     finally:
         destroy_distributed()
+
+
+def record_environment(run_dir: str) -> None:
+    """Write ``run_dir/env/`` (:mod:`longtrain.trainer.environment`); a failure only warns."""
+    try:
+        from longtrain.trainer.environment import dump_environment
+
+        for problem in dump_environment(run_dir):
+            log.warning("environment: %s", problem)
+    except Exception as e:  # noqa: BLE001 - recording the environment must never stop a run
+        log.warning("environment: not recorded in %s/env: %s: %s", run_dir, type(e).__name__, e)
 
 
 @hydra.main(version_base=None, config_path=RECIPES_DIR, config_name="tiny")

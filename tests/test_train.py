@@ -116,6 +116,7 @@ def test_run_directory_contents(tmp_path, monkeypatch):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert OmegaConf.load(run_dir / "config.yaml").trainer.max_steps == 2
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory"
+    assert {"command.txt", "environ.txt", "packages.txt", "versions.json"} <= {p.name for p in (run_dir / "env").iterdir()}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in Path(RECIPES_DIR).glob("*.yaml")))
