@@ -119,6 +119,28 @@ def test_run_directory_contents(tmp_path, monkeypatch):
     assert {"command.txt", "environ.txt", "packages.txt", "versions.json"} <= {p.name for p in (run_dir / "env").iterdir()}
 
 
+def test_wandb_gets_the_resolved_config_and_a_restart_resumes_its_run(tmp_path, monkeypatch):
+    from test_metrics import FakeWandb
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    common = ["trainer.max_steps=2", "logging.wandb.mode=offline", "logging.wandb.project=lt",
+              "logging.wandb.group=g1", "logging.wandb.tags=[sp,tiny]", "run.name=seq${data.seq_len}"]
+    train_in_process(tmp_path, "w", common + ["trainer.stop_at_step=1"])
+    metrics = train_in_process(tmp_path, "w", common)  # the restarted job: resumes step 1
+    assert [m["step"] for m in metrics] == [1, 2]
+    first, second = fake.inits
+    assert first["id"] == second["id"] and first["resume"] == second["resume"] == "allow"
+    assert (first["project"], first["group"], first["tags"], first["name"]) == ("lt", "g1", ["sp", "tiny"], "seq256")
+    config = first["config"]  # the typed config as plain values: interpolations resolved
+    assert "${" not in json.dumps(config)
+    assert config["run"]["name"] == "seq256" and config["run"]["dir"] == str(tmp_path / "w")
+    assert config["data"]["seq_len"] == 256 and config["trainer"]["stop_at_step"] == 1
+    assert second["config"]["trainer"]["stop_at_step"] == 0
+    assert [step for step, _ in fake.logged] == [1, 2]
+    assert all("/" in name for _, data in fake.logged for name in data)  # every W&B name is grouped
+
+
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in Path(RECIPES_DIR).glob("*.yaml")))
 def test_every_recipe_composes_and_validates(recipe):
     cfg = compose_cfg([], recipe=recipe)
