@@ -148,6 +148,28 @@ def test_every_recipe_composes_and_validates(recipe):
     head = (Path(RECIPES_DIR) / f"{recipe}.yaml").read_text().splitlines()[:3]
     assert any("launch/run.sh" in line and f"--recipe {recipe}" in line for line in head), \
         "every recipe starts with its exact launch command"
+    hydra_cfg = OmegaConf.to_container(OmegaConf.load(Path(RECIPES_DIR) / f"{recipe}.yaml").hydra)  # unresolved
+    assert hydra_cfg["sweep"]["dir"].startswith("${run.dir}") and hydra_cfg["sweep"]["subdir"] == "${hydra.job.num}", \
+        "--multirun gives each job its own run directory"
+
+
+def test_multirun_sweep_gives_each_job_its_own_run(tmp_path):
+    # Two jobs, one after the other, each in <run.dir>-<time>/<job number> with its own name.
+    proc = cli("--multirun", "optim.lr=1e-3,4e-3", f"run.dir={tmp_path / 'lr'}", f"data.cache_dir={tmp_path / 'cache'}",
+               *SMALL, "trainer.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = tmp_path.glob("lr-*")
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    lrs = []
+    for num in (0, 1):
+        run_dir = sweep / str(num)
+        assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        assert cfg.run.dir == str(run_dir) and cfg.run.name == f"{sweep.name}-{num}"
+        assert cfg.logging.wandb.group == sweep.name
+        assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "env" / "command.txt").is_file()
+        lrs.append(read_metrics(run_dir)[-1]["lr"])
+    assert lrs[1] == pytest.approx(4 * lrs[0])
 
 
 def cli(*overrides):
