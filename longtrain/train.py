@@ -198,6 +198,9 @@ def precheck(argv: List[str]) -> Optional[str]:
             for job in jobs or []:
                 cfg = to_config(compose(config_name=name, overrides=job))
                 check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+                run_dir = Path(cfg.run.dir)  # under --multirun only the sweep's name starts with it
+                if not multirun and run_dir.exists() and not run_dir.is_dir():
+                    return f"run.dir: '{cfg.run.dir}' exists and is not a directory; choose another run.dir"
     except MissingConfigException:
         recipes = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
         return f"unknown recipe '{name}' in {config_dir}; choose one of: {', '.join(recipes)}"
