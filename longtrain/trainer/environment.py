@@ -85,7 +85,8 @@ def _versions() -> str:
     if torch.backends.cudnn.is_available():
         info["cudnn"] = torch.backends.cudnn.version()
     if torch.cuda.is_available():
-        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+        info["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     for dist in ("longtrain", "deepspeed", "transformers", "datasets", "flash_attn", "hydra-core", "wandb"):
         try:
