@@ -131,10 +131,10 @@ def test_slurm_two_nodes_command_line(slurm, tmp_path):
 def test_slurm_processes_per_node_and_overrides(slurm, tmp_path):
     env = {"GPUS_PER_NODE": "", "SLURM_GPUS_PER_NODE": "h100:4", "RECIPE": "moe_balance", "TORCHRUN": "torchrun",
            "TORCHRUN_ARGS": "--max_restarts=2", "MASTER_ADDR": "10.0.0.1"}
-    rc, err = finish(slurm("run.dir=/scratch/mine", "moe.balance.scope=global", **env))
+    proc = slurm("run.dir=/scratch/mine", "moe.balance.scope=global", **env)
+    rc, err = finish(proc)
     assert rc == 0, err
-    words = (tmp_path / "stubs" / "srun.argv").read_text().split("\0")[:-1]
-    assert words[3:] == ["torchrun", "--nnodes=1", "--nproc_per_node=4", f"--rdzv_id={JOB_ID}", "--rdzv_backend=c10d",
+    assert proc.srun_argv()[3:] == ["torchrun", "--nnodes=1", "--nproc_per_node=4", f"--rdzv_id={JOB_ID}", "--rdzv_backend=c10d",
                          "--rdzv_endpoint=10.0.0.1:29500", "--max_restarts=2", "-m", "longtrain.train",
                          "--config-name", "moe_balance", "run.dir=/scratch/mine", "moe.balance.scope=global"]
     rc, err = finish(slurm(GPUS_PER_NODE=""))
@@ -143,17 +143,18 @@ def test_slurm_processes_per_node_and_overrides(slurm, tmp_path):
 
 def test_slurm_run_dir_survives_requeue(slurm, tmp_path):
     # A requeued job keeps its job id: the same run directory, so checkpoint.resume=auto continues it.
-    assert finish(slurm())[0] == 0
-    first = [a for a in (tmp_path / "stubs" / "srun.argv").read_text().split("\0") if a.startswith("run.dir=")]
+    def run_dirs(proc):
+        rc, err = finish(proc)
+        assert rc == 0, err
+        return [a for a in proc.srun_argv() if a.startswith("run.dir=")], err
+
+    first, _ = run_dirs(slurm())
     stale = tmp_path / f"runs/tiny-{JOB_ID}" / "STOP"
     stale.touch()  # left by an attempt that died before its trainer saw it
-    rc, err = finish(slurm(SLURM_RESTART_COUNT="1"))
-    again = [a for a in (tmp_path / "stubs" / "srun.argv").read_text().split("\0") if a.startswith("run.dir=")]
-    assert rc == 0 and first == again == [f"run.dir={tmp_path}/runs/tiny-{JOB_ID}"]
+    again, err = run_dirs(slurm(SLURM_RESTART_COUNT="1"))
+    assert first == again == [f"run.dir={tmp_path}/runs/tiny-{JOB_ID}"]
     assert not stale.exists() and "stale" in err
-    assert finish(slurm(SLURM_JOB_ID="4243"))[0] == 0
-    other = [a for a in (tmp_path / "stubs" / "srun.argv").read_text().split("\0") if a.startswith("run.dir=")]
-    assert other == [f"run.dir={tmp_path}/runs/tiny-4243"]
+    assert run_dirs(slurm(SLURM_JOB_ID="4243"))[0] == [f"run.dir={tmp_path}/runs/tiny-4243"]
 
 
 @pytest.mark.parametrize("sig, env, requeued", [
