@@ -220,6 +220,11 @@ class OptimConfig:
         _require(str(self.fused).lower() in ("auto", "true", "false"), "optim.fused",
                  f"must be auto, true or false, got {self.fused!r}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            _require(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
+        _require(self.eps >= 0, "optim.eps", f"must be >= 0, got {self.eps}")
         _require(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         _require(self.clip_grad_norm >= 0, "optim.clip_grad_norm", f"must be >= 0, got {self.clip_grad_norm}")
 
@@ -249,6 +254,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", f"must be at least 1, got {self.max_steps}")
+        _require(self.seed >= 0, "trainer.seed", f"must be >= 0, got {self.seed}")
         _require(self.grad_accum is None or self.grad_accum >= 1, "trainer.grad_accum",
                  f"must be null or at least 1, got {self.grad_accum}")
         _require(self.device in ("auto", "cpu", "cuda"), "trainer.device",
@@ -288,6 +294,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _require(self.backend in ("auto", "nccl", "gloo"), "parallel.backend",
                  f"must be auto, nccl or gloo, got {self.backend!r}")
+        _require(self.timeout_s >= 1, "parallel.timeout_s", f"must be at least 1 second, got {self.timeout_s}")
 
 
 # DeepSpeed config keys longtrain derives from its own typed keys: setting them in zero.extra could
@@ -409,6 +416,8 @@ class LoggingConfig:
         _require(self.log_every >= 1, "logging.log_every", f"must be at least 1, got {self.log_every}")
         _require(self.expert_frac_every >= 0, "logging.expert_frac_every",
                  f"must be >= 0 (0: never), got {self.expert_frac_every}")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops",
+                 f"must be null (detect) or positive, got {self.peak_tflops}")
 
 
 @dataclass

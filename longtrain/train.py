@@ -7,6 +7,7 @@ Configuration and data errors print one line naming the key, file or value and e
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import sys
@@ -59,14 +60,46 @@ def run(cfg: Config, config_yaml: str = ""):
         if dist_info.is_writer:
             Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
             save_resolved_config(Path(cfg.run.dir), config_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            record_environment(cfg.run.dir)
         return Trainer(cfg, dist_info, config_yaml).fit()
     finally:
         destroy_distributed()
 
 
+def record_environment(run_dir: str) -> None:
+    """Write ``run_dir/env/`` (:mod:`longtrain.trainer.environment`); a failure only warns."""
+    try:
+        from longtrain.trainer.environment import dump_environment
+
+        for problem in dump_environment(run_dir):
+            log.warning("environment: %s", problem)
+    except Exception as e:  # noqa: BLE001 - recording the environment must never stop a run
+        log.warning("environment: not recorded in %s/env: %s: %s", run_dir, type(e).__name__, e)
+
+
+def sweep_job_config(dcfg: DictConfig) -> None:
+    """Under ``--multirun``, give this job its own run: ``run.dir`` becomes Hydra's job directory
+    ``hydra.sweep.dir/hydra.sweep.subdir`` (``<run.dir>-<time>/<job number>`` in the shipped
+    recipes), the run name ``<run.name or sweep directory>-<job number>`` and, when unset, the W&B
+    group the sweep directory's name, so the sweep's runs sit together. Outside multirun nothing
+    changes."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hc = HydraConfig.get()
+    sweep_name = Path(hc.sweep.dir).name
+    dcfg.run.dir = hc.runtime.output_dir
+    dcfg.run.name = f"{dcfg.run.name or sweep_name}-{hc.job.num}"
+    if dcfg.logging.wandb.group is None:
+        dcfg.logging.wandb.group = sweep_name
+
+
 @hydra.main(version_base=None, config_path=RECIPES_DIR, config_name="tiny")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
+        sweep_job_config(dcfg)
         cfg = to_config(dcfg)
         run(cfg, OmegaConf.to_yaml(dcfg, resolve=True))
     except (ValueError, FileNotFoundError) as err:
@@ -102,17 +135,45 @@ def check_layout(cfg: Config, world_size: int) -> None:
     resolve_batch_layout(cfg.data.global_batch_size, cfg.data.micro_batch_size, cfg.trainer.grad_accum, dims.dp)
 
 
+def sweep_jobs(overrides: List[str]) -> Optional[List[List[str]]]:
+    """The override lists of the jobs ``--multirun`` runs: the cartesian product of the
+    comma-separated, ``range`` and ``choice`` sweeps, as Hydra's basic sweeper forms it (``hydra.*``
+    overrides left out); None when another sweeper is chosen (``hydra/sweeper=...``).
+
+    Raises:
+        ValueError: a sweep the basic sweeper cannot run (``interval``), naming the key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.get_key_element().lstrip("+~").startswith("hydra/sweeper") for o in parsed):
+        return None
+    choices = []
+    for override in parsed:
+        key = override.get_key_element()
+        if key.lstrip("+~").startswith(("hydra.", "hydra/")):
+            continue
+        if not override.is_sweep_override():
+            choices.append([f"{key}={override.get_value_element_as_str()}"])
+        elif override.is_discrete_sweep():
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            raise ValueError(f"{key}: interval() sweeps need a sweeper plugin "
+                             "(hydra/sweeper=...); the default sweeper takes a,b,c, range() or choice()")
+    return [list(job) for job in itertools.product(*choices)]
+
+
 def precheck(argv: List[str]) -> Optional[str]:
     """Compose and validate the config the command line asks for; the one-line error, or None.
 
-    Plain runs (``--config-name``/``--config-dir`` and overrides) are checked here so that every
-    bad key or value is reported in one line before any work; other Hydra modes (``--multirun``,
-    ``--cfg``, ``--help``) are left to Hydra.
+    Plain runs (``--config-name``/``--config-dir`` and overrides) and every job of a
+    ``--multirun`` sweep are checked here so that every bad key or value is reported in one line
+    before any work; other Hydra modes (``--cfg``, ``--help``, ...) are left to Hydra.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
-    name, config_dir, overrides, i = "tiny", RECIPES_DIR, [], 0
+    name, config_dir, overrides, multirun, i = "tiny", RECIPES_DIR, [], False, 0
     while i < len(argv):
         arg = argv[i]
         flag, _, value = arg.partition("=")
@@ -124,15 +185,22 @@ def precheck(argv: List[str]) -> Optional[str]:
                 name = value
             else:
                 config_dir = str(Path(value).resolve())
+        elif arg in ("--multirun", "-m"):
+            multirun = True
         elif arg.startswith("-"):
             return None
         else:
             overrides.append(arg)
         i += 1
     try:
+        jobs = sweep_jobs(overrides) if multirun else [overrides]
         with initialize_config_dir(config_dir=config_dir, version_base=None):
-            cfg = to_config(compose(config_name=name, overrides=overrides))
-        check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            for job in jobs or []:
+                cfg = to_config(compose(config_name=name, overrides=job))
+                check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+                run_dir = Path(cfg.run.dir)  # under --multirun only the sweep's name starts with it
+                if not multirun and run_dir.exists() and not run_dir.is_dir():
+                    return f"run.dir: '{cfg.run.dir}' exists and is not a directory; choose another run.dir"
     except MissingConfigException:
         recipes = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
         return f"unknown recipe '{name}' in {config_dir}; choose one of: {', '.join(recipes)}"

@@ -59,6 +59,9 @@ def test_load_tokenizer_errors(tmp_path):
     assert isinstance(load_tokenizer("byte"), ByteTokenizer)
     with pytest.raises(ValueError, match=r"data.tokenizer: .*expected 'byte' or a local Hugging Face"):
         load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"data.tokenizer: .* holds no tokenizer files .*expected 'byte'"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"data.tokenizer: cannot load .*expected 'byte'"):
         load_tokenizer(str(tmp_path))
 
@@ -321,6 +324,12 @@ def test_load_errors(tmp_path):
     (tmp_path / "none.json").write_text("[]")
     with pytest.raises(ValueError, match=r"none.json.* holds no records"):
         load_records(str(tmp_path / "none.json"), cache_dir=cache)
+    (tmp_path / "torn.json").write_text('[{"text": "a"},\n {"text": ')
+    with pytest.raises(ValueError, match=r"data.source: .*torn.json' is not valid JSON \(Expecting value at line 2"):
+        load_records(str(tmp_path / "torn.json"), cache_dir=cache)
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": b}\n')  # JSON lines under a .json name
+    with pytest.raises(ValueError, match=r"data.source: line 2 of .*lines.json' is not valid JSON"):
+        load_records(str(tmp_path / "lines.json"), cache_dir=cache)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     with pytest.raises(ValueError, match=r"data.source: .*latin1.txt.* is not UTF-8"):
         load_records(str(tmp_path / "latin1.txt"), cache_dir=cache)

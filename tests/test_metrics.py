@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -92,15 +93,93 @@ def test_progress_bar_and_info(tmp_path, capsys):
     assert "loss=1.2500" in out.err and "tok/s=12.3k" in out.err
 
 
+class FakeWandb(types.ModuleType):
+    """Stands in for the ``wandb`` module: records every ``init`` and ``log`` call."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged, self.finished = [], [], 0
+        fake = self
+
+        class Run:
+            def log(self, data, step=None):
+                fake.logged.append((step, data))
+
+            def finish(self):
+                fake.finished += 1
+
+        class Histogram:
+            def __init__(self, np_histogram):
+                self.np_histogram = np_histogram
+
+        self._run, self.Histogram, self.Image = Run, Histogram, lambda path: ("image", path)
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self._run()
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return fake
+
+
+# Every key the trainer logs (loop.py, balance.py, passkey.py, moe_report.py) and its W&B name.
+TRAINER_KEYS = {
+    "loss": "loss/train", "aux_loss": "loss/aux",
+    "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
+    "tokens": "perf/tokens", "tokens_per_rank": "perf/tokens_per_rank", "valid_tokens": "perf/valid_tokens",
+    "sp_bytes_sent": "perf/sp_bytes_sent", "sp_comm_frac": "perf/sp_comm_frac",
+    "peak_mem_gib": "memory/peak_gib", "reserved_mem_gib": "memory/reserved_gib",
+    "lr": "optim/lr", "grad_norm": "optim/grad_norm", "skipped": "optim/skipped",
+    "moe/lbl": "moe/lbl", "moe/z_loss": "moe/z_loss", "moe/maxvio": "moe/maxvio",
+    "moe/layer1/expert_frac": "moe/layer1/expert_frac", "moe/bias_absmax": "moe/bias_absmax",
+    "eval_loss": "eval/loss", "eval_moe_specialisation": "eval/moe_specialisation",
+    "eval_moe_specialisation/code": "eval/moe_specialisation/code",
+    "passkey_acc": "eval/passkey_acc", "passkey_acc_depth_0-20": "eval/passkey_acc_depth_0-20",
+    "passkey_digit_acc": "eval/passkey_digit_acc",
+}
+
+
 def test_wandb_names():
-    assert wandb_name("loss") == "loss/train"
-    assert wandb_name("lr") == "optim/lr"
-    assert wandb_name("grad_norm") == "optim/grad_norm"
-    assert wandb_name("tokens_per_s") == "perf/tokens_per_s"
-    assert wandb_name("mfu") == "perf/mfu"
-    assert wandb_name("peak_mem_gib") == "memory/peak_gib"
-    assert wandb_name("eval_loss") == "eval/loss"
-    assert wandb_name("passkey_acc") == "passkey_acc"
+    for key, name in TRAINER_KEYS.items():
+        assert wandb_name(key) == name, key
+    # Keys no rule knows get a group too, never the top level.
+    assert wandb_name("new_thing") == "misc/new_thing"
+    assert wandb_name("host_mem_gib") == "memory/host_gib"
+    groups = {wandb_name(k).split("/")[0] for k in [*TRAINER_KEYS, "new_thing"]}
+    assert groups == {"loss", "perf", "memory", "optim", "moe", "eval", "misc"}
+
+
+def test_wandb_gets_grouped_names_jsonl_plain_keys(tmp_path, fake_wandb):
+    m = _logger(tmp_path, mode="offline")
+    record = {"loss": 2.0, "lr": 1e-3, "eval_moe_specialisation/code": 0.5, "moe/layer0/expert_frac": [0.25, 0.75],
+              "odd": 1}
+    m.log(1, record)
+    m.close()
+    assert _records(tmp_path) == [{"step": 1, **record}]  # the parity record keeps the trainer's keys
+    ((step, data),) = fake_wandb.logged
+    assert step == 1 and sorted(data) == ["eval/moe_specialisation/code", "loss/train", "misc/odd",
+                                          "moe/layer0/expert_frac", "optim/lr"]
+    assert data["moe/layer0/expert_frac"].np_histogram == ([0.25, 0.75], [0, 1, 2])
+    assert fake_wandb.finished == 1
+
+
+def test_wandb_restart_resumes_the_same_run(tmp_path, fake_wandb):
+    cfg = WandbConfig(mode="offline", project="p", entity="e", group="g", tags=["a", "b"])
+    for start_step in (0, 2):
+        MetricsLogger(tmp_path, True, cfg, run_name="n", config={"x": 1}, total_steps=4, start_step=start_step,
+                      progress=False).close()
+    first, second = fake_wandb.inits
+    assert first["id"] == second["id"] == (tmp_path / "wandb_id.txt").read_text().strip()
+    assert first["resume"] == second["resume"] == "allow"
+    assert {k: first[k] for k in ("project", "entity", "group", "tags", "name", "config", "mode", "dir")} == {
+        "project": "p", "entity": "e", "group": "g", "tags": ["a", "b"], "name": "n", "config": {"x": 1},
+        "mode": "offline", "dir": str(tmp_path)}
+    MetricsLogger(tmp_path / "other", True, cfg, "n", {}, 4, progress=False).close()
+    assert fake_wandb.inits[2]["id"] != first["id"]
 
 
 def test_wandb_offline(tmp_path, monkeypatch):

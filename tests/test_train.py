@@ -116,6 +116,29 @@ def test_run_directory_contents(tmp_path, monkeypatch):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert OmegaConf.load(run_dir / "config.yaml").trainer.max_steps == 2
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory"
+    assert {"command.txt", "environ.txt", "packages.txt", "versions.json"} <= {p.name for p in (run_dir / "env").iterdir()}
+
+
+def test_wandb_gets_the_resolved_config_and_a_restart_resumes_its_run(tmp_path, monkeypatch):
+    from test_metrics import FakeWandb
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    common = ["trainer.max_steps=2", "logging.wandb.mode=offline", "logging.wandb.project=lt",
+              "logging.wandb.group=g1", "logging.wandb.tags=[sp,tiny]", "run.name=seq${data.seq_len}"]
+    train_in_process(tmp_path, "w", common + ["trainer.stop_at_step=1"])
+    metrics = train_in_process(tmp_path, "w", common)  # the restarted job: resumes step 1
+    assert [m["step"] for m in metrics] == [1, 2]
+    first, second = fake.inits
+    assert first["id"] == second["id"] and first["resume"] == second["resume"] == "allow"
+    assert (first["project"], first["group"], first["tags"], first["name"]) == ("lt", "g1", ["sp", "tiny"], "seq256")
+    config = first["config"]  # the typed config as plain values: interpolations resolved
+    assert "${" not in json.dumps(config)
+    assert config["run"]["name"] == "seq256" and config["run"]["dir"] == str(tmp_path / "w")
+    assert config["data"]["seq_len"] == 256 and config["trainer"]["stop_at_step"] == 1
+    assert second["config"]["trainer"]["stop_at_step"] == 0
+    assert [step for step, _ in fake.logged] == [1, 2]
+    assert all("/" in name for _, data in fake.logged for name in data)  # every W&B name is grouped
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in Path(RECIPES_DIR).glob("*.yaml")))
@@ -125,14 +148,49 @@ def test_every_recipe_composes_and_validates(recipe):
     head = (Path(RECIPES_DIR) / f"{recipe}.yaml").read_text().splitlines()[:3]
     assert any("launch/run.sh" in line and f"--recipe {recipe}" in line for line in head), \
         "every recipe starts with its exact launch command"
+    hydra_cfg = OmegaConf.to_container(OmegaConf.load(Path(RECIPES_DIR) / f"{recipe}.yaml").hydra)  # unresolved
+    assert hydra_cfg["sweep"]["dir"].startswith("${run.dir}") and hydra_cfg["sweep"]["subdir"] == "${hydra.job.num}", \
+        "--multirun gives each job its own run directory"
 
 
-def cli(*overrides):
+def test_multirun_sweep_gives_each_job_its_own_run(tmp_path):
+    # Two jobs, one after the other, each in <run.dir>-<time>/<job number> with its own name.
+    proc = cli("--multirun", "optim.lr=1e-3,4e-3", f"run.dir={tmp_path / 'lr'}", f"data.cache_dir={tmp_path / 'cache'}",
+               *SMALL, "trainer.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = tmp_path.glob("lr-*")
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    lrs = []
+    for num in (0, 1):
+        run_dir = sweep / str(num)
+        assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        assert cfg.run.dir == str(run_dir) and cfg.run.name == f"{sweep.name}-{num}"
+        assert cfg.logging.wandb.group == sweep.name
+        assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "env" / "command.txt").is_file()
+        lrs.append(read_metrics(run_dir)[-1]["lr"])
+    assert lrs[1] == pytest.approx(4 * lrs[0])
+
+
+def cli(*overrides, env=None):
     return subprocess.run([sys.executable, "-m", "longtrain.train", *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("override, expected", [
+def write_bad_inputs(tmp):
+    """Malformed inputs for the bad-input cases, under ``tmp``."""
+    (tmp / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",,}\n')
+    (tmp / "list.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
+    (tmp / "corpus.csv").write_text("text\nhello\n")
+    (tmp / "tok_empty").mkdir()
+    (tmp / "tok_corrupt").mkdir()
+    (tmp / "tok_corrupt" / "tokenizer.json").write_text("{not json")
+    (tmp / "a_file").write_text("x")
+
+
+# Each case: the arguments ({tmp} is the test's directory holding write_bad_inputs' files; VAR=value
+# words set the environment) and the text its one error line must contain.
+@pytest.mark.parametrize("args, expected", [
     ("trainer.max_steps=0", "trainer.max_steps"),
     ("data.mode=chat", "data.mode"),
     ("trainer.bogus=1", "trainer.bogus"),
@@ -144,11 +202,45 @@ def cli(*overrides):
     ("+trainer.foo=1", "trainer.foo"),
     ("parallel.sp.ulysses_chunks=-1", "parallel.sp.ulysses_chunks"),
     ("--config-name=nope", "unknown recipe 'nope'"),
+    # malformed data and tokenizer files
+    ("data.source={tmp}/bad.jsonl", "data.source: line 3 of '{tmp}/bad.jsonl' is not valid JSON"),
+    ("data.source={tmp}/list.jsonl", "data.source: line 2 of '{tmp}/list.jsonl' is not a JSON object"),
+    ("data.eval_source={tmp}/corpus.csv", "data.eval_source: unsupported extension '.csv'"),
+    ("data.tokenizer={tmp}/tok_empty", "data.tokenizer: '{tmp}/tok_empty' holds no tokenizer files"),
+    ("data.tokenizer={tmp}/tok_corrupt", "data.tokenizer: cannot load a tokenizer from '{tmp}/tok_corrupt'"),
+    ("run.dir={tmp}/a_file", "run.dir: '{tmp}/a_file' exists and is not a directory"),
+    # layouts checked against torchrun's world size, and every job of a sweep
+    ("WORLD_SIZE=2 parallel.sp.ulysses=3", "parallel.sp.ulysses x parallel.sp.ring = 3 x 1 = 3 does not divide "
+                                           "the world size 2"),
+    ("--multirun optim.lr=1e-3,-1", "optim.lr: must be positive, got -1.0"),
+    ("--multirun optim.lr=interval(0,1)", "optim.lr: interval() sweeps need a sweeper plugin"),
+    # zero and negative values
+    ("model.num_layers=0", "model.num_layers: must be a positive integer, got 0"),
+    ("optim.beta2=1.0", "optim.beta2: must be in [0, 1), got 1.0"),
+    ("parallel.timeout_s=0", "parallel.timeout_s: must be at least 1 second, got 0"),
+    ("logging.peak_tflops=-1", "logging.peak_tflops: must be null (detect) or positive, got -1.0"),
+    ("trainer.seed=-1", "trainer.seed: must be >= 0, got -1"),
 ])
-def test_bad_input_is_one_clear_error(tmp_path, override, expected):
-    proc = cli(override, f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-               "logging.progress=false")
-    assert proc.returncode == 2
+def test_bad_input_is_one_clear_error(tmp_path, args, expected):
+    write_bad_inputs(tmp_path)
+    words = args.format(tmp=tmp_path).split()
+    env = dict(w.split("=", 1) for w in words if w.split("=")[0].isupper())
+    words = [w for w in words if not w.split("=")[0].isupper()]
+    if not any(w.startswith("run.dir=") for w in words):
+        words.append(f"run.dir={tmp_path / 'run'}")
+    proc = cli(*words, f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=false", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("longtrain: error: ") and expected in last, proc.stderr[-2000:]
+    assert last.startswith("longtrain: error: ") and expected.format(tmp=tmp_path) in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_resuming_another_models_checkpoint_is_one_clear_error(tmp_path):
+    train_in_process(tmp_path, "small", ["trainer.max_steps=1"])
+    proc = cli(*SMALL, "model.hidden_size=96", f"checkpoint.resume={tmp_path / 'small'}",
+               f"run.dir={tmp_path / 'big'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"longtrain: error: checkpoint.resume: {tmp_path}/small/checkpoints/step_00000001 holds a "
+                    "different model (differs in head_dim, hidden_size); resume with the same model.* settings or start a "
+                    "new run.dir")

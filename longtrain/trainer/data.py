@@ -98,13 +98,43 @@ def load_records(source: str, key: str = "data.source", cache_dir: Optional[str]
         cause = e.__cause__ or e
         if isinstance(cause, UnicodeDecodeError):
             raise ValueError(f"{key}: {source!r} is not UTF-8 text ({cause.reason}); re-encode it as UTF-8") from e
-        raise ValueError(f"{key}: cannot read {source!r} as {builder}: {type(cause).__name__}: {cause}") from e
+        bad = _first_bad_json(files) if builder == "json" else None
+        raise ValueError(f"{key}: {bad or f'cannot read {source!r} as {builder}: {type(cause).__name__}: {cause}'}") from e
     except ValueError as e:  # e.g. 'Instruction "train" corresponds to no data!' for a json file holding []
+        bad = _first_bad_json(files) if builder == "json" else None
         raise ValueError(f"{key}: {source!r} holds no records ({e})" if "no data" in str(e)
-                         else f"{key}: cannot read {source!r} as {builder}: {e}") from e
+                         else f"{key}: {bad or f'cannot read {source!r} as {builder}: {e}'}") from e
     if len(ds) == 0:
         raise ValueError(f"{key}: {source!r} holds no records")
     return ds
+
+
+def _first_bad_json(files: Sequence[str]) -> Optional[str]:
+    """Where the first malformed record of these JSON files is (the json builder's own error names
+    a row of an internal block, not a line of a file): ``line N of 'f.jsonl' is not valid JSON (...)``.
+
+    Only called after loading failed, so its full read of each file costs nothing in a good run.
+    """
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not path.lower().endswith(".jsonl"):  # one JSON document, or JSON lines under a .json name
+            try:
+                json.loads(text)
+                continue
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":
+                    return f"{path!r} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        for num, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {num} of {path!r} is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(record, dict):
+                return f"line {num} of {path!r} is not a JSON object (one record per line; got {type(record).__name__})"
+    return None
 
 
 def _precheck_file(path: str, builder: str, key: str) -> None:

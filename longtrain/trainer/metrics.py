@@ -28,29 +28,49 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
 
-# Trainer key -> W&B name. Keys not listed are logged as given; `eval_*` keys go to `eval/`.
+# Trainer key -> W&B name. Every name has a group (the part before the first `/`), which W&B shows
+# as a panel section: loss/, perf/, memory/, optim/, eval/, moe/. metrics.jsonl keeps the plain keys.
 WANDB_NAMES = {
     "loss": "loss/train",
     "aux_loss": "loss/aux",
     "lr": "optim/lr",
     "grad_norm": "optim/grad_norm",
+    "skipped": "optim/skipped",
     "tokens_per_s": "perf/tokens_per_s",
     "tflops": "perf/tflops",
     "mfu": "perf/mfu",
     "step_time_s": "perf/step_time_s",
     "tokens": "perf/tokens",
+    "tokens_per_rank": "perf/tokens_per_rank",
+    "valid_tokens": "perf/valid_tokens",
+    "sp_bytes_sent": "perf/sp_bytes_sent",
+    "sp_comm_frac": "perf/sp_comm_frac",
     "peak_mem_gib": "memory/peak_gib",
     "reserved_mem_gib": "memory/reserved_gib",
 }
+WANDB_DEFAULT_GROUP = "misc"
+"""Group of keys no rule below places, so that no W&B name lands at the top level."""
 
 
 def wandb_name(key: str) -> str:
-    """The grouped W&B name of a trainer metric key."""
+    """The grouped W&B name of a trainer metric key.
+
+    In order: the table ``WANDB_NAMES``; ``eval_x`` -> ``eval/x`` (``eval_moe_specialisation/code``
+    -> ``eval/moe_specialisation/code``); ``passkey_*`` (measured at evaluation) -> ``eval/passkey_*``;
+    ``x_mem_gib`` -> ``memory/x_gib``; a key that already has a group (``moe/lbl``) as it is; any
+    other key -> ``misc/<key>``.
+    """
     if key in WANDB_NAMES:
         return WANDB_NAMES[key]
     if key.startswith("eval_"):
         return "eval/" + key[len("eval_"):]
-    return key
+    if key.startswith("passkey_"):
+        return "eval/" + key
+    if key.endswith("_mem_gib"):
+        return "memory/" + key[:-len("_mem_gib")] + "_gib"
+    if "/" in key:
+        return key
+    return f"{WANDB_DEFAULT_GROUP}/{key}"
 
 
 def _wandb_value(value: Any) -> Any:

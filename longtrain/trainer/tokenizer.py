@@ -228,6 +228,10 @@ def load_tokenizer(spec: str):
     try:
         return HFTokenizer(path)
     except Exception as e:  # transformers raises many types for unreadable directories
+        known = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in known):
+            raise ValueError(f"data.tokenizer: {spec!r} holds no tokenizer files (none of {', '.join(known)}) "
+                             f"{_EXPECTED}") from e
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"data.tokenizer: cannot load a tokenizer from {spec!r}: {msg} {_EXPECTED}") from e
 
