@@ -317,7 +317,7 @@ ZERO_OWNED_KEYS = {
     "prescale_gradients": "nothing (longtrain owns the gradient scaling)",
     "gradient_allreduce_op": "nothing (longtrain owns the gradient scaling)",
     "sequence_parallel_size": "parallel.sp.*", "data_parallel_size": "parallel.sp.*",
-    "zero_optimization.compute_grad_norm": "nothing (the gradient norm is logged and checked for trainer.nonfinite)",
+    "zero_optimization.compute_grad_norm": "nothing (the gradient norm is logged and checked: trainer.nonfinite)",
 }
 
 

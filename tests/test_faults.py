@@ -29,7 +29,9 @@ from longtrain.trainer.checkpoint import CheckpointError, load_model, verify
 from longtrain.trainer.faults import TrainingFault
 from longtrain.trainer.loop import Trainer
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+# Subprocesses import this checkout's longtrain, whatever else is installed.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def _latest(run_dir: Path) -> str:

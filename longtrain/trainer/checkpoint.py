@@ -246,7 +246,8 @@ class CheckpointManager:
         kept = f"the latest checkpoint is still {self.root / previous}" if previous else "no earlier checkpoint exists"
         fix = f"free space under {self.root}" if "disk is full" in cause else "fix the cause"
         raise CheckpointError(f"checkpoint: could not save step {step} to {final} (rank {rank}: {cause}); the "
-                              f"partial copy was removed and {kept}; {fix} and resume with checkpoint.resume=auto") from cause_here
+                              f"partial copy was removed and {kept}; {fix} and resume with "
+                              "checkpoint.resume=auto") from cause_here
 
     def _write_manifest(self, tmp: Path, step: int, meta: Dict[str, Any]) -> None:
         paths = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
