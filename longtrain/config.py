@@ -251,6 +251,11 @@ class TrainerConfig:
     stop_at_step: int = 0
     """Stop (with a checkpoint) after this step, as a preempted job would; the schedule still runs to
     max_steps. 0 runs to max_steps. Used to split a long run over several jobs."""
+    nonfinite: str = "stop"
+    """What a non-finite loss or gradient norm does, checked before the weights change: `stop` (an
+    error naming the step) or `skip` (gradients dropped, no update, the schedule and data move on)."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip: stop with an error once this many steps in a row were skipped."""
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", f"must be at least 1, got {self.max_steps}")
@@ -266,6 +271,10 @@ class TrainerConfig:
         _require(0 <= self.stop_at_step, "trainer.stop_at_step", f"must be >= 0, got {self.stop_at_step}")
         _require(self.loss_chunk_size >= 1, "trainer.loss_chunk_size",
                  f"must be at least 1, got {self.loss_chunk_size}")
+        _require(self.nonfinite in ("stop", "skip"), "trainer.nonfinite",
+                 f"must be stop or skip, got {self.nonfinite!r}")
+        _require(self.max_skipped_steps >= 1, "trainer.max_skipped_steps",
+                 f"must be at least 1, got {self.max_skipped_steps}")
 
 
 @dataclass
@@ -289,7 +298,9 @@ class ParallelConfig:
     backend: str = "auto"
     """torch.distributed backend: `auto` (nccl on CUDA, gloo on CPU), `nccl` or `gloo`."""
     timeout_s: int = 600
-    """Collective timeout in seconds: a dead rank makes the others fail instead of hanging."""
+    """Collective timeout in seconds: a rank that died or hangs makes the others fail with an error
+    instead of waiting for ever. Must exceed the longest wait at a collective (e.g. the writing
+    rank's checkpoint save)."""
 
     def __post_init__(self) -> None:
         _require(self.backend in ("auto", "nccl", "gloo"), "parallel.backend",
@@ -312,6 +323,7 @@ ZERO_OWNED_KEYS = {
     "prescale_gradients": "nothing (longtrain owns the gradient scaling)",
     "gradient_allreduce_op": "nothing (longtrain owns the gradient scaling)",
     "sequence_parallel_size": "parallel.sp.*", "data_parallel_size": "parallel.sp.*",
+    "zero_optimization.compute_grad_norm": "nothing (the gradient norm is logged and checked: trainer.nonfinite)",
 }
 
 
@@ -427,8 +439,9 @@ class CheckpointConfig:
     keep: int = 3
     """Keep the last K checkpoints; older ones are deleted after a successful save."""
     resume: str = "auto"
-    """`auto` (the latest complete checkpoint of run.dir, or a fresh start if none), `none` (fresh
-    start; refused when run.dir already holds checkpoints), or a checkpoint or run directory."""
+    """`auto` (the latest complete and intact checkpoint of run.dir, damaged newer ones skipped with
+    a warning, or a fresh start if there is none), `none` (fresh start; refused when run.dir already
+    holds checkpoints), or a checkpoint or run directory. The chosen checkpoint's sha256 are checked."""
     save_final: bool = True
     """Save a checkpoint at the end of the run."""
 

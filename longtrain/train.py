@@ -2,7 +2,10 @@
 
 Hydra composes the recipe from ``recipes/`` (or ``--config-dir``) over the typed schema; the
 config is converted once to dataclasses (running every validation) and handed to the trainer.
-Configuration and data errors print one line naming the key, file or value and exit with code 2.
+Configuration and data errors print one line naming the key, file or value and exit with code 2;
+faults that end a run (:class:`~longtrain.trainer.faults.TrainingFault`: a non-finite step, a
+failed checkpoint save, a dead rank or a timed-out collective) print one line and exit with code 1.
+A graceful stop (SIGTERM, SIGUSR1 or ``run.dir/STOP``) saves a checkpoint and exits with code 0.
 """
 from __future__ import annotations
 
@@ -98,15 +101,17 @@ def sweep_job_config(dcfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path=RECIPES_DIR, config_name="tiny")
 def _hydra_main(dcfg: DictConfig) -> None:
+    from longtrain.trainer.faults import TrainingFault
+
     try:
         sweep_job_config(dcfg)
         cfg = to_config(dcfg)
         run(cfg, OmegaConf.to_yaml(dcfg, resolve=True))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, TrainingFault) as err:
         if os.environ.get("LONGTRAIN_FULL_ERROR") == "1":
             raise
         print(f"longtrain: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(1 if isinstance(err, TrainingFault) else 2)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,6 +1,8 @@
 """Checkpoint manager: atomic publication, `latest`, retention, resume resolution, content helpers."""
 from __future__ import annotations
 
+import datetime
+import errno
 import json
 import logging
 import os
@@ -15,8 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dist_utils import free_port
-from longtrain.trainer.checkpoint import (CheckpointManager, load_meta, load_model, load_torch, rng_state,
-                                          save_model, save_torch, set_rng_state, verify)
+from longtrain.trainer.checkpoint import (CheckpointError, CheckpointManager, load_meta, load_model, load_torch,
+                                          rng_state, save_model, save_torch, set_rng_state, verify)
 
 
 def _write_blob(payload: bytes = b"x" * 100):
@@ -106,22 +108,35 @@ def test_latest_written_last_and_pruning(tmp_path):
     assert not any(p.name.startswith(".") and p.is_dir() for p in root.iterdir())
 
 
-def test_crash_during_write_keeps_previous(tmp_path):
+def test_failed_write_keeps_previous(tmp_path):
     root = tmp_path / "checkpoints"
     mgr = CheckpointManager(root, keep=3)
     mgr.save(10, _write_blob(), {})
 
-    def crash(d: Path) -> None:
+    def disk_full(d: Path) -> None:
         (d / "blob.bin").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(d / "blob.bin"))
+
+    with pytest.raises(CheckpointError) as err:
+        mgr.save(20, disk_full, {})
+    message = str(err.value)
+    assert "\n" not in message and "the disk is full" in message and "GiB free" in message
+    assert str(root / "step_00000020") in message and f"still {root / 'step_00000010'}" in message
+    assert not (root / ".tmp-step_00000020").exists()
+    assert _latest(root) == "step_00000010"
+    assert mgr.resolve_resume("auto", check_hashes=True) == root / "step_00000010"
+
+    def crash(d: Path) -> None:
         raise RuntimeError("killed")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointError, match=r"RuntimeError: killed.*fix the cause") as err:
         mgr.save(20, crash, {})
-    assert (root / ".tmp-step_00000020").is_dir()
-    assert _latest(root) == "step_00000010"
-    assert mgr.resolve_resume("auto") == root / "step_00000010"
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert not (root / ".tmp-step_00000020").exists()
+    # A crash that cannot clean up (SIGKILL) leaves the temporary directory: the next save of that
+    # step removes it.
+    (root / ".tmp-step_00000020" / "stale").mkdir(parents=True)
     assert mgr.resolve_resume(str(root)) == root / "step_00000010"
-    # The next save of that step removes the stale temporary directory.
     mgr.save(20, _write_blob(), {})
     assert not (root / ".tmp-step_00000020").exists()
     assert mgr.resolve_resume("auto") == root / "step_00000020"
@@ -138,8 +153,8 @@ def test_crash_before_latest_update(tmp_path, monkeypatch):
     assert mgr.resolve_resume("auto") == root / "step_00000010"  # `latest` decides
 
 
-@pytest.mark.parametrize("damage", ["truncate", "no_manifest", "bad_latest"])
-def test_auto_skips_incomplete(tmp_path, damage, caplog):
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_latest"])
+def test_auto_skips_incomplete_or_corrupted(tmp_path, damage, caplog):
     root = tmp_path / "checkpoints"
     mgr = CheckpointManager(root, keep=5)
     mgr.save(10, _write_blob(), {})
@@ -148,18 +163,29 @@ def test_auto_skips_incomplete(tmp_path, damage, caplog):
         with open(newest / "blob.bin", "r+b") as f:
             f.truncate(50)
         assert any("50 bytes" in p for p in verify(newest))
+    elif damage == "flip":  # same size: only the sha256 shows it
+        with open(newest / "blob.bin", "r+b") as f:
+            f.seek(37)
+            f.write(b"\x01")
+        assert verify(newest) == [] and mgr.resolve_resume("auto") == newest
+        assert verify(newest, check_hashes=True) == [f"{newest / 'blob.bin'}: sha256 differs from the manifest"]
     elif damage == "no_manifest":
         (newest / "manifest.json").unlink()
         assert verify(newest) == [f"{newest}: missing manifest.json"]
     else:
         (root / "latest").write_text("step_00000099\n")
-        assert mgr.resolve_resume("auto") == newest
+        assert mgr.resolve_resume("auto", check_hashes=True) == newest
         return
     with caplog.at_level(logging.WARNING):
-        assert mgr.resolve_resume("auto") == root / "step_00000010"
+        assert mgr.resolve_resume("auto", check_hashes=True) == root / "step_00000010"
     assert "step_00000020" in caplog.text and "step_00000010" in caplog.text
-    with pytest.raises(ValueError, match="incomplete"):
-        mgr.resolve_resume(str(newest))
+    assert ("sha256 differs" if damage == "flip" else "step_00000020") in caplog.text
+    with pytest.raises(ValueError, match="corrupted" if damage == "flip" else "incomplete"):
+        mgr.resolve_resume(str(newest), check_hashes=True)
+    # Nothing usable left: an error rather than a silent fresh start over the run's checkpoints.
+    (root / "step_00000010" / "blob.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="none is complete and intact"):
+        mgr.resolve_resume("auto", check_hashes=True)
 
 
 def test_hash_check_detects_corruption(tmp_path):
@@ -258,3 +284,37 @@ def test_two_ranks_write_one_checkpoint(tmp_path):
         "rank_0.pt", "rank_1.pt", "rng/rank_00000.pt", "rng/rank_00001.pt"]
     assert verify(root / "step_00000002", check_hashes=True) == []
     assert not os.path.exists(root / ".tmp-step_00000002")
+
+
+def _failing_rank_main(rank: int, world_size: int, port: int, root: str) -> None:
+    # A short timeout: without the agreement, rank 0 would wait at a barrier for the failed rank.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        mgr = CheckpointManager(root, keep=3, rank=rank, world_size=world_size)
+
+        def write(d: Path, fail: bool = False) -> None:
+            if fail and rank == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            save_torch({"rank": rank}, d / f"rank_{rank}.pt")
+
+        mgr.save(1, write, {})
+        ok = mgr.save(2, write, {})
+        with pytest.raises(CheckpointError, match=r"step 3 .*rank 1: the disk is full"):
+            mgr.save(3, lambda d: write(d, fail=True), {})
+        dist.barrier()
+        assert not (Path(root) / ".tmp-step_00000003").exists()
+        assert mgr.resolve_resume("auto", check_hashes=True) == ok
+        if rank == 0:  # same size, other bytes, in the file rank 1 hashes
+            data = bytearray((ok / "rank_1.pt").read_bytes())
+            data[-1] ^= 1
+            (ok / "rank_1.pt").write_bytes(bytes(data))
+        dist.barrier()
+        assert mgr.resolve_resume("auto", check_hashes=True) == Path(root) / "step_00000001"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_a_failed_save_and_a_corrupted_checkpoint(tmp_path):
+    mp.spawn(_failing_rank_main, args=(2, free_port(), str(tmp_path / "checkpoints")), nprocs=2, join=True)
+

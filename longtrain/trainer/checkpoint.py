@@ -9,12 +9,16 @@ callback that every rank calls (ZeRO-style shards included). Layout under ``root
 
 A checkpoint is written to ``.tmp-step_*`` and only renamed into place once every rank has
 finished and the manifest is on disk, so a crash at any point leaves the previous checkpoint and
-``latest`` usable. A checkpoint is *complete* when its manifest exists and every listed file has
-its recorded size (:func:`verify`).
+``latest`` usable. A save that fails on any rank (a full disk, most often) is abandoned on every
+rank: the temporary directory is removed and :class:`CheckpointError` names the path and the
+cause. A checkpoint is *complete* when its manifest exists and every listed file has its recorded
+size (:func:`verify`); resuming with ``check_hashes`` also recomputes the sha256 of every file of
+the checkpoint it picks (split over the ranks), so bytes flipped at the same size are caught too.
 """
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -24,12 +28,14 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from longtrain.trainer.faults import TrainingFault
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +73,43 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _hash_and_sync(path: Path) -> str:
+class CheckpointError(TrainingFault):
+    """A checkpoint could not be saved; the previous one is still the latest."""
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def _hash_and_sync(path: Path) -> str:
+    return _sha256(path, sync=True)
+
+
+def _manifest_files(path: Path) -> Union[List[Dict[str, Any]], str]:
+    """The manifest's file entries, or what is wrong with the manifest."""
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"{path}: missing {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: unreadable {MANIFEST} ({e})"
+
+
+def _hash_problems(path: Path, entries: List[Dict[str, Any]]) -> List[str]:
+    """Files of ``entries`` whose sha256 differs from the manifest (hashed in threads: hashlib
+    releases the GIL, so reading and hashing overlap)."""
+    if not entries:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
+        digests = list(pool.map(lambda e: _sha256(path / e["path"]), entries))
+    return [f"{path / e['path']}: sha256 differs from the manifest" for e, d in zip(entries, digests)
+            if d != e["sha256"]]
 
 
 def verify(path: Union[str, Path], check_hashes: bool = False) -> List[str]:
@@ -84,13 +120,9 @@ def verify(path: Union[str, Path], check_hashes: bool = False) -> List[str]:
         check_hashes: also recompute every file's sha256 (reads all bytes).
     """
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except FileNotFoundError:
-        return [f"{path}: missing {MANIFEST}"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{path}: unreadable {MANIFEST} ({e})"]
+    files = _manifest_files(path)
+    if isinstance(files, str):
+        return [files]
     problems = []
     for entry in files:
         f = path / entry["path"]
@@ -98,9 +130,23 @@ def verify(path: Union[str, Path], check_hashes: bool = False) -> List[str]:
             problems.append(f"{f}: missing")
         elif f.stat().st_size != entry["bytes"]:
             problems.append(f"{f}: {f.stat().st_size} bytes, manifest says {entry['bytes']}")
-        elif check_hashes and _hash_and_sync(f) != entry["sha256"]:
-            problems.append(f"{f}: sha256 differs from the manifest")
+    if check_hashes and not problems:
+        problems = _hash_problems(path, files)
     return problems
+
+
+def _describe_failure(err: BaseException, root: Path) -> str:
+    """Why a save failed, in a few words: a full disk is said so (torch.save reports it as a
+    RuntimeError, so the free space is given whatever the exception)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause = f"the disk is full ({err.strerror})"
+    else:
+        cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    try:
+        cause += f"; {shutil.disk_usage(root).free / 2**30:.2f} GiB free there"
+    except OSError:
+        pass
+    return cause
 
 
 def load_meta(path: Union[str, Path]) -> Dict[str, Any]:
@@ -118,24 +164,28 @@ class CheckpointManager:
         world_size: number of ranks that call :meth:`save` together.
         barrier: waits for every rank; defaults to ``torch.distributed.barrier`` when
             ``world_size > 1`` and a no-op alone.
+        all_gather: every rank's object in rank order (how the ranks agree that a save worked
+            and share a resume decision); defaults to ``torch.distributed.all_gather_object``
+            when ``world_size > 1`` and ``[obj]`` alone.
     """
 
     verify = staticmethod(verify)
     load_meta = staticmethod(load_meta)
 
     def __init__(self, root: Union[str, Path], keep: int, rank: int = 0, world_size: int = 1,
-                 barrier: Optional[Callable[[], None]] = None) -> None:
+                 barrier: Optional[Callable[[], None]] = None,
+                 all_gather: Optional[Callable[[Any], List[Any]]] = None) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep: must be at least 1, got {keep}")
-        if barrier is None and world_size > 1:
-            if not dist.is_initialized():
-                raise ValueError("CheckpointManager: world_size > 1 needs a barrier or an initialised process group")
-            barrier = dist.barrier
+        if (barrier is None or all_gather is None) and world_size > 1 and not dist.is_initialized():
+            raise ValueError("CheckpointManager: world_size > 1 needs a barrier and an all_gather, or an "
+                             "initialised process group")
         self.root = Path(root)
         self.keep = keep
         self.rank = rank
         self.world_size = world_size
-        self._barrier = barrier or (lambda: None)
+        self._barrier = barrier or (dist.barrier if world_size > 1 else (lambda: None))
+        self._all_gather = all_gather or (_all_gather_object if world_size > 1 else (lambda obj: [obj]))
 
     def save(self, step: int, write: Callable[[Path], None], meta: Dict[str, Any]) -> Path:
         """Write, publish and prune a checkpoint of ``step``; every rank must call this.
@@ -148,6 +198,11 @@ class CheckpointManager:
 
         Returns:
             The published checkpoint directory ``root/step_XXXXXXXX``.
+
+        Raises:
+            CheckpointError: on every rank, when writing failed on any rank (e.g. a full disk) or
+                rank 0 could not publish; the temporary directory is removed and ``latest``
+                still names the previous checkpoint.
         """
         name = step_dir_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
@@ -157,15 +212,42 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         self._barrier()
-        write(tmp)
-        self._barrier()
+        self._agree(lambda: write(tmp), step, tmp, final)  # in place of a barrier: every rank's outcome
         if self.rank == 0:
-            self._write_manifest(tmp, step, meta)
-            self._publish(tmp, final)
-            self._write_latest(name)
+            def publish() -> None:
+                self._write_manifest(tmp, step, meta)
+                self._publish(tmp, final)
+                self._write_latest(name)
+        else:
+            publish = None
+        self._agree(publish, step, tmp, final)
+        if self.rank == 0:
             self._prune(keep_name=name)
         self._barrier()
         return final
+
+    def _agree(self, action: Optional[Callable[[], None]], step: int, tmp: Path, final: Path) -> None:
+        """Run ``action`` here, then share every rank's outcome; if any failed, rank 0 removes
+        ``tmp`` and every rank raises the same :class:`CheckpointError`."""
+        error, cause_here = None, None
+        if action is not None:
+            try:
+                action()
+            except Exception as err:  # noqa: BLE001 - every failure must reach the other ranks
+                error, cause_here = _describe_failure(err, self.root), err
+        failures = [(rank, e) for rank, e in enumerate(self._all_gather(error)) if e is not None]
+        if not failures:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        pointer = self.root / LATEST
+        previous = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        rank, cause = failures[0]
+        kept = f"the latest checkpoint is still {self.root / previous}" if previous else "no earlier checkpoint exists"
+        fix = f"free space under {self.root}" if "disk is full" in cause else "fix the cause"
+        raise CheckpointError(f"checkpoint: could not save step {step} to {final} (rank {rank}: {cause}); the "
+                              f"partial copy was removed and {kept}; {fix} and resume with "
+                              "checkpoint.resume=auto") from cause_here
 
     def _write_manifest(self, tmp: Path, step: int, meta: Dict[str, Any]) -> None:
         paths = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -224,18 +306,23 @@ class CheckpointManager:
         if self.rank == 0:
             log.warning(msg, *args)
 
-    def latest_in(self, root: Optional[Path] = None) -> Optional[Path]:
-        """The checkpoint ``root/latest`` names if complete, else the newest complete one, else None."""
+    def latest_in(self, root: Optional[Path] = None, exclude: Sequence[Path] = ()) -> Optional[Path]:
+        """The checkpoint ``root/latest`` names if complete, else the newest complete one, else None.
+
+        Args:
+            root: checkpoints folder (default: this manager's).
+            exclude: checkpoints already found corrupted (skipped like incomplete ones).
+        """
         root = self.root if root is None else Path(root)
         pointer = root / LATEST
         named, problems = None, []
         if pointer.is_file():
             named = root / pointer.read_text(encoding="utf-8").strip()
-            problems = verify(named)
+            problems = ["failed the sha256 check"] if named in exclude else verify(named)
             if not problems:
                 return named
         for d in reversed(self._step_dirs(root)):
-            if d == named:
+            if d == named or d in exclude:
                 continue
             bad = verify(d)
             if bad:
@@ -252,20 +339,55 @@ class CheckpointManager:
                        named, pointer, "; ".join(problems[:3]))
         return None
 
-    def resolve_resume(self, spec: str) -> Optional[Path]:
+    def resolve_resume(self, spec: str, check_hashes: bool = False) -> Optional[Path]:
         """Turn ``checkpoint.resume`` into a checkpoint directory, or None for a fresh start.
 
         Args:
             spec: ``none``; ``auto`` (latest complete checkpoint under ``root``, if any); or a path
                 to a checkpoint directory, a checkpoints root, or a run directory.
+            check_hashes: also recompute the sha256 of every file of the chosen checkpoint, and
+                fall back to the previous one if any differs. Collective: rank 0 chooses, each
+                rank hashes every ``world_size``-th file, so resuming reads the checkpoint once
+                more in all (its size over the ranks' combined read bandwidth).
 
         Raises:
-            ValueError: the path holds no complete checkpoint.
+            ValueError: the path holds no complete checkpoint; or ``auto`` finds checkpoints
+                but none is usable (rather than silently starting the run again).
         """
+        if not check_hashes:
+            return self._resolve(spec, ())
+        rejected: List[Path] = []
+        while True:
+            found, error = None, None
+            if self.rank == 0:
+                try:
+                    found = self._resolve(spec, rejected)
+                except ValueError as err:
+                    error = str(err)
+            found, error = self._all_gather((found, error))[0]
+            if error is not None:
+                raise ValueError(error)
+            if found is None:
+                return None
+            files = _manifest_files(found)
+            mine = files[self.rank::self.world_size] if isinstance(files, list) else []
+            problems = [p for part in self._all_gather(_hash_problems(found, mine)) for p in part]
+            if not problems:
+                return found
+            if spec.strip().lower() != "auto" and (Path(spec).expanduser() / MANIFEST).is_file():
+                raise ValueError(f"checkpoint.resume: '{spec}' is corrupted: " + "; ".join(problems[:5]))
+            self._warn("checkpoint: %s is corrupted (%s); falling back to the previous checkpoint", found,
+                       "; ".join(problems[:3]))
+            rejected.append(found)
+
+    def _resolve(self, spec: str, exclude: Sequence[Path]) -> Optional[Path]:
         if spec.strip().lower() == "none":
             return None
         if spec.strip().lower() == "auto":
-            found = self.latest_in(self.root)
+            found = self.latest_in(self.root, exclude)
+            if found is None and (self._step_dirs() or (self.root / LATEST).is_file()):
+                raise ValueError(f"checkpoint.resume=auto: {self.root} holds checkpoints but none is complete and "
+                                 "intact (see the warnings above); restore one, or move them away to start again")
             if found is None and self.rank == 0:
                 log.info("checkpoint: nothing to resume under %s; starting fresh", self.root)
             return found
@@ -278,11 +400,17 @@ class CheckpointManager:
             return path
         for root in (path, path / "checkpoints"):
             if (root / LATEST).is_file() or self._step_dirs(root):
-                found = self.latest_in(root)
+                found = self.latest_in(root, exclude)
                 if found is None:
                     raise missing
                 return found
         raise missing
+
+
+def _all_gather_object(obj: Any) -> List[Any]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # Content helpers: the trainer picks file names and calls these from its `write` callback.

@@ -13,6 +13,11 @@ that sees the whole global batch at once.
 ZeRO (``zero.stage`` 1-3) hands the model and optimizer to a DeepSpeed engine sharding over dp x sp
 (:mod:`longtrain.parallel.zero`); the engine reduces the gradients, clips and steps, with the loss
 scaled so that the reduction is the same sum. Stage 0 is the plain path below, without DeepSpeed.
+
+Faults (:mod:`longtrain.trainer.faults`): a non-finite loss or gradient norm is caught before the
+weights change and stops the run or skips the step (``trainer.nonfinite``); SIGTERM, SIGUSR1 or
+``run.dir/STOP`` end ``fit()`` after the current step with a checkpoint; a collective that fails
+because a rank died or timed out becomes a one-line :class:`TrainingFault`.
 """
 from __future__ import annotations
 
@@ -43,8 +48,9 @@ from longtrain.parallel.distributed import (DistInfo, all_gather_objects, all_re
                                             barrier)
 from longtrain.parallel.sharding import shard_batch
 from longtrain.trainer.checkpoint import (CheckpointManager, load_model, load_torch, rng_state, save_model,
-                                          save_torch, set_rng_state)
+                                          save_torch, set_rng_state, step_dir_name)
 from longtrain.trainer.data import GlobalBatchSampler, build_datasets, collate, collate_domains
+from longtrain.trainer.faults import STOP_FILE, StopRequests, TrainingFault, comm_failure_message, is_comm_failure
 from longtrain.trainer.metrics import MetricsLogger, peak_flops_per_device
 from longtrain.trainer.moe_report import add_domain_counts, summarise, write_expert_load
 
@@ -142,9 +148,9 @@ class Trainer:
         apply_sequence_parallel(self.model, self.dims, dc.seq_len, sp.ulysses_chunks)
         self._apply_streambp(precision)
         self.model.train()
-        self.step, self.tokens_seen = 0, 0
+        self.step, self.tokens_seen, self.skipped_in_a_row = 0, 0, 0
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=dist_info.rank,
-                                      world_size=dist_info.world_size, barrier=barrier)
+                                      world_size=dist_info.world_size, barrier=barrier, all_gather=all_gather_objects)
         resume = self._resume_plan(cfg.checkpoint.resume)
         zc = cfg.zero
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, offload=zc.offload_optimizer == "cpu")
@@ -291,20 +297,25 @@ class Trainer:
             expert_frac=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is None:
+            # Loss and gradients are already summed over every rank, so every rank takes the same
+            # decision. A non-finite norm makes the clip write NaNs into the gradients: dropped below.
             clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-            if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1}; the "
-                                         "weights were not updated (lower optim.lr or check the data)")
-            self.optimizer.step()
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            if skipped:
+                self._nonfinite(loss, grad_norm, updated=False)  # raises under trainer.nonfinite=stop
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            # DeepSpeed computes the global gradient norm inside step() and, when it is not finite,
+            # skips the update (weights, Adam state) and drops the gradients; see _nonfinite.
             self.engine.step()  # clips to optim.clip_grad_norm (same formula as torch's), steps, zeroes grads
             grad_norm = float(self.engine.get_global_grad_norm())
-            if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1} (ZeRO "
-                                         "steps inside DeepSpeed, so the weights were updated; lower optim.lr or "
-                                         "check the data, and resume from the last checkpoint)")
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            if skipped:
+                self._nonfinite(loss, grad_norm, updated=self.engine.was_step_applied())
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         self.scheduler.step()
         if report:  # after the first step every buffer exists (torch's AdamW creates its state lazily)
             self.memory = self._memory_report(grads)
@@ -318,7 +329,8 @@ class Trainer:
         mfu = None
         if self.peak_flops:
             mfu = self.flops_per_token * step_tokens / dt / (self.peak_flops * self.dist.world_size)
-        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen, "valid_tokens": num_valid,
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": int(skipped), "tokens": self.tokens_seen,
+               "valid_tokens": num_valid,
                "tokens_per_s": step_tokens / dt, "step_time_s": dt, "mfu": mfu,
                "peak_mem_gib": _peak_mem_gib(self.device),
                "tokens_per_rank": step_tokens // self.dist.world_size, **moe_metrics}
@@ -327,6 +339,32 @@ class Trainer:
             out["sp_bytes_sent"] = bytes1 - bytes0  # this rank, forward and backward, all layers
             out["sp_comm_frac"] = (comm1 - comm0) / dt  # share of the step spent in exposed SP communication
         return out
+
+    def _nonfinite(self, loss: float, grad_norm: float, updated: bool) -> None:
+        """Apply ``trainer.nonfinite`` to step ``self.step + 1``, whose loss or gradient norm is not
+        finite and whose update was not applied (``updated`` False); the caller drops the gradients.
+
+        Raises:
+            TrainingFault: under ``stop``; under ``skip`` once ``trainer.max_skipped_steps`` steps in
+                a row were skipped; and whenever the update was applied anyway (ZeRO: DeepSpeed only
+                skips on a non-finite gradient norm, so a non-finite loss with finite gradients,
+                which the cross-entropy does not produce, would get there).
+        """
+        tc, step = self.cfg.trainer, self.step + 1
+        what = f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}"
+        if updated:
+            raise TrainingFault(f"{what}, and DeepSpeed applied the update: the weights changed "
+                                f"(trainer.nonfinite={tc.nonfinite}); resume from the last checkpoint")
+        if tc.nonfinite == "stop":
+            raise TrainingFault(f"{what}; the weights were not updated (trainer.nonfinite=stop): lower optim.lr or "
+                                "check the data and resume from the last checkpoint, or set trainer.nonfinite=skip")
+        if self.skipped_in_a_row + 1 >= tc.max_skipped_steps:
+            raise TrainingFault(f"{what}: {self.skipped_in_a_row + 1} steps in a row skipped "
+                                f"(trainer.max_skipped_steps={tc.max_skipped_steps}); the weights were not updated, "
+                                "lower optim.lr or check the data and resume from the last checkpoint")
+        if self.dist.is_writer:
+            log.warning("%s: step skipped (trainer.nonfinite=skip): gradients dropped, weights unchanged; %d of "
+                        "trainer.max_skipped_steps=%d in a row", what, self.skipped_in_a_row + 1, tc.max_skipped_steps)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -406,6 +444,7 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch_size": self.global_batch_size,
                 "seq_len": self.cfg.data.seq_len, "seed": self.cfg.trainer.seed, "world_size": self.dist.world_size,
+                "skipped_in_a_row": self.skipped_in_a_row,
                 "model_args": asdict(self.model_args),
                 "zero": {"stage": self.cfg.zero.stage, "shards": self.dims.size("dp_sp"),
                          "layout": self.dims.describe()}}
@@ -443,12 +482,12 @@ class Trainer:
             ConfigError: the checkpoint holds another model, batch size, sequence length or seed.
         """
         if spec == "none":
-            existing = self.ckpt.resolve_resume("auto")
+            existing = self.ckpt.latest_in()
             if existing is not None:
                 raise ConfigError(f"checkpoint.resume: run.dir '{self.run_dir}' already holds checkpoint {existing}; "
                                   "pass checkpoint.resume=auto to continue it or choose another run.dir")
             return None
-        path = self.ckpt.resolve_resume(spec)
+        path = self.ckpt.resolve_resume(spec, check_hashes=True)  # a corrupted newest one falls back
         if path is None:
             return None
         state = json.loads((path / "trainer_state.json").read_text())
@@ -503,6 +542,7 @@ class Trainer:
             self.balancer.load_state_dict(load_torch(path / "moe_balance.pt"))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
         rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
         if rng_file.exists():
             set_rng_state(load_torch(rng_file))
@@ -572,7 +612,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> Optional[Dict[str, float]]:
-        """Train until ``trainer.max_steps`` (or ``trainer.stop_at_step``); returns the last metrics."""
+        """Train until ``trainer.max_steps`` (or ``trainer.stop_at_step``); returns the last metrics.
+
+        Returns normally, after saving a checkpoint, when SIGTERM or SIGUSR1 reaches any rank or
+        ``run.dir/STOP`` appears: the ranks agree at the end of every step (one all-reduce), stop
+        after the same step and the writing rank removes the STOP file once the checkpoint is
+        published. The signal handlers are installed here (main thread) and restored on return.
+
+        Raises:
+            TrainingFault: a non-finite step under ``trainer.nonfinite``, a failed checkpoint save,
+                or a collective that failed (a rank died or ``parallel.timeout_s`` ran out).
+        """
+        stops = StopRequests(self.run_dir / STOP_FILE, rank=self.dist.rank, check_file=self.dist.is_writer,
+                             device=self.device)
+        try:
+            with stops:
+                return self._fit(stops)
+        except RuntimeError as err:
+            if self.dist.world_size > 1 and is_comm_failure(err):
+                raise TrainingFault(comm_failure_message(err, self.dist.rank, self.step,
+                                                         self.cfg.parallel.timeout_s)) from err
+            raise
+
+    def _fit(self, stops: StopRequests) -> Optional[Dict[str, float]]:
         tc, cc = self.cfg.trainer, self.cfg.checkpoint
         stop = min(tc.max_steps, tc.stop_at_step) if tc.stop_at_step else tc.max_steps
         last: Optional[Dict[str, float]] = None
@@ -581,15 +643,24 @@ class Trainer:
             self._info(f"already at step {self.step} (stop {stop}): nothing to train")
         while self.step < stop:
             metrics = self.train_step()
+            reason = stops.poll()  # every rank, every step: all stop after the same one
             evaluate = tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.max_steps)
             if evaluate:
                 metrics.update(self.evaluate())
-            if evaluate or self.step % self.cfg.logging.log_every == 0 or self.step == stop:
+            if evaluate or self.step % self.cfg.logging.log_every == 0 or self.step == stop or reason:
                 self.metrics.log(self.step, metrics)
             last = metrics
             if cc.every and self.step % cc.every == 0:
                 self.save_checkpoint()
                 saved_at = self.step
+            if reason is not None:
+                path = self.save_checkpoint() if saved_at != self.step else self.ckpt.root / step_dir_name(self.step)
+                saved_at = self.step
+                self._info(f"stopping after step {self.step} of {tc.max_steps}: {reason}; checkpoint {path}; "
+                           "continue with checkpoint.resume=auto")
+                if self.dist.is_writer:
+                    stops.remove_file()
+                break
         if cc.save_final and saved_at != self.step and self.step > 0:
             self.save_checkpoint()
         self.metrics.close()
