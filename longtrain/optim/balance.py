@@ -90,6 +90,7 @@ class Balancer:
             block.aux_grad = self.coef > 0
             block.z_weight = self.z_coef * grad_scale / (self.num_layers * step_tokens) if self.z_coef > 0 else None
         self.step_tokens = step_tokens
+        self._step_counts: Optional[torch.Tensor] = None
         self.begin_step()
 
     def _attach_bias(self) -> None:
@@ -140,7 +141,7 @@ class Balancer:
 
     @torch.no_grad()
     def end_step(self, expert_frac: bool = True) -> Dict[str, object]:
-        """The step's balance metrics (reduced over dp x sp) and, with bias balancing, the bias update.
+        """The step's balance metrics (reduced over dp x sp); the bias moves in :meth:`update_bias`.
 
         Returns:
             ``aux_loss`` (what the auxiliary losses added to the objective), ``moe/lbl`` and
@@ -158,8 +159,7 @@ class Balancer:
         mean_load = counts.mean(1, keepdim=True)
         maxvio = counts.max(1).values / mean_load.squeeze(1).clamp(min=1e-12) - 1
         frac = counts / counts.sum(1, keepdim=True).clamp(min=1e-12)
-        if self.bias is not None:
-            self.bias += self.rate * torch.sign(mean_load - counts).float()
+        self._step_counts = counts
         out: Dict[str, object] = {
             "aux_loss": float(self.coef * lbl.mean() + self.z_coef * z.mean()),
             "moe/lbl": float(lbl.mean()), "moe/maxvio": float(maxvio.mean()),
@@ -175,6 +175,15 @@ class Balancer:
             out["moe/bias_absmax"] = float(self.bias.abs().max())
         self.begin_step()
         return out
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Bias balancing after an applied optimizer step (not after a skipped one): every expert's
+        bias moves by ``bias_update_rate`` towards balance, by the step's global counts."""
+        if self.bias is not None and self._step_counts is not None:
+            counts = self._step_counts
+            self.bias += self.rate * torch.sign(counts.mean(1, keepdim=True) - counts).float()
+        self._step_counts = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, torch.Tensor]:

@@ -316,6 +316,8 @@ class Trainer:
             if skipped:
                 self._nonfinite(loss, grad_norm, updated=self.engine.was_step_applied())
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if self.balancer is not None and not skipped:
+            self.balancer.update_bias()  # the routing bias moves with the weights, never on a skipped step
         self.scheduler.step()
         if report:  # after the first step every buffer exists (torch's AdamW creates its state lazily)
             self.memory = self._memory_report(grads)
