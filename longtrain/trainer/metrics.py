@@ -246,6 +246,11 @@ def plot_loss_curve(jsonl_path: Union[str, Path], png_path: Union[str, Path]) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path: Union[str, Path]) -> Path:
+    """Write a matplotlib figure as PNG so readers see the old or the new file, never half of one."""
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.name}.tmp")
     fig.savefig(tmp, format="png")

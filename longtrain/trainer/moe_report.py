@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from longtrain.models.moe import MoE
+from longtrain.trainer.checkpoint import atomic_write_text
+from longtrain.trainer.metrics import save_figure
 
 
 def add_domain_counts(counts_dle: torch.Tensor, blocks: Sequence[MoE], domains_bs: torch.Tensor) -> None:
@@ -80,9 +82,7 @@ def write_expert_load(counts_dle: np.ndarray, domain_names: Sequence[str], layer
     stem = plots_dir / f"expert_load_step{step:07d}"
     record = {"step": step, "domains": list(domain_names), "layers": list(layer_ids), "top_k": top_k,
               "counts": counts.tolist(), "specialisation": np.where(np.isfinite(spec), spec, None).tolist()}
-    tmp = stem.with_name(f".{stem.name}.json.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, stem.with_suffix(".json"))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(record) + "\n")
 
     cols = min(num_layers, 4)
     rows = -(-num_layers // cols)
@@ -103,8 +103,4 @@ def write_expert_load(counts_dle: np.ndarray, domain_names: Sequence[str], layer
     fig.suptitle(f"share of each domain's expert assignments, step {step}", fontsize=10)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8)
-    png = stem.with_suffix(".png")
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, stem.with_suffix(".png"))
