@@ -77,7 +77,7 @@ class Balancer:
         self.scope, self.coef = cfg.balance.scope, cfg.balance.coef
         self.z_coef, self.rate = cfg.z_loss_coef, cfg.balance.bias_update_rate
         self.dims, self.seq_len, self.grad_accum = dims, seq_len, grad_accum
-        self.dp, self.micro_batch_size = dims.size("dp"), micro_batch_size
+        self.dp = dims.size("dp")
         self.grad_scale = grad_scale
         self.num_layers, self.num_experts = len(self.blocks), self.blocks[0].num_experts
         device = self.blocks[0].gate.weight.device
@@ -85,11 +85,10 @@ class Balancer:
         if self.rate > 0:
             self.bias = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float32, device=device)
             self._attach_bias()
-        step_tokens = micro_batch_size * grad_accum * self.dp * seq_len
+        self.step_tokens = micro_batch_size * grad_accum * self.dp * seq_len
+        z_weight = self.z_coef * grad_scale / (self.num_layers * self.step_tokens) if self.z_coef > 0 else None
         for block in self.blocks:
-            block.aux_grad = self.coef > 0
-            block.z_weight = self.z_coef * grad_scale / (self.num_layers * step_tokens) if self.z_coef > 0 else None
-        self.step_tokens = step_tokens
+            block.aux_grad, block.z_weight = self.coef > 0, z_weight
         self._step_counts: Optional[torch.Tensor] = None
         self.begin_step()
 
