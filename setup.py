@@ -26,7 +26,7 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "import-linter>=2.0"],
         "megatron": ["megatron-core>=0.9"],
     },
     entry_points={"console_scripts": ["longtrain-train=longtrain.train:main"]},

@@ -134,7 +134,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
         ValueError: naming the key and a consistent value.
     """
     from longtrain.parallel.dims import ParallelDims
-    from longtrain.trainer.loop import resolve_batch_layout
+    from longtrain.trainer.build import resolve_batch_layout
 
     dims = ParallelDims(world_size=world_size, ulysses=cfg.parallel.sp.ulysses, ring=cfg.parallel.sp.ring)
     resolve_batch_layout(cfg.data.global_batch_size, cfg.data.micro_batch_size, cfg.trainer.grad_accum, dims.dp)

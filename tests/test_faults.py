@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 
 from dist_utils import free_port
 from test_train import REPO, SMALL, assert_same_curve, compose_cfg, read_metrics, train_in_process
-from longtrain.trainer import loop
+import longtrain.io as lio
+from longtrain.trainer import step as step_mod
 from longtrain.trainer.checkpoint import CheckpointError, load_model, verify
 from longtrain.trainer.faults import TrainingFault
 from longtrain.trainer.loop import Trainer
@@ -78,18 +79,18 @@ def _assert_same_state(a, b):
 def _poison(monkeypatch, steps, record):
     """Make the loss of ``steps`` NaN (their gradients follow) and record the weights and Adam
     state before and after each of them in ``record[step]``."""
-    real_loss, real_step = loop.chunked_lm_loss, Trainer.train_step
+    real_loss, real_step = step_mod.chunked_lm_loss, Trainer.train_step
 
     def train_step(self):
         step = self.step + 1
         if step not in steps:
             return real_step(self)
         before = _state(self)
-        monkeypatch.setattr(loop, "chunked_lm_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+        monkeypatch.setattr(step_mod, "chunked_lm_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
         try:
             return real_step(self)
         finally:
-            monkeypatch.setattr(loop, "chunked_lm_loss", real_loss)
+            monkeypatch.setattr(step_mod, "chunked_lm_loss", real_loss)
             record[step] = (before, _state(self))
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
@@ -144,22 +145,22 @@ def _zero_nan_worker(rank, port, tmp, out):
     from longtrain.parallel.distributed import destroy_distributed, init_distributed
 
     dist_info = init_distributed("cpu", "gloo", 120, require_group=True)
-    real_loss = loop.chunked_lm_loss
+    real_loss = step_mod.chunked_lm_loss
     for stage in (1, 2, 3):
         cfg = compose_cfg(SMALL + [f"run.dir={tmp}/z{stage}", f"data.cache_dir={tmp}/cache", f"zero.stage={stage}",
                                    "trainer.nonfinite=skip", "trainer.max_steps=3"])
         trainer = Trainer(cfg, dist_info)
         trainer.train_step()
         before = Z.full_fp32_state_dict(trainer.model)
-        loop.chunked_lm_loss = lambda *a, **k: real_loss(*a, **k) * float("nan")
+        step_mod.chunked_lm_loss = lambda *a, **k: real_loss(*a, **k) * float("nan")
         try:
             metrics = trainer.train_step()
         finally:
-            loop.chunked_lm_loss = real_loss
+            step_mod.chunked_lm_loss = real_loss
         after = Z.full_fp32_state_dict(trainer.model)
         last = trainer.train_step()
         out[stage] = {"same": all(torch.equal(before[k], after[k]) for k in before), "skipped": metrics["skipped"],
-                      "applied": trainer.engine.was_step_applied(), "last_loss": last["loss"],
+                      "applied": trainer.engine.ds.was_step_applied(), "last_loss": last["loss"],
                       "changed_after": any(not torch.equal(after[k], v)
                                            for k, v in Z.full_fp32_state_dict(trainer.model).items())}
     destroy_distributed()
@@ -302,7 +303,7 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, capsys, damage):
 
 # ---------------------------------------------------------------------------------- full disk
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_save = loop.save_torch
+    real_save = lio.save_torch
 
     def save_torch(obj, path):
         if "step_00000003" in str(path) and Path(path).name == "optimizer.pt":
@@ -310,7 +311,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_save(obj, path)
 
-    monkeypatch.setattr(loop, "save_torch", save_torch)
+    monkeypatch.setattr(lio, "save_torch", save_torch)
     common = ["trainer.max_steps=4", "checkpoint.every=1", "checkpoint.keep=3"]
     with pytest.raises(CheckpointError) as err:
         train_in_process(tmp_path, "r", common)
@@ -320,7 +321,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert f"the latest checkpoint is still {root / 'step_00000002'}" in message
     assert _latest(tmp_path / "r") == "step_00000002" and not (root / ".tmp-step_00000003").exists()
     assert not (root / "step_00000003").exists() and verify(root / "step_00000002", check_hashes=True) == []
-    monkeypatch.setattr(loop, "save_torch", real_save)
+    monkeypatch.setattr(lio, "save_torch", real_save)
     resumed = train_in_process(tmp_path, "r", common)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
 

@@ -264,7 +264,7 @@ def test_bad_moe_settings_name_the_key(overrides, key):
 def test_config_keys_reach_the_model_and_export_checks():
     from longtrain.config import ModelConfig, MoEConfig
     from longtrain.models import hf_config_from_args
-    from longtrain.trainer.loop import build_model_args
+    from longtrain.trainer.build import build_model_args
     args = build_model_args(ModelConfig(name="tiny", moe=MoEConfig(num_experts=4, top_k=1, num_shared_experts=1)))
     assert (args.num_experts, args.top_k, args.num_shared_experts) == (4, 1, 1)
     assert args.moe_layers == tuple(range(args.num_layers))

@@ -29,7 +29,7 @@ def _count(trainer) -> None:
     _COUNTS.clear()
     stage = trainer.cfg.zero.stage
     if stage == 2:
-        opt = trainer.engine.optimizer
+        opt = trainer.engine.ds.optimizer
         real_reduce = opt.reduce_ready_partitions_and_remove_grads
 
         def counting_reduce(param, i):
@@ -53,7 +53,7 @@ def _probe(trainer, result) -> None:
     stage = trainer.cfg.zero.stage
     if stage == 2:  # one reduction per parameter per backward (micro-batch), not per chunk
         result["reductions"] = sorted(set(_COUNTS.values())), len(_COUNTS)
-        trainer.engine.optimizer.__dict__.pop("reduce_ready_partitions_and_remove_grads")
+        trainer.engine.ds.optimizer.__dict__.pop("reduce_ready_partitions_and_remove_grads")
     if stage == 3:  # per layer and micro-batch: one gather for the forward, one for the backward
         result["gathers"] = _COUNTS.get("gathers", 0), trainer.cfg.model.num_layers * trainer.grad_accum
         deepspeed.zero.GatheredParameters = deepspeed.zero._real_gathered

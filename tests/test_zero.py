@@ -31,15 +31,9 @@ STAGES = (0, 1, 2, 3)
 
 
 def _full_grads(trainer):
-    if trainer.engine is None:
-        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return grads
-    from deepspeed.utils import safe_get_full_grad
-
-    grads = {n: safe_get_full_grad(p).detach().clone().view(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-             for n, p in trainer.model.named_parameters()}
-    trainer.engine.optimizer.zero_grad(set_to_none=True)
+    """Every parameter's summed first-step gradient (gathered from the shards under ZeRO), then cleared."""
+    grads = trainer.engine.full_grads()
+    trainer.engine.zero_grad()
     return grads
 
 

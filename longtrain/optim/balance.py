@@ -64,12 +64,13 @@ class Balancer:
         micro_batch_size: sequences per rank per micro-batch.
         grad_accum: micro-batches per step.
         seq_len: tokens per (whole) sequence.
-        grad_scale: factor the backward's root loss is multiplied by (ZeRO's averaging divisor), so
-            the injected gradients are scaled alike.
+        loss_scale: the step engine's ``loss_scale``, the factor its backward multiplies the root
+            loss by (ZeRO's averaging divisor, 1 for the plain engine), so the injected gradients
+            are scaled alike.
     """
 
     def __init__(self, model: nn.Module, cfg: MoETrainConfig, dims, micro_batch_size: int, grad_accum: int,
-                 seq_len: int, grad_scale: float = 1.0) -> None:
+                 seq_len: int, loss_scale: float = 1.0) -> None:
         self.layer_ids = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoE)]
         self.blocks: List[MoE] = [model.layers[i].mlp for i in self.layer_ids]
         if not self.blocks:
@@ -78,7 +79,7 @@ class Balancer:
         self.z_coef, self.rate = cfg.z_loss_coef, cfg.balance.bias_update_rate
         self.dims, self.seq_len, self.grad_accum = dims, seq_len, grad_accum
         self.dp = dims.size("dp")
-        self.grad_scale = grad_scale
+        self.grad_scale = loss_scale
         self.num_layers, self.num_experts = len(self.blocks), self.blocks[0].num_experts
         device = self.blocks[0].gate.weight.device
         self.bias: Optional[torch.Tensor] = None
@@ -86,7 +87,7 @@ class Balancer:
             self.bias = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float32, device=device)
             self._attach_bias()
         self.step_tokens = micro_batch_size * grad_accum * self.dp * seq_len
-        z_weight = self.z_coef * grad_scale / (self.num_layers * self.step_tokens) if self.z_coef > 0 else None
+        z_weight = self.z_coef * loss_scale / (self.num_layers * self.step_tokens) if self.z_coef > 0 else None
         for block in self.blocks:
             block.aux_grad, block.z_weight = self.coef > 0, z_weight
         self._step_counts: Optional[torch.Tensor] = None

@@ -31,9 +31,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from longtrain.parallel.zero import cpu_adam
 
-        return DeepSpeedCPUAdam([g for g in groups if g["params"]], adamw_mode=True, **kwargs)
+        return cpu_adam([g for g in groups if g["params"]], **kwargs)
     if use_fused:
         kwargs["fused"] = True
     else:

@@ -28,21 +28,15 @@ gradients with a single process for every stage and layout, so a wrong divisor f
 Precision: fp32 on CPU (parameters, gradients and reductions); bf16 on GPU with fp32 master
 weights, fp32 gradient accumulation and fp32 reductions (DeepSpeed's ``bf16`` mode).
 
-Checkpoints (:func:`save_sharded`, :func:`load_sharded`). The same stage and shard count reload
-DeepSpeed's own shards exactly. Another stage or shard count goes through DeepSpeed's universal
-checkpoint (:func:`to_universal`): fp32 weights, Adam moments and step counts are re-sharded per
-parameter, and the resumed run continues the uninterrupted one within the fp32 reordering
-tolerance into every stage (``tests/test_zero.py``). DeepSpeed 0.19's ZeRO-3 universal load needs
-two repairs, both in :func:`load_sharded`: it copies param group 0's hyper-parameters into every
-group (weight decay on the norms), and it gives every flat group's state the same ``step`` tensor,
-which AdamW's in-place increment then advances once per group and step (the loss one step after
-the resume was off by ~2e-5 relative). The moments and master weights it loads are exact.
+Checkpoints live in :mod:`longtrain.parallel.zero_checkpoint`. :class:`ZeroEngine` is the step engine
+(:mod:`longtrain.parallel.engine`) over all of it; every ``deepspeed`` import of longtrain lives in this
+package.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -52,6 +46,10 @@ from torch import nn
 
 from longtrain.config import ZeroConfig
 from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.distributed import barrier
+from longtrain.parallel.engine import StepEngine, StepResult
+from longtrain.parallel.state_memory import expected_memory, measured_memory
+from longtrain.parallel.zero_checkpoint import consolidated_fp32, load_sharded, save_sharded, to_universal  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -244,171 +242,97 @@ def full_fp32_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-ZERO_DIR, TAG = "zero", "state"
-_PREFIX = "model."  # HeadModule's name for the Transformer: DeepSpeed's parameter names start with it
-RESUME_MODES = {
-    "same": "exact state",
-    "universal": "fp32 weights, Adam moments and step counts re-sharded through DeepSpeed's universal checkpoint",
-    "plain_to_zero": "fp32 weights, schedule and step kept; Adam moments restart from zero",
-    "zero_to_plain": "fp32 weights, schedule and step kept; Adam moments restart from zero",
-}
+def cpu_adam(groups, **kwargs) -> torch.optim.Optimizer:
+    """DeepSpeed's host AdamW (``DeepSpeedCPUAdam`` in AdamW mode) over ``groups``: the optimizer a
+    ZeRO engine with ``zero.offload_optimizer=cpu`` steps on its host partitions."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
 
 
-def save_sharded(engine, ckpt_dir: Path) -> None:
-    """Every rank writes its DeepSpeed shards (model states, optimizer partitions) under
-    ``ckpt_dir/zero/``; collective. The scheduler, trainer state and RNG are the trainer's."""
-    engine.save_checkpoint(str(Path(ckpt_dir) / ZERO_DIR), tag=TAG, save_latest=False)
+class ZeroEngine(StepEngine):
+    """The step engine over DeepSpeed ZeRO 1-3 (:mod:`longtrain.parallel.engine`).
 
-
-def load_sharded(engine, ckpt_dir: Path) -> None:
-    """Load a :func:`save_sharded` checkpoint (or a :func:`to_universal` one when the engine was
-    built with ``load_universal``) into ``engine``: weights, master weights and optimizer state."""
-    # DeepSpeed's ZeRO-3 universal load copies param group 0's hyper-parameters into every group
-    # (weight decay on the norms); they come from the config anyway, so put each group's back.
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    keep = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in inner.param_groups]
-    path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / ZERO_DIR), tag=TAG, load_module_strict=True,
-                                     load_optimizer_states=True, load_lr_scheduler_states=False)
-    if path is None:
-        raise ValueError(f"checkpoint.resume: DeepSpeed found no state in {Path(ckpt_dir) / ZERO_DIR}")
-    for group, hyper in zip(inner.param_groups, keep):
-        group.update(hyper)
-    # DeepSpeed's ZeRO-3 universal load also puts ONE step tensor (the checkpoint's) into the state
-    # of every flat fp32 group. torch's AdamW increments the step in place once per group, so with
-    # the two groups (decay, no decay) the shared counter advanced by 2 per step and the bias
-    # corrections of every later step were wrong. Give each group's state its own counter.
-    seen = set()
-    for state in inner.state.values():
-        step = state.get("step")
-        if torch.is_tensor(step):
-            if id(step) in seen:
-                state["step"] = step.clone()
-            seen.add(id(state["step"]))
-
-
-def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
-    """Convert the ZeRO shards of ``ckpt_dir`` (any stage, any shard count) into DeepSpeed's
-    universal checkpoint format in ``out_dir``, which any stage and shard count can load.
-    Runs on one rank; needs host memory for the largest parameter's state, not the whole model."""
-    import shutil
-    from argparse import Namespace
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    src, dst = Path(ckpt_dir) / ZERO_DIR / TAG, Path(out_dir) / ZERO_DIR / TAG
-    shutil.rmtree(out_dir, ignore_errors=True)
-    dst.mkdir(parents=True)
-    ds_to_universal(Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-    # The engine looks for its own stage's model-states file name (ZeRO-3: zero_pp_rank_0_...,
-    # ZeRO-1/2: mp_rank_00_...) but the converter writes the source stage's; give it both.
-    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    present = [n for n in names if (dst / n).is_file()]
-    assert present, f"no model states file in {dst}"
-    for name in names:
-        if not (dst / name).exists():
-            shutil.copyfile(dst / present[0], dst / name)
-    # Its global optimizer file has the layout of the source stage too: ZeRO-1/2 read top-level
-    # param_groups, ZeRO-3 reads optimizer_state_dict.{state[0].step, param_groups}. Write both.
-    optim_file = dst / "zero" / "optimizer_state.pt"
-    optim = torch.load(optim_file, map_location="cpu", weights_only=False)
-    inner = optim.get("optimizer_state_dict", {})
-    groups = optim.get("param_groups", inner.get("param_groups"))
-    step = torch.load(next((dst / "zero").glob("*/step.pt")), map_location="cpu", weights_only=False)
-    optim["param_groups"] = groups
-    optim["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": groups, **inner}
-    torch.save(optim, optim_file)
-
-
-def consolidated_fp32(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
-    """The fp32 master weights of a ZeRO checkpoint, unsharded offline (DeepSpeed's zero_to_fp32),
-    named as the Transformer's ``state_dict()``; no process group needed."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt_dir) / ZERO_DIR), tag=TAG)
-    return {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in state.items()}
-
-
-# ---------------------------------------------------------------------------------------- memory
-@dataclass
-class MemoryFigures:
-    """Bytes per rank, on the device and on the host, for each kind of training state."""
-
-    params_device: float = 0.0
-    params_host: float = 0.0
-    grads_device: float = 0.0
-    grads_host: float = 0.0
-    optimizer_device: float = 0.0
-    optimizer_host: float = 0.0
-
-
-def expected_memory(num_params: int, stage: int, num_shards: int, bf16: bool, offload_optimizer: bool = False,
-                    offload_params: bool = False) -> MemoryFigures:
-    """Model-state bytes per rank by the ZeRO paper's formulas (Rajbhandari et al. 2020, section 5).
-
-    With Psi parameters over N_d ranks: stage 0 holds ``(P + G + K) Psi``; stage 1
-    ``(P + G) Psi + K Psi / N_d``; stage 2 ``P Psi + (G + K) Psi / N_d``; stage 3
-    ``(P + G + K) Psi / N_d``. ``K = 12`` (fp32 master weights, Adam m and v) whenever DeepSpeed
-    runs, fp32 or bf16; the plain stage-0 path keeps no master copy (``K = 8``). ``P = 2`` in bf16,
-    4 in fp32; ``G = 4``: gradients accumulate in fp32 (the paper's ``2 Psi`` assumes fp16 gradients).
-    The plain path (stage 0) trains fp32 parameters under bf16 autocast, so ``P = 4`` there.
-    Offloaded state moves to the host column (ZeRO-Offload keeps the fp32 gradient partitions there too).
+    Args:
+        model: the Transformer, sequence parallelism and layer wrappers applied.
+        optimizer: its optimizer; DeepSpeed shards its state.
+        dims: the layout, groups built.
+        ds_config: from :func:`deepspeed_config`.
     """
-    p = 2 if (bf16 and stage >= 1) else 4
-    g, k = 4, (12 if stage >= 1 else 8)
-    n = max(1, num_shards)
-    params = num_params * p / (n if stage == 3 else 1)
-    grads = num_params * g / (n if stage >= 2 else 1)
-    optim = num_params * k / (n if stage >= 1 else 1)
-    out = MemoryFigures()
-    out.params_host, out.params_device = (params, 0.0) if offload_params else (0.0, params)
-    if offload_optimizer:  # the host steps on an fp32 gradient partition; stage 1 still holds full grads
-        out.optimizer_host = optim
-        out.grads_host = num_params * 4 / n
-        out.grads_device = num_params * p if stage == 1 else 0.0
-    else:
-        out.optimizer_device, out.grads_device = optim, grads
-    return out
 
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dims: ParallelDims,
+                 ds_config: Dict[str, Any]) -> None:
+        self.model, self.optimizer, self.dims, self.ds_config = model, optimizer, dims, ds_config
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        self.ds, self.loss_scale = apply_zero(model, optimizer, dims, ds_config)
 
-def _bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    def train(self, mode=True):
+        self.ds.train(mode)
 
+    def forward(self, batch, head, last=True):
+        if self.ds.training:
+            # ZeRO-1 reduces at the boundary, 2 and 3 as gradients arrive; the engine must know
+            # before the micro-batch's forward.
+            self.ds.set_gradient_accumulation_boundary(last)
+        return self.ds(batch["input_ids"], batch["position_ids"], batch["doc_ids"], head)
 
-def measured_memory(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    device: torch.device) -> MemoryFigures:
-    """Parameter and optimizer-state bytes this rank holds, found by walking the tensors.
+    def backward(self, loss):
+        # The engine's averaging divisor (dp, or dp x sp for ZeRO-3) is cancelled by loss_scale,
+        # and scale_wrt_gas=False keeps it from dividing by the accumulation steps: the gradient
+        # is the plain sum (module docstring).
+        self.ds.backward(loss * self.loss_scale, scale_wrt_gas=False)
 
-    Parameters: the local storage of each module parameter (the shard ``ds_tensor`` under ZeRO-3).
-    Optimizer: the master partitions the (inner) optimizer steps when they are not the module's
-    parameters, plus every tensor in its state. Gradients are not walked (DeepSpeed keeps
-    them in internal buffers); the trainer measures them with the CUDA allocator. A tensor counts
-    as "device" when it sits on the training ``device`` (so everything does in a CPU run).
-    """
-    out = MemoryFigures()
-    module_ids = set()
-    for p in model.parameters():  # parameters() yields a tied weight once
-        module_ids.add(id(p))
-        t = getattr(p, "ds_tensor", None)
-        t = p if t is None else t
-        if t.device.type == device.type:
-            out.params_device += _bytes(t)
-        else:
-            out.params_host += _bytes(t)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if inner is None:
-        return out
-    # Master partitions: in the param groups, or only the state's keys (ZeRO-3 empties the groups
-    # between steps).
-    masters = {id(p): p for group in inner.param_groups for p in group["params"]}
-    masters.update({id(p): p for p in inner.state})
-    tensors = [p for i, p in masters.items() if i not in module_ids]
-    for state in inner.state.values():
-        tensors += [v for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
-    for t in tensors:
-        if t.device.type == device.type:
-            out.optimizer_device += _bytes(t)
-        else:
-            out.optimizer_host += _bytes(t)
-    return out
+    def step(self, loss):
+        # DeepSpeed computes the global gradient norm inside step() and, when it is not finite,
+        # skips the update (weights, Adam state) and drops the gradients. It clips to
+        # optim.clip_grad_norm (the same formula as torch's), steps and zeroes the gradients.
+        self.ds.step()
+        return StepResult(float(self.ds.get_global_grad_norm()), bool(self.ds.was_step_applied()))
+
+    def zero_grad(self):
+        self.ds.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, ckpt_dir, is_writer):
+        save_sharded(self.ds, ckpt_dir)
+
+    def load(self, ckpt_dir, mode, work_dir=None):
+        if mode == "same":
+            load_sharded(self.ds, ckpt_dir)
+        elif mode == "universal":  # the engine was built with checkpoint.load_universal
+            ckpt_dir = Path(ckpt_dir)
+            universal = Path(work_dir or ckpt_dir.parent) / f".universal-{ckpt_dir.name}"
+            if dist.get_rank() == 0:
+                to_universal(ckpt_dir, universal)
+            barrier()
+            load_sharded(self.ds, universal)
+            barrier()
+            if dist.get_rank() == 0:
+                import shutil
+
+                shutil.rmtree(universal, ignore_errors=True)
+        elif mode != "plain_to_zero":  # plain_to_zero: the weights were loaded before the engine copied them
+            raise ValueError(f"checkpoint.resume: a ZeRO engine cannot load a checkpoint in mode '{mode}'")
+
+    def full_state_dict(self):
+        return full_fp32_state_dict(self.model)
+
+    def full_grads(self):
+        from deepspeed.utils import safe_get_full_grad
+
+        return {n: safe_get_full_grad(p).detach().clone().view(getattr(p, "ds_shape", p.shape))
+                for n, p in self.model.named_parameters()}
+
+    def memory_report(self, grads_device):
+        zo = self.ds_config["zero_optimization"]
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: full size
+        bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
+        expected = expected_memory(num_params, self.zero_stage, self.dims.size("dp_sp"), bf16,
+                                   "offload_optimizer" in zo, "offload_param" in zo)
+        device = self.model.output_weight.device
+        measured = measured_memory(self.model, self.ds.optimizer, device)
+        return {"stage": self.zero_stage, "shards": self.dims.size("dp_sp"), "num_params": num_params,
+                "expected": vars(expected), "measured": {**vars(measured), "grads_device": grads_device,
+                                                         "grads_host": None}}
+
+    def config_files(self):
+        return {"deepspeed_config.json": json.dumps(self.ds_config, indent=1) + "\n"}
