@@ -1,0 +1,91 @@
+"""What a checkpoint holds: the model's weights as safetensors (each tied tensor once), torch
+objects (optimizer, scheduler), and every random generator's state.
+
+The trainer picks the file names and calls these from the ``write`` callback it gives
+:meth:`longtrain.trainer.checkpoint.CheckpointManager.save`, which owns where and when.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _alias_groups(state: Dict[str, torch.Tensor]) -> List[List[str]]:
+    """Names grouped by the exact tensor view they hold (tied weights), in state-dict order."""
+    groups: Dict[tuple, List[str]] = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def save_model(model: nn.Module, path: Union[str, Path]) -> None:
+    """Save ``model``'s state dict to safetensors, each tied tensor once (under its first name)."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    tensors: Dict[str, torch.Tensor] = {}
+    tied: Dict[str, str] = {}
+    seen_storage = set()
+    for names in _alias_groups(state):
+        t = state[names[0]].detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storage:  # a different view of a storage already saved: safetensors needs a copy
+            t = t.clone()
+        seen_storage.add(t.untyped_storage().data_ptr())
+        tensors[names[0]] = t
+        tied.update({alias: names[0] for alias in names[1:]})
+    save_file(tensors, str(path), metadata={"tied": json.dumps(tied)})
+
+
+def load_model(model: nn.Module, path: Union[str, Path]) -> None:
+    """Load a :func:`save_model` file into ``model``; every key must match except tied duplicates.
+
+    Raises:
+        ValueError: keys missing from the file or unknown to the model (both listed).
+    """
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(path), device="cpu")
+    state = model.state_dict()
+    missing = [n for g in _alias_groups(state) if not any(a in loaded for a in g) for n in g]
+    unexpected = [n for n in loaded if n not in state]
+    if missing or unexpected:
+        raise ValueError(f"load_model: {path} does not match the model; missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    result = model.load_state_dict(loaded, strict=False)
+    assert not result.unexpected_keys, result
+
+
+def save_torch(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` (optimizer, scheduler, RNG states)."""
+    torch.save(obj, path)
+
+
+def load_torch(path: Union[str, Path]) -> Any:
+    """``torch.load`` on CPU with ``weights_only=False``: only load checkpoints you trust."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every random generator this process uses: python, numpy, torch CPU and all CUDA devices."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore generators saved by :func:`rng_state` (CUDA states only where devices exist)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
