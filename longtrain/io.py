@@ -1,2 +1,164 @@
-"""Generic file I/O (placeholder while the I/O helpers move here)."""
-from longtrain.trainer.checkpoint import load_model, load_torch, save_model, save_torch  # noqa: F401
+"""Generic file I/O for every layer: writes that readers never see half done, file hashing, figures,
+and the files training state is kept in.
+
+Every file a run writes next to its training state (metrics, the resolved config, checkpoint
+manifests and the ``latest`` pointer, plots) goes through :func:`atomic_write_bytes`: the bytes go
+to a temporary file beside the target, are flushed to disk, and the temporary file is renamed over
+the target, so a reader (or a run resumed after a crash) finds the old content or the new one.
+
+Training state: the model's weights as safetensors (each tied tensor once, :func:`save_model`),
+torch objects (optimizer, scheduler: :func:`save_torch`) and every random generator's state
+(:func:`rng_state`). The trainer and the step engines pick the file names and call these from the
+``write`` callback they give :meth:`longtrain.trainer.checkpoint.CheckpointManager.save`, which owns
+where and when.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+PathLike = Union[str, Path]
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Make renames and new entries in the directory ``path`` durable (where the platform can)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not every platform can fsync a directory
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so readers see the old or the new content, never a mix.
+
+    The temporary file is ``.<name>.tmp`` in the same directory (a rename is atomic only within
+    one file system); it is fsynced before the rename and the directory after it.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, png_path: PathLike) -> Path:
+    """Write a matplotlib figure as PNG with :func:`atomic_write_bytes`; returns the path."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(png_path, buffer.getvalue())
+
+
+def sha256_file(path: PathLike, sync: bool = False) -> str:
+    """Hex sha256 of the file at ``path``, read in 4 MiB blocks.
+
+    Args:
+        path: the file.
+        sync: also fsync the file (after it is read: the hash pass doubles as the flush).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _alias_groups(state: Dict[str, torch.Tensor]) -> List[List[str]]:
+    """Names grouped by the exact tensor view they hold (tied weights), in state-dict order."""
+    groups: Dict[tuple, List[str]] = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def save_model(model: nn.Module, path: Union[str, Path]) -> None:
+    """Save ``model``'s state dict to safetensors, each tied tensor once (under its first name)."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    tensors: Dict[str, torch.Tensor] = {}
+    tied: Dict[str, str] = {}
+    seen_storage = set()
+    for names in _alias_groups(state):
+        t = state[names[0]].detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storage:  # a different view of a storage already saved: safetensors needs a copy
+            t = t.clone()
+        seen_storage.add(t.untyped_storage().data_ptr())
+        tensors[names[0]] = t
+        tied.update({alias: names[0] for alias in names[1:]})
+    save_file(tensors, str(path), metadata={"tied": json.dumps(tied)})
+
+
+def load_model(model: nn.Module, path: Union[str, Path]) -> None:
+    """Load a :func:`save_model` file into ``model``; every key must match except tied duplicates.
+
+    Raises:
+        ValueError: keys missing from the file or unknown to the model (both listed).
+    """
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(path), device="cpu")
+    state = model.state_dict()
+    missing = [n for g in _alias_groups(state) if not any(a in loaded for a in g) for n in g]
+    unexpected = [n for n in loaded if n not in state]
+    if missing or unexpected:
+        raise ValueError(f"load_model: {path} does not match the model; missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    result = model.load_state_dict(loaded, strict=False)
+    assert not result.unexpected_keys, result
+
+
+def save_torch(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` (optimizer, scheduler, RNG states)."""
+    torch.save(obj, path)
+
+
+def load_torch(path: Union[str, Path]) -> Any:
+    """``torch.load`` on CPU with ``weights_only=False``: only load checkpoints you trust."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every random generator this process uses: python, numpy, torch CPU and all CUDA devices."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore generators saved by :func:`rng_state` (CUDA states only where devices exist)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)

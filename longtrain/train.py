@@ -41,7 +41,7 @@ def _reject_unknown_keys(node: DictConfig, schema, prefix: str) -> None:
     names = {f.name for f in dataclasses.fields(schema)}
     for key in node.keys():
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: not a valid key (check its spelling against longtrain/config.py)")
+            raise ConfigError(f"{prefix}{key}: not a valid key (check its spelling against longtrain/config/)")
         child, default = node[key], getattr(defaults, key)
         if isinstance(child, DictConfig) and dataclasses.is_dataclass(default):
             _reject_unknown_keys(child, type(default), f"{prefix}{key}.")
@@ -121,7 +121,7 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     key = getattr(err, "full_key", None)
     if text.startswith("Key '") and "not in" in text:
-        text += " (not a valid key: check its spelling against longtrain/config.py)"
+        text += " (not a valid key: check its spelling against longtrain/config/)"
     return f"{key}: {text}" if key and key not in text else text
 
 

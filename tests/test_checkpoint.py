@@ -1,8 +1,9 @@
-"""Checkpoint manager: atomic publication, `latest`, retention, resume resolution, content helpers."""
+"""Checkpoint manager: atomic publication, `latest`, retention, resume resolution, content helpers, atomic writes."""
 from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -17,8 +18,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dist_utils import free_port
-from longtrain.trainer.checkpoint import (CheckpointError, CheckpointManager, load_meta, load_model, load_torch,
-                                          rng_state, save_model, save_torch, set_rng_state, verify)
+from longtrain.io import (atomic_write_bytes, atomic_write_text, load_model, load_torch, rng_state, save_model,
+                          save_torch, set_rng_state, sha256_file)
+from longtrain.trainer.checkpoint import CheckpointError, CheckpointManager, load_meta, verify
 
 
 def _write_blob(payload: bytes = b"x" * 100):
@@ -318,3 +320,11 @@ def _failing_rank_main(rank: int, world_size: int, port: int, root: str) -> None
 def test_two_ranks_agree_on_a_failed_save_and_a_corrupted_checkpoint(tmp_path):
     mp.spawn(_failing_rank_main, args=(2, free_port(), str(tmp_path / "checkpoints")), nprocs=2, join=True)
 
+
+def test_atomic_writes_replace_the_whole_file(tmp_path):
+    path = tmp_path / "latest"
+    atomic_write_text(path, "step_00000001\n")
+    assert atomic_write_bytes(path, b"step_00000002\n") == path
+    assert path.read_text(encoding="utf-8") == "step_00000002\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary file left behind
+    assert sha256_file(path) == sha256_file(path, sync=True) == hashlib.sha256(b"step_00000002\n").hexdigest()

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from longtrain.config import ConfigError, DataConfig, DomainsConfig, PasskeyConfig
-from longtrain.trainer.data import (_ARRAYS, _CACHE_VERSION, GlobalBatchSampler, PackedData, build_datasets,
-                                    collate, collate_domains, load_records, pack, pack_cached, tokenize)
-from longtrain.trainer.domains import _DNA_PERCENT, _WORDS, DOMAIN_NAMES, domain_records
-from longtrain.trainer.passkey import PasskeyEval, passkey_records, passkey_text
-from longtrain.trainer.tokenizer import cache_key
-from longtrain.trainer.tokenizer import ByteTokenizer, load_tokenizer
+from longtrain.trainer.data import (DOMAIN_NAMES, ROW_ARRAYS, ByteTokenizer, GlobalBatchSampler, PackedData,
+                                    PasskeyEval, build_datasets, cache_key, collate, collate_domains,
+                                    domain_records, load_records, load_tokenizer, pack, pack_cached, passkey_records,
+                                    passkey_text, tokenize)
+from longtrain.trainer.data.domains import _DNA_PERCENT, _WORDS
+from longtrain.trainer.data.packing import _CACHE_VERSION
 
 
 def write_jsonl(path, records):
@@ -199,7 +199,7 @@ def test_packed_cache_round_trip(tmp_path):
         packed.save(str(tmp_path / name))
         back = PackedData.load(str(tmp_path / name))
         assert back.stats == packed.stats and back.domain_names == packed.domain_names
-        for field in _ARRAYS:
+        for field in ROW_ARRAYS:
             assert isinstance(getattr(back, field), np.memmap)
             assert np.array_equal(getattr(back, field), getattr(packed, field))
     assert PackedData.load(str(tmp_path / "plain")).domains is None
@@ -209,7 +209,7 @@ def test_packed_cache_round_trip(tmp_path):
     # A cache folder as written before domains existed: the four arrays and the stats only.
     old = tmp_path / "old"
     old.mkdir()
-    for field in _ARRAYS:
+    for field in ROW_ARRAYS:
         np.save(str(old / f"{field}.npy"), getattr(plain, field))
     np.save(str(old / "stats.npy"), np.asarray([7, 1, 0, 0, plain.stats.num_rows, 29, 3]))
     loaded = PackedData.load(str(old))

@@ -26,7 +26,8 @@ from dist_utils import free_port
 from test_train import REPO, SMALL, assert_same_curve, compose_cfg, read_metrics, train_in_process
 import longtrain.io as lio
 from longtrain.trainer import step as step_mod
-from longtrain.trainer.checkpoint import CheckpointError, load_model, verify
+from longtrain.io import load_model
+from longtrain.trainer.checkpoint import CheckpointError, verify
 from longtrain.trainer.faults import TrainingFault
 from longtrain.trainer.loop import Trainer
 

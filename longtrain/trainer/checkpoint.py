@@ -14,28 +14,28 @@ rank: the temporary directory is removed and :class:`CheckpointError` names the 
 cause. A checkpoint is *complete* when its manifest exists and every listed file has its recorded
 size (:func:`verify`); resuming with ``check_hashes`` also recomputes the sha256 of every file of
 the checkpoint it picks (split over the ranks), so bytes flipped at the same size are caught too.
+
+What the files hold (model weights as safetensors, torch objects, RNG states), atomic writes and
+hashing are :mod:`longtrain.io`.
 """
 from __future__ import annotations
 
 import datetime
 import errno
-import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
-import torch
 import torch.distributed as dist
-from torch import nn
 
+from longtrain.io import atomic_write_text, fsync_dir, sha256_file
 from longtrain.trainer.faults import TrainingFault
+
 
 log = logging.getLogger(__name__)
 
@@ -49,46 +49,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes renames and new entries durable; not every platform can fsync a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class CheckpointError(TrainingFault):
     """A checkpoint could not be saved; the previous one is still the latest."""
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _hash_and_sync(path: Path) -> str:
-    return _sha256(path, sync=True)
 
 
 def _manifest_files(path: Path) -> Union[List[Dict[str, Any]], str]:
@@ -107,7 +69,7 @@ def _hash_problems(path: Path, entries: List[Dict[str, Any]]) -> List[str]:
     if not entries:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
-        digests = list(pool.map(lambda e: _sha256(path / e["path"]), entries))
+        digests = list(pool.map(lambda e: sha256_file(path / e["path"]), entries))
     return [f"{path / e['path']}: sha256 differs from the manifest" for e, d in zip(entries, digests)
             if d != e["sha256"]]
 
@@ -253,7 +215,7 @@ class CheckpointManager:
         paths = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
         # sha256 dominates save time for big checkpoints; hashlib releases the GIL, so threads help.
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
-            digests = list(pool.map(_hash_and_sync, paths))
+            digests = list(pool.map(lambda p: sha256_file(p, sync=True), paths))
         manifest = {
             "step": step,
             "world_size": self.world_size,
@@ -263,7 +225,7 @@ class CheckpointManager:
                       for p, d in zip(paths, digests)],
         }
         for d in sorted({p.parent for p in paths} | {tmp}):
-            _fsync_dir(d)
+            fsync_dir(d)
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -275,7 +237,7 @@ class CheckpointManager:
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if old.exists():
             shutil.rmtree(old)
 
@@ -411,79 +373,3 @@ def _all_gather_object(obj: Any) -> List[Any]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-# Content helpers: the trainer picks file names and calls these from its `write` callback.
-def _alias_groups(state: Dict[str, torch.Tensor]) -> List[List[str]]:
-    """Names grouped by the exact tensor view they hold (tied weights), in state-dict order."""
-    groups: Dict[tuple, List[str]] = {}
-    for name, t in state.items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        groups.setdefault(key, []).append(name)
-    return list(groups.values())
-
-
-def save_model(model: nn.Module, path: Union[str, Path]) -> None:
-    """Save ``model``'s state dict to safetensors, each tied tensor once (under its first name)."""
-    from safetensors.torch import save_file
-
-    state = model.state_dict()
-    tensors: Dict[str, torch.Tensor] = {}
-    tied: Dict[str, str] = {}
-    seen_storage = set()
-    for names in _alias_groups(state):
-        t = state[names[0]].detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen_storage:  # a different view of a storage already saved: safetensors needs a copy
-            t = t.clone()
-        seen_storage.add(t.untyped_storage().data_ptr())
-        tensors[names[0]] = t
-        tied.update({alias: names[0] for alias in names[1:]})
-    save_file(tensors, str(path), metadata={"tied": json.dumps(tied)})
-
-
-def load_model(model: nn.Module, path: Union[str, Path]) -> None:
-    """Load a :func:`save_model` file into ``model``; every key must match except tied duplicates.
-
-    Raises:
-        ValueError: keys missing from the file or unknown to the model (both listed).
-    """
-    from safetensors.torch import load_file
-
-    loaded = load_file(str(path), device="cpu")
-    state = model.state_dict()
-    missing = [n for g in _alias_groups(state) if not any(a in loaded for a in g) for n in g]
-    unexpected = [n for n in loaded if n not in state]
-    if missing or unexpected:
-        raise ValueError(f"load_model: {path} does not match the model; missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    result = model.load_state_dict(loaded, strict=False)
-    assert not result.unexpected_keys, result
-
-
-def save_torch(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` (optimizer, scheduler, RNG states)."""
-    torch.save(obj, path)
-
-
-def load_torch(path: Union[str, Path]) -> Any:
-    """``torch.load`` on CPU with ``weights_only=False``: only load checkpoints you trust."""
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def rng_state() -> Dict[str, Any]:
-    """Every random generator this process uses: python, numpy, torch CPU and all CUDA devices."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore generators saved by :func:`rng_state` (CUDA states only where devices exist)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)

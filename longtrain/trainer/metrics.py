@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import secrets
 import string
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longtrain.config import WandbConfig
-from longtrain.trainer.checkpoint import atomic_write_text
+from longtrain.io import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +246,6 @@ def plot_loss_curve(jsonl_path: Union[str, Path], png_path: Union[str, Path]) ->
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, png_path)
-
-
-def save_figure(fig, png_path: Union[str, Path]) -> Path:
-    """Write a matplotlib figure as PNG so readers see the old or the new file, never half of one."""
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png_path)
-    return png_path
 
 
 # Dense (no sparsity) bf16 tensor-core peaks per device, FLOP/s, from vendor datasheets.

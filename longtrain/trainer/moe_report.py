@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from longtrain.models.moe import MoE
-from longtrain.trainer.checkpoint import atomic_write_text
-from longtrain.trainer.metrics import save_figure
+from longtrain.io import atomic_write_text, save_figure
 
 
 def add_domain_counts(counts_dle: torch.Tensor, blocks: Sequence[MoE], domains_bs: torch.Tensor) -> None:

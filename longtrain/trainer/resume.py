@@ -25,8 +25,8 @@ from longtrain.config import ConfigError
 from longtrain.models import Transformer
 from longtrain.parallel.distributed import barrier
 from longtrain.parallel.engine import RESUME_MODES
-from longtrain.trainer.checkpoint import (CheckpointManager, load_model, load_torch, rng_state, save_torch,
-                                          set_rng_state)
+from longtrain.io import load_model, load_torch, rng_state, save_torch, set_rng_state
+from longtrain.trainer.checkpoint import CheckpointManager
 
 log = logging.getLogger("longtrain")
 

@@ -10,12 +10,16 @@ under the byte tokenizer):
 - ``prose``: sentences of English words drawn Zipf-like from a fixed list of a few hundred words.
 
 Generation is deterministic in ``(seed, split)``, and the train and eval splits draw separate streams.
+The domain names and the check of a mix live in ``longtrain.config.domains``, where the config
+validates ``data.domains`` with them.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from longtrain.config.domains import DOMAIN_NAMES, domain_probabilities
 
 _SPLITS = {"train": 0, "eval": 1}
 _STREAM = 2  # keeps these streams apart from the passkey generator's, which seeds with (split, seed) alone
@@ -138,33 +142,7 @@ def _code(rng: np.random.Generator) -> Iterator[str]:
 # name -> (endless generator of lines, or sentences, and the separator joining them)
 _DOMAINS: Dict[str, Tuple[Callable[[np.random.Generator], Iterator[str]], str]] = {
     "arithmetic": (_arithmetic, "\n"), "code": (_code, "\n"), "dna": (_dna, "\n"), "prose": (_prose, " ")}
-DOMAIN_NAMES: Tuple[str, ...] = tuple(sorted(_DOMAINS))
-
-
-def domain_probabilities(names: Sequence[str], mix: Optional[Sequence[float]] = None) -> np.ndarray:
-    """Probability of each domain of ``names`` for one document.
-
-    Args:
-        names: domains to draw from (a subset of ``DOMAIN_NAMES``, no repeats).
-        mix: one non-negative weight per name (null: uniform).
-
-    Raises:
-        ValueError: an unknown or repeated name, no names, or weights that do not match ``names``.
-    """
-    unknown = [n for n in names if n not in _DOMAINS]
-    if unknown or not names or len(set(names)) != len(names):
-        why = (f"unknown domain {unknown[0]!r}" if unknown else "is empty" if not names
-               else f"repeats a domain ({', '.join(names)})")
-        raise ValueError(f"data.domains.names: {why}; choose from {', '.join(DOMAIN_NAMES)}")
-    if mix is None:
-        return np.full(len(names), 1.0 / len(names))
-    weights = np.asarray(mix, dtype=np.float64)
-    if weights.shape != (len(names),):
-        raise ValueError(f"data.domains.mix: has {weights.size} weights but data.domains.names has {len(names)} "
-                         f"({', '.join(names)}); give one weight per name or mix=null for a uniform mix")
-    if not (np.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0):
-        raise ValueError(f"data.domains.mix: weights must be finite, non-negative and not all 0, got {list(mix)}")
-    return weights / weights.sum()
+assert tuple(sorted(_DOMAINS)) == DOMAIN_NAMES, "every domain has a generator and a name in longtrain.config.domains"
 
 
 def domain_records(num: int, seed: int, min_chars: int, max_chars: int, names: Sequence[str] = DOMAIN_NAMES,
