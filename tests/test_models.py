@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longtrain.kernels.attention import document_segments, local_attention
 from longtrain.models import (MODEL_REGISTRY, ModelArgs, Transformer, args_from_hf_config, from_hf, get_model_args,
                               hf_config_from_args, load_hf_weights, to_hf)
-from longtrain.parallel.attention import document_segments, local_attention
 
 transformers = pytest.importorskip("transformers")
 

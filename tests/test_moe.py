@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longtrain.optim.streambp import streamed_layer
 from longtrain.models import ModelArgs, Transformer, args_from_hf_config, from_hf, get_model_args, to_hf
 from longtrain.models.moe import MoE, router_outputs
-from longtrain.optim.streambp import streamed_layer
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,7 +213,7 @@ def test_capacity_factor_drops_only_when_set():
 @pytest.mark.parametrize("chunk", [40, 7])
 @pytest.mark.parametrize("attention", ["local", "distributed"])
 def test_streamed_moe_layer_equals_backprop_fp64(chunk, attention):
-    from longtrain.parallel.attention import local_attention
+    from longtrain.kernels.attention import local_attention
     torch.manual_seed(0)
     net = Transformer(_moe_args(num_layers=1, num_shared_experts=1)).double()
     _perturb(net)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longtrain.kernels.attention import local_attention
+from longtrain.optim.streambp import is_streamable, streamed_layer
 from longtrain.models import Transformer
 from longtrain.models.registry import get_model_args
-from longtrain.optim.streambp import is_streamable, streamed_layer
-from longtrain.parallel.attention import local_attention
 
 B, S = 2, 40
 DOCS = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 25 + [1] * 1 + [2] * 14])

@@ -6,7 +6,7 @@ q_proj.weight``, ``lm_head.weight``, ...) and RoPE uses the same rotate-half con
 checkpoints load by a plain copy (see :mod:`longtrain.models.hf`).
 
 Attention is delegated to ``self_attn.attn_fn`` (default
-:func:`longtrain.parallel.attention.local_attention`), a plain attribute that sequence-parallel
+:data:`longtrain.kernels.attention.local_attention`), a plain attribute that sequence-parallel
 code swaps with :meth:`Transformer.set_attention_fn`. Packed documents travel as ``doc_ids`` and
 per-document ``position_ids``; a shard of a sequence passes its true (global) positions.
 
@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longtrain.models.args import ModelArgs
 from longtrain.models.moe import Experts, MoE
-from longtrain.parallel.attention import local_attention
+from longtrain.kernels.attention import local_attention
 
 AttentionFn = Callable[..., torch.Tensor]
 

@@ -49,7 +49,7 @@ from torch import nn
 
 from longtrain.models.llama import DecoderLayer, apply_rope
 from longtrain.models.moe import MoE
-from longtrain.parallel.fused_kernels import block_attention
+from longtrain.kernels.fused import block_attention
 
 
 def _run(module: nn.Module, *args):
@@ -193,7 +193,7 @@ class _UlyssesKeys(_LocalKeys):
 
 def _keys_for(layer: DecoderLayer):
     """The K/V strategy that streams ``layer``'s attention, or None (attention is recomputed whole)."""
-    from longtrain.parallel.attention import local_attention
+    from longtrain.kernels.attention import local_attention
     from longtrain.parallel.ulysses import UlyssesAttention
 
     fn = layer.self_attn.attn_fn

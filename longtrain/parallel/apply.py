@@ -11,7 +11,7 @@ from typing import Tuple
 
 from torch import nn
 
-from longtrain.parallel.attention import local_attention
+from longtrain.kernels.attention import local_attention
 from longtrain.parallel.dims import ParallelDims
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from longtrain.parallel.kernels import get_block_kernels, has_visible_keys, merge_partials
+from longtrain.kernels.blocks import get_block_kernels, has_visible_keys, merge_partials
 from longtrain.parallel.sharding import zigzag_indices
 
 

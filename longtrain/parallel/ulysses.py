@@ -3,7 +3,7 @@
 Each of the ``U`` ranks of the Ulysses ``group`` holds a contiguous ``1/U`` slice of the sequence
 (group rank ``u`` holds tokens ``[u*S/U, (u+1)*S/U)``) of every head. An all-to-all turns that into
 the whole (Ulysses-level) sequence of ``H/U`` heads, any attention function with the contract of
-:func:`~longtrain.parallel.attention.local_attention` runs on it (the local kernel, or ring
+:func:`~longtrain.kernels.attention.local_attention` runs on it (the local kernel, or ring
 attention in the hybrid layout, where "the whole sequence" is the ring rank's share), and a second
 all-to-all turns the output back (DeepSpeed-Ulysses, 2023, section 3).
 
@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from longtrain.parallel.attention import local_attention
+from longtrain.kernels.attention import local_attention
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -334,7 +334,7 @@ def _all_gather_seq(x_bs: torch.Tensor, group: Optional[dist.ProcessGroup], stat
 class UlyssesAttention:
     """Attention function that runs ``inner`` on the whole sequence of a slice of heads.
 
-    Called like :func:`~longtrain.parallel.attention.local_attention`, on the local sequence slice:
+    Called like :func:`~longtrain.kernels.attention.local_attention`, on the local sequence slice:
     ``fn(q_bshd, k_bshd, v_bshd, doc_ids=None, scale=None) -> out_bshd``.
 
     Args:

@@ -13,7 +13,7 @@ Layout legend:
     doc_ids_bs  [batch, seq] integer document id of each token; documents are contiguous runs
 
 Documents are handled without an S x S mask: on CUDA (half precision) all documents go into one
-varlen flash-attention call (:func:`~longtrain.parallel.fused_kernels.fused_local_attention`);
+varlen flash-attention call (:func:`~longtrain.kernels.fused.fused_local_attention`);
 elsewhere each contiguous run of equal ``doc_ids`` is one causal SDPA call. Both are exact.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Te
         return _causal_sdpa(q_bhsd, k_bhsd, v_bhsd, scale).transpose(1, 2)
     assert doc_ids.shape == (batch, seq_len), f"doc_ids must be [B, S], got {tuple(doc_ids.shape)}"
     if q_bshd.is_cuda:
-        from longtrain.parallel.fused_kernels import fused_local_attention, fused_supported
+        from longtrain.kernels.fused import fused_local_attention, fused_supported
         if fused_supported(q_bshd):  # every document of every row in one varlen flash call
             return fused_local_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale)
     rows = []
