@@ -5,7 +5,6 @@ through DeepSpeed) wrap the model after this, so they see the final module struc
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Tuple
 
@@ -45,9 +44,9 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
         return local_attention
     inner = local_attention
     if dims.ring > 1:
-        from longtrain.parallel.ring import zigzag_ring_attention
+        from longtrain.parallel.ring import RingAttention
 
-        inner = functools.partial(zigzag_ring_attention, group=dims.group("ring"), seq_len=seq_len)
+        inner = RingAttention(dims.group("ring"), seq_len)
     if dims.ulysses == 1:
         return inner
     from longtrain.parallel.ulysses import UlyssesAttention
