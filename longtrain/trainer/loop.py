@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from longtrain.config import Config, ConfigError, ModelConfig
+from longtrain.memory import apply_checkpointing, apply_streambp, auto_chunk_size
 from longtrain.models import ModelArgs, Transformer, args_from_hf_config, get_model_args, load_hf_weights
 from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.optim.optimizer import build_optimizer
@@ -144,7 +145,8 @@ class Trainer:
         if cfg.model.hf_path is not None:
             load_hf_weights(self.model, cfg.model.hf_path)
         self.model.to(self.device)
-        self.model.set_activation_checkpointing(cfg.memory.checkpointing)
+        if cfg.memory.checkpointing:
+            apply_checkpointing(self.model)
         apply_sequence_parallel(self.model, self.dims, dc.seq_len, sp.ulysses_chunks)
         self._apply_streambp(precision)
         self.model.train()
@@ -192,16 +194,12 @@ class Trainer:
         mc = self.cfg.memory
         if not mc.streambp.enabled:
             return
-        from longtrain.optim.streambp import auto_chunk_size, is_streamable
         chunk = mc.streambp.chunk_size
         if chunk == "auto":
             free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
             chunk = auto_chunk_size(self.model_args, self.cfg.data.seq_len // self.dims.sp,
                                     self.cfg.data.micro_batch_size, free, elem_bytes=2 if precision == "bf16" else 4)
-        self.model.set_streambp(chunk, offload=mc.offload_checkpoints)
-        streams = "every part" if is_streamable(self.model.layers[0]) else "the MLP half (ring attention recomputed whole)"
-        self._info(f"StreamBP: backward in chunks of {chunk} tokens, streaming {streams}"
-                   f"{'; layer inputs offloaded to host memory' if mc.offload_checkpoints else ''}")
+        apply_streambp(self.model, chunk, mc.offload_checkpoints)
 
     def _info(self, msg: str) -> None:
         if self.dist.is_writer:
