@@ -146,8 +146,8 @@ class LocalAttention:
     every layer uses by default. Called as :func:`_local_attention`; streams with the local
     :class:`ChunkKeys`."""
 
-    __name__ = "local_attention"
-    can_stream = True
+    __name__ = "local_attention"  # what code naming attention functions printed when it was a function
+    can_stream = True  # chunk_keys always returns a strategy
 
     def __call__(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                  doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:

@@ -216,7 +216,7 @@ class _StreamedLayer(torch.autograd.Function):
 
 def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params,
                 routing_bsk=None):
-    """Backward for a layer whose attention is distributed (Ulysses, ring): the attention half is
+    """Backward for a layer whose attention cannot stream (ring, hybrid): the attention half is
     recomputed whole (its collectives run once, as in gradient checkpointing) and the MLP half,
     the larger working set, streams in chunks."""
     with torch.enable_grad():
@@ -286,9 +286,10 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
     """``layer(x_bsh, cos_bsd, sin_bsd, doc_ids)`` whose backward streams along the sequence.
 
     Args:
-        layer: a :class:`~longtrain.models.llama.DecoderLayer`. With local attention all of it
-            streams; with distributed attention (Ulysses, ring) the MLP half streams and the
-            attention half is recomputed whole.
+        layer: a :class:`~longtrain.models.llama.DecoderLayer`. When its attention function
+            streams (``can_stream``: local, Ulysses over local) all of it streams; otherwise
+            (ring, hybrid, a plain function) the MLP half streams and the attention half is
+            recomputed whole.
         x_bsh: [B, S, hidden] layer input (the only activation kept for the backward).
         cos_bsd, sin_bsd: [B, S, head_dim] RoPE tables.
         doc_ids: [B, S] document ids, or None.
