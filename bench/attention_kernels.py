@@ -3,8 +3,8 @@
 For each sequence length and document layout (one document, or packed documents of random
 lengths averaging S/8) it times forward + backward of:
 
-- ``local``: :func:`longtrain.parallel.attention.local_attention`, the entry point every layer calls;
-- ``block``: the ring block kernels of :func:`longtrain.parallel.kernels.get_block_kernels` on the
+- ``local``: :func:`longtrain.kernels.attention.local_attention`, the entry point every layer calls;
+- ``block``: the ring block kernels of :func:`longtrain.kernels.blocks.get_block_kernels` on the
   whole sequence as one block (forward with lse, then the block backward from that lse): on CUDA
   the fused flash-attention varlen kernels (each row reports ``fallbacks``, the block calls that
   fell back to the reference: 0 expected);
@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from longtrain.parallel.attention import local_attention
-from longtrain.parallel.fused_kernels import FUSED_STATS, fused_block_forward
-from longtrain.parallel.kernels import get_block_kernels, reference_block_backward, reference_block_forward
+from longtrain.kernels.attention import local_attention
+from longtrain.kernels.blocks import get_block_kernels, reference_block_backward, reference_block_forward
+from longtrain.kernels.fused import FUSED_STATS, fused_block_forward
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -1,7 +1,7 @@
 """Bytes sent per rank by sequence-parallel attention: measured on gloo against the closed formulas.
 
 For each layout (Ulysses U x ring R) it runs one attention layer's forward and backward through
-:func:`longtrain.parallel.apply.build_sp_attention` on random inputs sharded as the trainer shards
+:func:`longtrain.parallel.parallelize.build_sp_attention` on random inputs sharded as the trainer shards
 them, reads rank 0's byte counters (the Ulysses wrapper's ``stats`` and ``RING_STATS``, reset
 before each pass) and prints one JSON line per layout: measured bytes, the formula's, their ratio
 (1.0: the counters match the formula byte for byte) and ``parts`` ([measured, predicted] for each
@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from longtrain.parallel.apply import build_sp_attention
+from longtrain.parallel.parallelize import build_sp_attention
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.ring import RING_STATS
 from longtrain.parallel.sharding import shard_sequence

@@ -4,13 +4,13 @@ P ranks are simulated one after another on one device, doing exactly the attenti
 of a real run does, without the network:
 
 - ``ring``: the sequence is zigzag-sharded (2P chunks, rank r holds chunks r and 2P-1-r). Each
-  simulated rank runs the block forward kernel of :func:`longtrain.parallel.kernels.get_block_kernels`
+  simulated rank runs the block forward kernel of :func:`longtrain.kernels.blocks.get_block_kernels`
   on every key block it can see and merges them with ``merge_partials`` (fp32), then the block
   backward of each of those blocks from the merged output and lse, adding dQ to its fp32
   accumulator and dK/dV to the block owner's fp32 accumulators: what ``ring_attention`` computes.
   The unsplit baseline is the same kernels on the whole sequence as one block.
 - ``ulysses``: the heads are split into P groups (Hq/P query heads; KV heads split, or replicated
-  when P > Hkv) and each group runs :func:`~longtrain.parallel.attention.local_attention` forward +
+  when P > Hkv) and each group runs :func:`~longtrain.kernels.attention.local_attention` forward +
   backward on the full sequence. The unsplit baseline is ``local_attention`` on all heads.
 
 Each row: {"layout", "P", "S", "docs", "unsplit_ms", "split_ms" (sum over the simulated ranks),
@@ -36,8 +36,8 @@ from typing import List
 
 import torch
 
-from longtrain.parallel.attention import local_attention
-from longtrain.parallel.kernels import get_block_kernels, has_visible_keys, merge_partials
+from longtrain.kernels.attention import local_attention
+from longtrain.kernels.blocks import get_block_kernels, has_visible_keys, merge_partials
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -7,7 +7,7 @@ model, chunked LM-head loss and optimizer as the trainer, so its numbers compare
 ``../shared/bench/hf_baseline.py`` run on the same GPU.
 
 Modes: ``checkpointing`` (each layer recomputed in the backward), ``streambp`` (the backward
-streamed along the sequence in ``--streambp-chunk`` tokens, :mod:`longtrain.optim.streambp`),
+streamed along the sequence in ``--streambp-chunk`` tokens, :mod:`longtrain.memory.streambp`),
 ``streambp_offload`` (the same, saved layer inputs in pinned host memory) and ``none``.
 
 Usage (on a GPU machine):
@@ -23,6 +23,7 @@ import time
 import torch
 
 from longtrain.config import OptimConfig
+from longtrain.memory import apply_checkpointing, apply_streambp, unwrap_layers
 from longtrain.models import Transformer, get_model_args
 from longtrain.optim.loss import chunked_lm_loss
 from longtrain.optim.optimizer import build_optimizer
@@ -35,8 +36,11 @@ MODES = ("checkpointing", "streambp", "streambp_offload", "none")
 def set_mode(model, mode: str, streambp_chunk: int) -> None:
     """Memory mode of ``model``: gradient checkpointing, StreamBP (optionally offloading the saved
     layer inputs to host memory), or plain backprop."""
-    model.set_activation_checkpointing(mode == "checkpointing")
-    model.set_streambp(streambp_chunk if mode.startswith("streambp") else None, offload=mode == "streambp_offload")
+    unwrap_layers(model)
+    if mode == "checkpointing":
+        apply_checkpointing(model)
+    elif mode.startswith("streambp"):
+        apply_streambp(model, streambp_chunk, offload=mode == "streambp_offload")
 
 
 def trial(model, opt, args, mode, seq, repeats, device, chunk, streambp_chunk=4096):

@@ -18,11 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_utils import free_port
-from longtrain.parallel import kernels
-from longtrain.parallel.attention import local_attention
-from longtrain.parallel.fused_kernels import (FUSED_STATS, fused_block_backward, fused_block_forward,
-                                              fused_local_attention, plan_segments)
-from longtrain.parallel.kernels import merge_partials, reference_block_backward, reference_block_forward
+from longtrain.kernels import blocks
+from longtrain.kernels.attention import local_attention
+from longtrain.kernels.blocks import merge_partials, reference_block_backward, reference_block_forward
+from longtrain.kernels.fused import (FUSED_STATS, fused_block_backward, fused_block_forward, fused_local_attention,
+                                     plan_segments)
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
 
 FP64_TOL, FP32_TOL = 1e-10, 1e-5
@@ -135,7 +135,7 @@ def test_a_wrong_plan_is_caught():
     seg = plan_segments(q_idx, k_idx, None, None, batch=B)
     assert _columns(seg)[3] == (4, 4)
     seg.k1[:] = 8
-    from longtrain.parallel.fused_kernels import _loop_forward
+    from longtrain.kernels.fused import _loop_forward
     out, _ = _loop_forward(q[:, q_idx].contiguous(), k[:, k_idx].contiguous(), v[:, k_idx].contiguous(), seg, 0.3)
     want, _ = reference_block_forward(q[:, q_idx], k[:, k_idx], v[:, k_idx], q_idx, k_idx, None, None, 0.3)
     assert _err(out, want) > 1e-2
@@ -159,7 +159,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from longtrain.parallel.ring import zigzag_ring_attention
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    kernels.register_block_kernels("cpu", fused_block_forward, fused_block_backward)
+    blocks.register_block_kernels("cpu", fused_block_forward, fused_block_backward)
     errs = {}
     for docs, hkv in itertools.product((False, True), (HQ, 1)):
         q, k, v, dout = _inputs(hkv, torch.float64, seq_len=64)
@@ -282,7 +282,7 @@ class _EmulatedFlash:
 def test_varlen_executor_plumbing_with_an_emulated_flash_op(monkeypatch, docs, hkv):
     """The gathers, cumulative lengths, lse layout and scatters of the CUDA executor, checked on CPU
     against the reference with the flash ops replaced by dense stand-ins of the same contract."""
-    from longtrain.parallel import fused_kernels as fk
+    from longtrain.kernels import fused as fk
     emulated = _EmulatedFlash()
     monkeypatch.setattr(fk, "_RNG_STATE", {})
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", emulated.forward, raising=False)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longtrain.kernels.attention import document_segments, local_attention
 from longtrain.models import (MODEL_REGISTRY, ModelArgs, Transformer, args_from_hf_config, from_hf, get_model_args,
                               hf_config_from_args, load_hf_weights, to_hf)
-from longtrain.parallel.attention import document_segments, local_attention
 
 transformers = pytest.importorskip("transformers")
 
@@ -242,17 +242,18 @@ def test_attention_fn_is_swappable():
 
 # ---------------------------------------------------------------- training paths
 def test_activation_checkpointing_same_loss_and_grads(monkeypatch):
-    from longtrain.models import llama
+    from longtrain.memory import apply_checkpointing, wrappers
     ids = _ids(96, batch=2, seq=24)
     docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
     pos = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)
     wrapped = []
-    real_checkpoint = llama.checkpoint
-    monkeypatch.setattr(llama, "checkpoint", lambda fn, *a, **kw: wrapped.append(fn) or real_checkpoint(fn, *a, **kw))
+    real_checkpoint = wrappers.checkpoint
+    monkeypatch.setattr(wrappers, "checkpoint", lambda fn, *a, **kw: wrapped.append(fn) or real_checkpoint(fn, *a, **kw))
     results = []
     for enabled in (False, True):
         model = _random_model(_tiny(qk_norm=True, arch="qwen3"))
-        model.set_activation_checkpointing(enabled)
+        if enabled:
+            apply_checkpointing(model)
         loss = F.cross_entropy(model(ids, pos, docs)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))

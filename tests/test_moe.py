@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longtrain.memory.streambp import streamed_layer
 from longtrain.models import ModelArgs, Transformer, args_from_hf_config, from_hf, get_model_args, to_hf
 from longtrain.models.moe import MoE, router_outputs
-from longtrain.optim.streambp import streamed_layer
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,7 +213,7 @@ def test_capacity_factor_drops_only_when_set():
 @pytest.mark.parametrize("chunk", [40, 7])
 @pytest.mark.parametrize("attention", ["local", "distributed"])
 def test_streamed_moe_layer_equals_backprop_fp64(chunk, attention):
-    from longtrain.parallel.attention import local_attention
+    from longtrain.kernels.attention import local_attention
     torch.manual_seed(0)
     net = Transformer(_moe_args(num_layers=1, num_shared_experts=1)).double()
     _perturb(net)
@@ -243,9 +243,10 @@ def test_streamed_moe_layer_equals_backprop_fp64(chunk, attention):
 
 
 def test_streambp_refuses_capacity_factor():
+    from longtrain.memory import apply_streambp
     model = Transformer(_moe_args(capacity_factor=1.25))
     with pytest.raises(ValueError, match="model.moe.capacity_factor"):
-        model.set_streambp(16)
+        apply_streambp(model, 16, offload=False)
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -290,7 +291,7 @@ def test_registry_moe_sizes():
 
 
 def test_streambp_chunk_working_set_counts_the_routed_width():
-    from longtrain.optim.streambp import chunk_working_set_bytes
+    from longtrain.memory.streambp import chunk_working_set_bytes
     mixtral = get_model_args("mixtral_8x7b")  # top-2 of 14336-wide experts
     assert chunk_working_set_bytes(mixtral, 1, 2) == 2 * (6 * 4096 + 2 * 4096 + 4 * 2 * 14336) * 2
 

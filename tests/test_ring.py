@@ -19,10 +19,10 @@ import torch.multiprocessing as mp
 
 import longtrain.parallel.ring as ring_mod
 from dist_utils import free_port
-from longtrain.parallel import kernels
-from longtrain.parallel.attention import local_attention
-from longtrain.parallel.kernels import (block_attention_backward, block_attention_forward, get_block_kernels,
-                                        has_visible_keys, merge_partials, reference_block_forward)
+from longtrain.kernels import blocks
+from longtrain.kernels.attention import local_attention
+from longtrain.kernels.blocks import (block_attention_backward, block_attention_forward, get_block_kernels,
+                                      has_visible_keys, merge_partials, reference_block_forward)
 from longtrain.parallel.ring import RingStats, ring_attention, zigzag_ring_attention
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
 
@@ -189,11 +189,11 @@ def test_fully_masked_rows(docs):
 
 def test_kernel_dispatch_defaults_and_registers():
     assert get_block_kernels(torch.device("cpu"))[0] is reference_block_forward
-    kernels.register_block_kernels("meta", len, len)
+    blocks.register_block_kernels("meta", len, len)
     try:
         assert get_block_kernels(torch.device("meta")) == (len, len)
     finally:
-        del kernels._BACKENDS["meta"]
+        del blocks._BACKENDS["meta"]
 
 
 @pytest.mark.parametrize("hkv", [4, 1])

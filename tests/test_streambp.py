@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longtrain.kernels.attention import local_attention
+from longtrain.memory.streambp import is_streamable, streamed_layer
 from longtrain.models import Transformer
 from longtrain.models.registry import get_model_args
-from longtrain.optim.streambp import is_streamable, streamed_layer
-from longtrain.parallel.attention import local_attention
 
 B, S = 2, 40
 DOCS = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 25 + [1] * 1 + [2] * 14])
@@ -72,15 +72,15 @@ def test_streamed_gradients_equal_backprop(model, docs, chunk, dtype, tol, atten
 
 def test_a_streamed_backward_that_drops_the_prefix_is_caught(monkeypatch):
     """The comparison can fail: keys before the chunk left out of each chunk's attention."""
-    import longtrain.optim.streambp as sbp
+    import longtrain.kernels.attention as attention
     layer, x, dout, cos, sin = _layer_and_inputs("gqa", torch.float64)
-    real = sbp.block_attention
+    real = attention.block_attention
 
     def no_prefix(q, k, v, q_idx, k_idx, q_doc, k_doc, scale):
         start = int(q_idx[0])
         return real(q, k[:, start:], v[:, start:], q_idx, k_idx[start:], q_doc,
                     None if k_doc is None else k_doc[:, start:], scale)
-    monkeypatch.setattr(sbp, "block_attention", no_prefix)
+    monkeypatch.setattr(attention, "block_attention", no_prefix)
     x_ref = x.clone().requires_grad_()
     want = _grads(layer, x_ref, layer(x_ref, cos, sin, None), dout)
     x_got = x.clone().requires_grad_()
@@ -104,6 +104,7 @@ def test_weight_gradients_leave_the_layer_once():
 def test_whole_model_with_streambp_equals_backprop(chunk, offload):
     """Every layer streamed, the chunked LM loss on top: per-parameter gradients equal ordinary
     backprop (fp64, 1e-10 relative). ``offload`` is a no-op on CPU but takes the same path."""
+    from longtrain.memory import apply_streambp, unwrap_layers
     from longtrain.optim.loss import chunked_lm_loss
     torch.manual_seed(0)
     net = Transformer(get_model_args("tiny", num_layers=3)).double()
@@ -119,9 +120,9 @@ def test_whole_model_with_streambp_equals_backprop(chunk, offload):
         return loss.item(), {n: p.grad.clone() for n, p in net.named_parameters()}
 
     want_loss, want = grads()
-    net.set_streambp(chunk, offload=offload)
+    apply_streambp(net, chunk, offload=offload)
     got_loss, got = grads()
-    net.set_streambp(None)
+    unwrap_layers(net)
     assert got_loss == pytest.approx(want_loss, rel=1e-12)
     for name, g in want.items():
         assert ((got[name] - g).abs().max() / g.abs().max()).item() < 1e-10, name
@@ -141,7 +142,7 @@ def test_offloaded_inputs_on_gpu_give_the_same_gradients():
 
 
 def test_auto_chunk_size_follows_geometry_and_free_memory():
-    from longtrain.optim.streambp import auto_chunk_size, chunk_working_set_bytes
+    from longtrain.memory.streambp import auto_chunk_size, chunk_working_set_bytes
     llama1b = get_model_args("llama1b")
     per_token = chunk_working_set_bytes(llama1b, batch=1, elem_bytes=2)
     assert per_token == 2 * (6 * 2048 + 2 * 2048 + 4 * 8192) * 2  # 192 KiB a token in bf16
@@ -165,6 +166,16 @@ def _sp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     errs = {}
+    # What each attention function answers StreamBP at degree 2 (1.0 marks a wrong answer).
+    from longtrain.kernels.attention import ChunkKeys
+    from longtrain.parallel.ring import RingAttention
+    k = torch.randn(B, S // world, 2, 8, dtype=torch.float64)
+    keys = UlyssesAttention(None).chunk_keys(k, k, None, 0.5, 4)
+    errs["chunk_keys ulysses"] = float(not isinstance(keys, ChunkKeys) or keys.k_bshd.shape != (B, S, 1, 8)
+                                       or keys.key_end(0, 7) != S // world + 7)
+    errs["chunk_keys hybrid"] = float(UlyssesAttention(None, inner=RingAttention(None, S)).chunk_keys(
+        k, k, None, 0.5, 4) is not None)
+    errs["chunk_keys ring"] = float(RingAttention(None, S).chunk_keys(k, k, None, 0.5, 4) is not None)
     for model in ("gqa", "qwen3"):  # qwen3 here has one KV head: replicated for U=2
         for layout in ("ulysses", "ring"):
             layer, x, dout, cos, sin = _layer_and_inputs(model, torch.float64)
@@ -193,7 +204,8 @@ def _sp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_streamed_layer_under_ulysses_and_ring_equals_backprop(tmp_path):
     """Ulysses 2 (attention streamed after the all-to-all) and ring 2 (MLP streamed): the input
-    gradients of each rank's tokens and the summed weight gradients equal one process's (fp64, 1e-10)."""
+    gradients of each rank's tokens and the summed weight gradients equal one process's (fp64, 1e-10);
+    Ulysses 2 answers ``chunk_keys`` with its all-to-all strategy, ring and hybrid with None."""
     import torch.multiprocessing as mp
 
     from dist_utils import free_port
@@ -202,6 +214,6 @@ def test_streamed_layer_under_ulysses_and_ring_equals_backprop(tmp_path):
     for rank in range(world):
         errs = torch.load(tmp_path / f"rank{rank}.pt")
         assert {name.rsplit(" ", 1)[0] for name in errs} >= {f"{m} {lay}" for m in ("gqa", "qwen3")
-                                                             for lay in ("ulysses", "ring")}
+                                                             for lay in ("ulysses", "ring")} | {"chunk_keys"}
         for name, err in errs.items():
             assert err < 1e-10, f"rank {rank} {name}: {err:.3g}"

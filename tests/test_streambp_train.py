@@ -49,7 +49,7 @@ def _count(trainer) -> None:
 def _probe(trainer, result) -> None:
     """After the first step's backward: what :func:`_count` counted, and whether StreamBP was on."""
     import deepspeed
-    result["streamed"] = trainer.model.streambp_chunk
+    result["streamed"] = getattr(trainer.model.layers[0], "streambp_chunk", None)
     stage = trainer.cfg.zero.stage
     if stage == 2:  # one reduction per parameter per backward (micro-batch), not per chunk
         result["reductions"] = sorted(set(_COUNTS.values())), len(_COUNTS)

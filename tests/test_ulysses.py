@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_utils import free_port
-from longtrain.parallel.apply import build_sp_attention
-from longtrain.parallel.attention import local_attention
+from longtrain.kernels.attention import local_attention
+from longtrain.parallel.parallelize import build_sp_attention
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.sharding import shard_sequence
 from longtrain.parallel.ulysses import (ULYSSES_STATS, UlyssesAttention, UlyssesStats, _AllToAll, all_to_all_heads_to_seq,

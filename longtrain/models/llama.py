@@ -6,9 +6,11 @@ q_proj.weight``, ``lm_head.weight``, ...) and RoPE uses the same rotate-half con
 checkpoints load by a plain copy (see :mod:`longtrain.models.hf`).
 
 Attention is delegated to ``self_attn.attn_fn`` (default
-:func:`longtrain.parallel.attention.local_attention`), a plain attribute that sequence-parallel
-code swaps with :meth:`Transformer.set_attention_fn`. Packed documents travel as ``doc_ids`` and
-per-document ``position_ids``; a shard of a sequence passes its true (global) positions.
+:data:`longtrain.kernels.attention.local_attention`), a plain attribute that sequence-parallel
+code swaps with :meth:`Transformer.set_attention_fn`. Activation checkpointing and StreamBP wrap
+each decoder layer from outside (:mod:`longtrain.memory.wrappers`). Packed documents travel as
+``doc_ids`` and per-document ``position_ids``; a shard of a sequence passes its true (global)
+positions.
 
 Layout legend: x_bsh [batch, seq, hidden]; q_bshd/k_bshd/v_bshd [batch, seq, heads, head_dim];
 cos_bsd/sin_bsd [batch, seq, head_dim]; position_ids_bs/doc_ids_bs [batch, seq].
@@ -21,11 +23,10 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from longtrain.models.args import ModelArgs
 from longtrain.models.moe import Experts, MoE
-from longtrain.parallel.attention import local_attention
+from longtrain.kernels.attention import local_attention
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -147,9 +148,6 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        self.activation_checkpointing = False
-        self.streambp_chunk: Optional[int] = None
-        self.streambp_offload = False
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -193,22 +191,6 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.down_proj, mean=0.0, std=out_std)
         self.reset_rope()
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each decoder layer in the backward (non-reentrant checkpoint) while training."""
-        self.activation_checkpointing = bool(enabled)
-
-    def set_streambp(self, chunk_size: Optional[int], offload: bool = False) -> None:
-        """Stream every decoder layer's backward along the sequence in chunks of ``chunk_size``
-        tokens while training (:mod:`longtrain.optim.streambp`); None turns it off. ``offload``
-        parks each layer's saved input in pinned host memory."""
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
-        if chunk_size is not None and self.args.moe_layers and self.args.capacity_factor is not None:
-            raise ValueError("memory.streambp: model.moe.capacity_factor drops assignments by their place in the "
-                             "whole batch, which a chunked recomputation cannot reproduce; set "
-                             "model.moe.capacity_factor=null or turn StreamBP off")
-        self.streambp_chunk, self.streambp_offload = chunk_size, bool(offload)
-
     def set_attention_fn(self, fn: AttentionFn) -> None:
         """Use ``fn(q_bshd, k_bshd, v_bshd, doc_ids=, scale=) -> out_bshd`` in every layer."""
         for layer in self.layers:
@@ -240,19 +222,8 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(x_bsh.device.type) if torch.is_autocast_enabled(x_bsh.device.type) \
             else x_bsh.dtype
         cos_bsd, sin_bsd = self.rope(position_ids, dtype)
-        training = self.training and torch.is_grad_enabled()
-        use_ckpt = self.activation_checkpointing and training
-        stream = self.streambp_chunk is not None and training
-        if stream:
-            from longtrain.optim.streambp import streamed_layer
-        for layer in self.layers:
-            if stream:
-                x_bsh = streamed_layer(layer, x_bsh, cos_bsd, sin_bsd, doc_ids, self.streambp_chunk,
-                                       self.streambp_offload)
-            elif use_ckpt:
-                x_bsh = checkpoint(layer, x_bsh, cos_bsd, sin_bsd, doc_ids, use_reentrant=False)
-            else:
-                x_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        for layer in self.layers:  # memory wrappers (checkpointing, StreamBP) live in the layers' forward
+            x_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
         return self.model.norm(x_bsh)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,

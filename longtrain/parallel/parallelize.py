@@ -16,7 +16,6 @@ Each step logs one line saying what it did.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional, Tuple
 
@@ -24,7 +23,8 @@ import torch
 from torch import nn
 
 from longtrain.config import Config
-from longtrain.parallel.attention import local_attention
+from longtrain.memory import apply_checkpointing, apply_streambp, auto_chunk_size
+from longtrain.kernels.attention import local_attention
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.engine import PlainEngine, StepEngine
 
@@ -59,9 +59,9 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
         return local_attention
     inner = local_attention
     if dims.ring > 1:
-        from longtrain.parallel.ring import zigzag_ring_attention
+        from longtrain.parallel.ring import RingAttention
 
-        inner = functools.partial(zigzag_ring_attention, group=dims.group("ring"), seq_len=seq_len)
+        inner = RingAttention(dims.group("ring"), seq_len)
     if dims.ulysses == 1:
         return inner
     from longtrain.parallel.ulysses import UlyssesAttention
@@ -92,21 +92,16 @@ def sp_comm_stats() -> Tuple[int, float]:
 
 def apply_layer_wrappers(model: nn.Module, streambp: bool, chunk_size, offload: bool, checkpointing: bool,
                          seq_len_local: int, micro_batch_size: int, elem_bytes: int, device: torch.device) -> None:
-    """Step 2: StreamBP (``chunk_size`` tokens, ``auto`` from the model geometry and free device
-    memory) or activation checkpointing on every decoder layer; nothing when neither is asked."""
+    """Step 2: StreamBP (``chunk_size`` tokens; ``auto`` from the model geometry and free device
+    memory) or, when StreamBP is off, activation checkpointing on every decoder layer; nothing when
+    neither is asked. Each wrapper logs its own line."""
     if streambp:
-        from longtrain.optim.streambp import auto_chunk_size, is_streamable
-
         if chunk_size == "auto":
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
             chunk_size = auto_chunk_size(model.args, seq_len_local, micro_batch_size, free, elem_bytes=elem_bytes)
-        model.set_streambp(chunk_size, offload=offload)
-        streams = "every part" if is_streamable(model.layers[0]) else "the MLP half (ring attention recomputed whole)"
-        log.info("StreamBP: backward in chunks of %d tokens, streaming %s%s", chunk_size, streams,
-                 "; layer inputs offloaded to host memory" if offload else "")
+        apply_streambp(model, chunk_size, offload)
     elif checkpointing:
-        model.set_activation_checkpointing(True)
-        log.info("activation checkpointing: every decoder layer recomputed in the backward")
+        apply_checkpointing(model)
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, dims: ParallelDims, cfg: Config, bf16: bool,

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from longtrain.parallel.kernels import get_block_kernels, has_visible_keys, merge_partials
+from longtrain.kernels.blocks import get_block_kernels, has_visible_keys, merge_partials
 from longtrain.parallel.sharding import zigzag_indices
 
 
@@ -244,3 +244,30 @@ def zigzag_ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: to
         raise ValueError(f"local sequence length {q_bshd.shape[1]} != data.seq_len / parallel.sp.ring = "
                          f"{seq_len} / {ring.size}")
     return ring_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale, group=group, seq_idx=seq_idx, stats=stats)
+
+
+class RingAttention:
+    """:func:`zigzag_ring_attention` over ``group`` for sequences of ``seq_len`` tokens, as an
+    attention function (``fn(q_bshd, k_bshd, v_bshd, doc_ids=None, scale=None) -> out_bshd``).
+
+    It does not stream (:mod:`longtrain.kernels.attention`): a chunk's keys live on every rank of
+    the ring, so StreamBP recomputes ring attention whole (one ring pass, as under checkpointing).
+    """
+
+    can_stream = False
+
+    def __init__(self, group: Optional[dist.ProcessGroup], seq_len: int, stats: Optional[RingStats] = None):
+        self.group, self.seq_len, self.stats = group, seq_len, stats
+
+    def __repr__(self) -> str:
+        return f"RingAttention(seq_len={self.seq_len})"
+
+    def __call__(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
+                 doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+        return zigzag_ring_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale, group=self.group,
+                                     seq_len=self.seq_len, stats=self.stats)
+
+    def chunk_keys(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                   scale: float, num_heads: int) -> None:
+        """None: ring attention cannot stream (class docstring)."""
+        return None

@@ -3,7 +3,7 @@
 Each of the ``U`` ranks of the Ulysses ``group`` holds a contiguous ``1/U`` slice of the sequence
 (group rank ``u`` holds tokens ``[u*S/U, (u+1)*S/U)``) of every head. An all-to-all turns that into
 the whole (Ulysses-level) sequence of ``H/U`` heads, any attention function with the contract of
-:func:`~longtrain.parallel.attention.local_attention` runs on it (the local kernel, or ring
+:func:`~longtrain.kernels.attention.local_attention` runs on it (the local kernel, or ring
 attention in the hybrid layout, where "the whole sequence" is the ring rank's share), and a second
 all-to-all turns the output back (DeepSpeed-Ulysses, 2023, section 3).
 
@@ -51,7 +51,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from longtrain.parallel.attention import local_attention
+from longtrain.kernels.attention import ChunkKeys, LocalAttention, local_attention
+from longtrain.kernels.fused import block_attention
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -334,7 +335,7 @@ def _all_gather_seq(x_bs: torch.Tensor, group: Optional[dist.ProcessGroup], stat
 class UlyssesAttention:
     """Attention function that runs ``inner`` on the whole sequence of a slice of heads.
 
-    Called like :func:`~longtrain.parallel.attention.local_attention`, on the local sequence slice:
+    Called like :func:`~longtrain.kernels.attention.local_attention`, on the local sequence slice:
     ``fn(q_bshd, k_bshd, v_bshd, doc_ids=None, scale=None) -> out_bshd``.
 
     Args:
@@ -351,6 +352,10 @@ class UlyssesAttention:
 
     Raises:
         ValueError: from :func:`validate_ulysses` when the heads do not split over U.
+
+    Streaming (:meth:`chunk_keys`): with local attention inside, a StreamBP chunk's keys are this
+    rank's heads of the whole sequence (:class:`_UlyssesChunkKeys`); with ring attention inside
+    they live on other ring ranks and it does not stream.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, inner: AttentionFn = local_attention,
@@ -371,6 +376,32 @@ class UlyssesAttention:
     def __repr__(self) -> str:
         inner = getattr(self.inner, "__name__", type(self.inner).__name__)
         return f"UlyssesAttention(degree={self.degree}, chunks={self.chunks}, inner={inner})"
+
+    @property
+    def can_stream(self) -> bool:
+        """Whether :meth:`chunk_keys` returns a strategy (local attention inside), without tensors."""
+        return isinstance(self.inner, LocalAttention)
+
+    def chunk_keys(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                   scale: float, num_heads: int) -> Optional[ChunkKeys]:
+        """How a StreamBP query chunk gets its keys (:mod:`longtrain.kernels.attention`).
+
+        Args:
+            k_bshd, v_bshd: [B, s, Hkv, D] this rank's K (after RoPE) and V of its local slice.
+            doc_ids: [B, s] local document ids, or None.
+            scale: softmax scale.
+            num_heads: Hq of the layer (for the KV replication).
+
+        Returns:
+            None when ``inner`` is not local attention (ring, hybrid); the local strategy at degree
+            1; else a :class:`_UlyssesChunkKeys`, whose construction runs the K/V all-to-all (every
+            rank of the group must call it together, as it calls the attention).
+        """
+        if not self.can_stream:
+            return None
+        if self.degree == 1:
+            return self.inner.chunk_keys(k_bshd, v_bshd, doc_ids, scale, num_heads)
+        return _UlyssesChunkKeys(self, k_bshd, v_bshd, doc_ids, scale, num_heads)
 
     def effective_chunks(self, num_kv_heads: int, rep: int) -> int:
         """Head chunks used for a model with ``num_kv_heads`` KV heads replicated ``rep`` times."""
@@ -443,3 +474,41 @@ class UlyssesAttention:
                                                  q_bshd, k_rep_bshd, v_rep_bshd)
         out_bShd = self.inner(q_bShd, k_bShd, v_bShd, doc_ids=self._gather_doc_ids(doc_ids), scale=scale)
         return all_to_all_heads_to_seq(out_bShd, self.group, self.stats)
+
+
+class _UlyssesChunkKeys(ChunkKeys):
+    """StreamBP keys under Ulysses: this rank's heads of the whole Ulysses-level sequence.
+
+    The chunk ``[start, end)`` of every rank's local slice is one step: its queries go through the
+    all-to-all (rank u's chunk holds global tokens ``u*s + [start, end)``), attend to the key prefix
+    after the all-to-all, and come back; dK/dV of the whole sequence return with one all-to-all at
+    the end and the KV replicas are summed.
+    """
+
+    def __init__(self, attn: UlyssesAttention, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
+                 doc_ids: Optional[torch.Tensor], scale: float, num_heads: int) -> None:
+        self.attn, self.local_seq, self.num_kv = attn, k_bshd.shape[SEQ_DIM], k_bshd.shape[HEAD_DIM]
+        self.rep = attn._kv_replication(num_heads, self.num_kv)
+        k_bShd, v_bShd = _exchange([attn._replicate_kv(k_bshd, self.rep), attn._replicate_kv(v_bshd, self.rep)],
+                                   attn.group, HEAD_DIM, SEQ_DIM, attn.stats)
+        super().__init__(k_bShd, v_bShd, attn._gather_doc_ids(doc_ids), scale)
+
+    def key_end(self, start: int, end: int) -> int:
+        return (self.attn.degree - 1) * self.local_seq + end
+
+    def attend(self, q_bchd, start: int, end: int, k_prefix, v_prefix):
+        attn = self.attn
+        q_bChd = all_to_all_seq_to_heads(q_bchd, attn.group, attn.stats)
+        q_idx = torch.cat([torch.arange(u * self.local_seq + start, u * self.local_seq + end)
+                           for u in range(attn.degree)]).to(q_bchd.device)
+        k_idx = torch.arange(0, k_prefix.shape[1], device=q_bchd.device)
+        q_doc, k_doc = (None, None) if self.doc_ids is None else (self.doc_ids[:, q_idx],
+                                                                  self.doc_ids[:, :k_prefix.shape[1]])
+        out_bChd = block_attention(q_bChd, k_prefix, v_prefix, q_idx, k_idx, q_doc, k_doc, self.scale)
+        return all_to_all_heads_to_seq(out_bChd, attn.group, attn.stats)
+
+    def local_grads(self, dk_bShd, dv_bShd):
+        attn = self.attn
+        dk_bshd, dv_bshd = _exchange([dk_bShd, dv_bShd], attn.group, SEQ_DIM, HEAD_DIM, attn.stats, backward=True)
+        # Replicas are consecutive (repeat_interleave): head h's copies are h*rep .. h*rep+rep-1.
+        return tuple(t.unflatten(HEAD_DIM, (self.num_kv, self.rep)).sum(HEAD_DIM + 1) for t in (dk_bshd, dv_bshd))

@@ -209,6 +209,8 @@ def apply_zero(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paralle
         deepspeed.zero.register_external_parameter(wrapper, model.output_weight)
     engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=ds_config,
                                            mpu=mpu, dist_init_required=False)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        install_param_gather(model)
     # The engine must see longtrain's groups, or grad_divisor would compensate the wrong factor.
     assert (engine.seq_dp_world_size, engine.sequence_parallel_size) == (dims.size("dp_sp"), dims.size("sp")), \
         (engine.seq_dp_world_size, engine.sequence_parallel_size, dims.describe())
@@ -223,6 +225,28 @@ def grad_divisor(stage: int, dims: ParallelDims) -> float:
     """What DeepSpeed divides the summed gradient by at ``stage`` (module docstring): dp x sp for
     ZeRO-3's reduce-scatter, dp for ZeRO-1/2."""
     return float(dims.size("dp_sp") if stage == 3 else dims.size("dp"))
+
+
+def install_param_gather(module: nn.Module) -> int:
+    """ZeRO-3: give every submodule that gathers its own parameters (those with a
+    ``set_param_gather(factory)`` method: StreamBP's streamed layers) the factory
+    ``params -> deepspeed.zero.GatheredParameters(params)``, looked up at each call.
+
+    Returns:
+        How many submodules took it.
+
+    Raises:
+        ValueError: from a layer that cannot take a gather (StreamBP with ring attention).
+    """
+    import deepspeed
+
+    def gather(params):
+        return deepspeed.zero.GatheredParameters(list(params))
+
+    takers = [m for m in module.modules() if callable(getattr(m, "set_param_gather", None))]
+    for m in takers:
+        m.set_param_gather(gather)
+    return len(takers)
 
 
 def full_fp32_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -15,10 +15,16 @@ backward in chunks of the sequence, so at any moment only one chunk's activation
 3. dK and dV are pushed through k-norm/RoPE and the K/V projections chunk by chunk, adding the
    rest of the input gradient and of the norm and projection weight gradients.
 
-Sequence parallelism. With Ulysses attention the chunks are chunks of the local slice: step 1
-sends K/V through the all-to-all once (every rank then holds its heads of the whole sequence),
-each chunk's queries go through the all-to-all, attend to the key prefix and come back, and the
-accumulated dK/dV return with one all-to-all before step 3 (the KV replicas of GQA are summed).
+How a chunk gets its keys is the attention function's answer, not this module's: step 1 hands
+this rank's K/V to ``attn_fn.chunk_keys(...)``, which returns a
+:class:`~longtrain.kernels.attention.ChunkKeys` (the whole-sequence K/V the chunks read, the key
+prefix a chunk may see, how it attends, and how dK/dV get back to this rank's own tokens) or None
+when attention cannot stream (an attention function without ``chunk_keys`` counts as None, and
+``can_stream`` answers the same question without tensors). Local attention streams with no
+communication. With Ulysses attention the chunks are chunks of the local slice: step 1 sends K/V
+through the all-to-all once (every rank then holds its heads of the whole sequence), each chunk's
+queries go through the all-to-all, attend to the key prefix and come back, and the accumulated
+dK/dV return with one all-to-all before step 3 (the KV replicas of GQA are summed).
 With ring or hybrid attention, whose keys live on other ranks, the attention half of the layer is
 recomputed whole (its ring passes run once, as under gradient checkpointing) and the MLP half,
 the larger working set, streams. Streaming the ring's attention too would run one ring pass per
@@ -31,31 +37,41 @@ MoE layers. The chunked recomputation routes every token to the experts the forw
 as [B, S, top_k] ids), so a near-tie in the router that rounding could flip between a chunk and
 the whole sequence cannot change the function being differentiated; the routing weights are
 recomputed from the router, so the router's gradient is exact too. A capacity factor depends on
-the whole batch and is refused (``Transformer.set_streambp``).
+the whole batch and is refused (:func:`~longtrain.memory.wrappers.apply_streambp`).
 
 The result equals ordinary backprop up to summation order (tested in fp64 to 1e-10 relative). The
 weight gradients leave the layer once, after the last chunk, so a gradient hook (DDP, ZeRO) fires
 once per layer per backward, not once per chunk.
 
+Partitioned parameters (ZeRO-3). The caller may pass ``param_gather``, a factory
+``param_gather(params) -> context manager`` in which ``params`` are whole (the ZeRO side installs
+one, :func:`~longtrain.parallel.zero.install_param_gather`). With one, the layer's parameters are
+gathered once for the forward and once for the whole streamed backward (held until their
+gradients have been accumulated), and the chunks run the submodules' ``forward`` directly so the
+per-module hooks do not gather them again per chunk. This module knows nothing else of ZeRO.
+
 Layouts: ``x_bsh`` [B, S, hidden]; ``k_bshd``/``v_bshd`` [B, S, Hkv, D]; ``q_bchd`` [B, chunk, Hq, D].
 """
 from __future__ import annotations
 
-import contextlib
-from typing import List, Optional, Sequence
+from typing import Callable, ContextManager, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from longtrain.kernels.attention import ChunkKeys
+from longtrain.memory.offload import HostCopy
 from longtrain.models.llama import DecoderLayer, apply_rope
 from longtrain.models.moe import MoE
-from longtrain.parallel.fused_kernels import block_attention
+
+ParamGather = Callable[[List[torch.Tensor]], ContextManager]
+"""``factory(params) -> context manager`` in which ``params`` are whole (module docstring)."""
 
 
 def _run(module: nn.Module, *args):
-    """``module(*args)`` without its hooks: under ZeRO-3 the streamed backward gathers a layer's
-    parameters once (:func:`_gathered`), and the per-module hooks would gather and release them
-    again around every call, once per chunk."""
+    """``module(*args)`` without its hooks: with a parameter gather (ZeRO-3) the streamed backward
+    gathers a layer's parameters once, and the per-module hooks would gather and release them again
+    around every call, once per chunk."""
     return module.forward(*args)
 
 
@@ -71,30 +87,17 @@ def _mlp(layer: DecoderLayer, h_bsh: torch.Tensor, routing_bsk: Optional[torch.T
     return _run(mlp.down_proj, torch.nn.functional.silu(_run(mlp.gate_proj, x)) * _run(mlp.up_proj, x))
 
 
-def _zero3(params: Sequence[torch.Tensor]) -> bool:
-    return any(hasattr(p, "ds_id") for p in params)
-
-
-def _gathered(params: Sequence[torch.Tensor]):
-    """Context in which ZeRO-3-partitioned ``params`` are whole (one all-gather per layer), else nothing."""
-    if not _zero3(params):
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(list(params))
-
-
 class _HeldGather:
-    """ZeRO-3 parameters gathered in a streamed backward and held until their gradients have been
-    accumulated: autograd runs a parameter's AccumulateGrad (and ZeRO-3's reduce hook on it) right
-    after the node that produced the gradient, before the nodes upstream, so
+    """Partitioned parameters gathered in a streamed backward and held until their gradients have
+    been accumulated: autograd runs a parameter's AccumulateGrad (and ZeRO-3's reduce hook on it)
+    right after the node that produced the gradient, before the nodes upstream, so
     :class:`_ReleaseAfterBackward`, placed on the layer input, releases them after that."""
 
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
-        self.params, self.context = list(params), None
+    def __init__(self, param_gather: ParamGather, params: Sequence[torch.Tensor]) -> None:
+        self.param_gather, self.params, self.context = param_gather, list(params), None
 
     def gather(self) -> None:
-        import deepspeed
-        self.context = deepspeed.zero.GatheredParameters(self.params)
+        self.context = self.param_gather(self.params)
         self.context.__enter__()
 
     def release(self) -> None:
@@ -127,84 +130,23 @@ def _keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor
     return apply_rope(k_bshd, cos_bsd, sin_bsd), v_bshd
 
 
-class _LocalKeys:
-    """K/V of the whole sequence for a layer with local attention (no communication)."""
-
-    def __init__(self, layer: DecoderLayer, x_bsh, cos_bsd, sin_bsd, doc_ids) -> None:
-        self.k_bshd, self.v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
-        self.doc_ids, self.scale = doc_ids, layer.self_attn.scale
-
-    def key_end(self, start: int, end: int) -> int:
-        """Keys ``[0, key_end)`` of :attr:`k_bshd` that chunk ``[start, end)`` may see."""
-        return end
-
-    def attend(self, q_bchd, start: int, end: int, k_bshd, v_bshd):
-        """Attention of the chunk's queries over the key prefix (differentiable in all three)."""
-        q_idx = torch.arange(start, end, device=q_bchd.device)
-        k_idx = torch.arange(0, end, device=q_bchd.device)
-        q_doc, k_doc = (None, None) if self.doc_ids is None else (self.doc_ids[:, start:end], self.doc_ids[:, :end])
-        return block_attention(q_bchd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, self.scale)
-
-    def local_grads(self, dk_bshd, dv_bshd):
-        """dK/dV of this rank's own tokens from those of :attr:`k_bshd`."""
-        return dk_bshd, dv_bshd
+def can_stream(attn_fn) -> bool:
+    """Whether ``attn_fn`` streams its keys (``attn_fn.can_stream``; False for a function without
+    the streaming contract of :mod:`longtrain.kernels.attention`)."""
+    return bool(getattr(attn_fn, "can_stream", False))
 
 
-class _UlyssesKeys(_LocalKeys):
-    """K/V for a layer with Ulysses attention: this rank's heads of the whole Ulysses-level sequence.
-
-    The chunk ``[start, end)`` of every rank's local slice is one step: its queries go through the
-    all-to-all (rank u's chunk holds global tokens ``u*s + [start, end)``), attend to the key prefix
-    after the all-to-all, and come back; dK/dV of the whole sequence return with one all-to-all at
-    the end and the KV replicas are summed.
-    """
-
-    def __init__(self, layer: DecoderLayer, x_bsh, cos_bsd, sin_bsd, doc_ids) -> None:
-        from longtrain.parallel.ulysses import HEAD_DIM, SEQ_DIM, _exchange
-        attn = layer.self_attn.attn_fn
-        k_bshd, v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
-        self.rep = attn._kv_replication(layer.self_attn.num_heads, k_bshd.shape[HEAD_DIM])
-        self.ulysses, self.local_seq, self.num_kv = attn, x_bsh.shape[1], k_bshd.shape[HEAD_DIM]
-        self.k_bshd, self.v_bshd = _exchange([attn._replicate_kv(k_bshd, self.rep), attn._replicate_kv(v_bshd, self.rep)],
-                                             attn.group, HEAD_DIM, SEQ_DIM, attn.stats)
-        self.doc_ids, self.scale = attn._gather_doc_ids(doc_ids), layer.self_attn.scale
-
-    def key_end(self, start: int, end: int) -> int:
-        return (self.ulysses.degree - 1) * self.local_seq + end
-
-    def attend(self, q_bchd, start: int, end: int, k_bshd, v_bshd):
-        from longtrain.parallel.ulysses import all_to_all_heads_to_seq, all_to_all_seq_to_heads
-        attn = self.ulysses
-        q_bChd = all_to_all_seq_to_heads(q_bchd, attn.group, attn.stats)
-        q_idx = torch.cat([torch.arange(u * self.local_seq + start, u * self.local_seq + end)
-                           for u in range(attn.degree)]).to(q_bchd.device)
-        k_idx = torch.arange(0, k_bshd.shape[1], device=q_bchd.device)
-        q_doc, k_doc = (None, None) if self.doc_ids is None else (self.doc_ids[:, q_idx], self.doc_ids[:, :k_bshd.shape[1]])
-        out_bChd = block_attention(q_bChd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, self.scale)
-        return all_to_all_heads_to_seq(out_bChd, attn.group, attn.stats)
-
-    def local_grads(self, dk_bShd, dv_bShd):
-        from longtrain.parallel.ulysses import HEAD_DIM, SEQ_DIM, _exchange
-        attn = self.ulysses
-        dk_bshd, dv_bshd = _exchange([dk_bShd, dv_bShd], attn.group, SEQ_DIM, HEAD_DIM, attn.stats, backward=True)
-        # Replicas are consecutive (repeat_interleave): head h's copies are h*rep .. h*rep+rep-1.
-        return tuple(t.unflatten(HEAD_DIM, (self.num_kv, self.rep)).sum(HEAD_DIM + 1) for t in (dk_bshd, dv_bshd))
+def _chunk_keys(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
+                doc_ids: Optional[torch.Tensor]) -> ChunkKeys:
+    """The attention function's key strategy for ``layer`` (one that streams, :func:`can_stream`)."""
+    attn = layer.self_attn
+    k_bshd, v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
+    keys = attn.attn_fn.chunk_keys(k_bshd, v_bshd, doc_ids, attn.scale, attn.num_heads)
+    assert keys is not None, f"{attn.attn_fn!r} says it can stream but returned no chunk keys"
+    return keys
 
 
-def _keys_for(layer: DecoderLayer):
-    """The K/V strategy that streams ``layer``'s attention, or None (attention is recomputed whole)."""
-    from longtrain.parallel.attention import local_attention
-    from longtrain.parallel.ulysses import UlyssesAttention
-
-    fn = layer.self_attn.attn_fn
-    if fn is local_attention:
-        return _LocalKeys
-    if isinstance(fn, UlyssesAttention) and fn.inner is local_attention:
-        return _LocalKeys if fn.degree == 1 else _UlyssesKeys
-    return None
-
-
-def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: _LocalKeys, k_bshd: torch.Tensor,
+def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k_bshd: torch.Tensor,
                   v_bshd: torch.Tensor, cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int,
                   routing_bck: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see
@@ -233,49 +175,18 @@ def _accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torc
             acc[i] = g if acc[i] is None else acc[i] + g
 
 
-_SIDE_STREAMS: dict = {}
-
-
-class _HostCopy:
-    """A layer input parked in pinned host memory, copied on a side stream so the forward does not
-    wait for it; :meth:`fetch` brings it back to the device in the backward. On a CPU device it is
-    kept as is."""
-
-    def __init__(self, x_bsh: torch.Tensor) -> None:
-        self.device = x_bsh.device
-        if not x_bsh.is_cuda:
-            self.tensor, self.event = x_bsh, None
-            return
-        if self.device not in _SIDE_STREAMS:
-            _SIDE_STREAMS[self.device] = torch.cuda.Stream(self.device)
-        stream = _SIDE_STREAMS[self.device]
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # x is complete before it is copied
-        self.tensor = torch.empty(x_bsh.shape, dtype=x_bsh.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            self.tensor.copy_(x_bsh, non_blocking=True)
-        x_bsh.record_stream(stream)  # the allocator must not reuse x until the copy is done
-        self.event = torch.cuda.Event()
-        self.event.record(stream)
-
-    def fetch(self) -> torch.Tensor:
-        if self.event is None:
-            return self.tensor
-        torch.cuda.current_stream(self.device).wait_event(self.event)
-        return self.tensor.to(self.device, non_blocking=True)
-
-
 class _StreamedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, chunk_size, offload, held, cos_bsd, sin_bsd, doc_ids, x_bsh, *params):
         ctx.layer, ctx.chunk_size, ctx.held = layer, chunk_size, held
         device_type = x_bsh.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.host_copy = _HostCopy(x_bsh) if offload else None
+        ctx.host_copy = HostCopy(x_bsh) if offload else None
         ctx.save_for_backward(None if offload else x_bsh, cos_bsd, sin_bsd, doc_ids)
-        if not _zero3(params):
-            out_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
-        else:  # ZeRO-3: the parameters were gathered by streamed_layer; compute without module hooks.
-            keys = _keys_for(layer)(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
+        if held is None:  # the layer's own forward, past any wrapper (memory.wrappers swaps the class)
+            out_bsh = getattr(layer, "plain_forward", layer)(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        else:  # gathered by streamed_layer: compute without the module hooks
+            keys = _chunk_keys(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
             out_bsh = _chunk_output(layer, x_bsh, keys, keys.k_bshd, keys.v_bshd, cos_bsd, sin_bsd, 0)
         ctx.routing_bsk = _routing(layer, x_bsh)
         return out_bsh
@@ -292,9 +203,8 @@ class _StreamedLayer(torch.autograd.Function):
         if ctx.held is not None:
             ctx.held.gather()  # once for the whole streamed backward; released by _ReleaseAfterBackward
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            keys_cls = _keys_for(layer)
-            if keys_cls is not None:
-                dx_bsh, dparams = _stream_whole_layer(layer, keys_cls, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd,
+            if can_stream(layer.self_attn.attn_fn):
+                dx_bsh, dparams = _stream_whole_layer(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd,
                                                       sin_bsd, doc_ids, params, ctx.routing_bsk)
             else:
                 dx_bsh, dparams = _stream_mlp(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
@@ -306,7 +216,7 @@ class _StreamedLayer(torch.autograd.Function):
 
 def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params,
                 routing_bsk=None):
-    """Backward for a layer whose attention is distributed (Ulysses, ring): the attention half is
+    """Backward for a layer whose attention cannot stream (ring, hybrid): the attention half is
     recomputed whole (its collectives run once, as in gradient checkpointing) and the MLP half,
     the larger working set, streams in chunks."""
     with torch.enable_grad():
@@ -329,14 +239,14 @@ def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_b
     return grads[0], dparams
 
 
-def _stream_whole_layer(layer: DecoderLayer, keys_cls, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
+def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
                         params, routing_bsk=None):
     """Backward of a layer with local or Ulysses attention, every part streamed (module docstring)."""
     seq = x_bsh.shape[1]
     dx_bsh = torch.zeros_like(x_bsh, dtype=torch.promote_types(x_bsh.dtype, torch.float32))
     dparams: List[Optional[torch.Tensor]] = [None] * len(params)
     with torch.no_grad():
-        keys = keys_cls(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
+        keys = _chunk_keys(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
     acc_dtype = torch.promote_types(keys.k_bshd.dtype, torch.float32)
     dk_bshd = torch.zeros(keys.k_bshd.shape, dtype=acc_dtype, device=x_bsh.device)
     dv_bshd = torch.zeros_like(dk_bshd)
@@ -371,42 +281,59 @@ def _stream_whole_layer(layer: DecoderLayer, keys_cls, chunk: int, x_bsh, dout_b
 
 
 def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
-                   doc_ids: Optional[torch.Tensor], chunk_size: int, offload: bool = False) -> torch.Tensor:
+                   doc_ids: Optional[torch.Tensor], chunk_size: int, offload: bool = False,
+                   param_gather: Optional[ParamGather] = None) -> torch.Tensor:
     """``layer(x_bsh, cos_bsd, sin_bsd, doc_ids)`` whose backward streams along the sequence.
 
     Args:
-        layer: a :class:`~longtrain.models.llama.DecoderLayer`. With local attention all of it
-            streams; with distributed attention (Ulysses, ring) the MLP half streams and the
-            attention half is recomputed whole.
+        layer: a :class:`~longtrain.models.llama.DecoderLayer`. When its attention function
+            streams (``can_stream``: local, Ulysses over local) all of it streams; otherwise
+            (ring, hybrid, a plain function) the MLP half streams and the attention half is
+            recomputed whole.
         x_bsh: [B, S, hidden] layer input (the only activation kept for the backward).
         cos_bsd, sin_bsd: [B, S, head_dim] RoPE tables.
         doc_ids: [B, S] document ids, or None.
         chunk_size: tokens per backward chunk (any positive number; need not divide S).
         offload: keep the saved input in pinned host memory (copied on a side stream) instead of
             on the GPU until the backward needs it.
+        param_gather: for partitioned parameters (ZeRO-3), ``param_gather(params)`` is a context
+            in which they are whole (module docstring); None when they are whole already.
 
     Returns:
         The layer output [B, S, hidden]; its backward gives exact gradients of ``x_bsh`` and of
         every parameter of ``layer``.
+
+    Raises:
+        ValueError: ``chunk_size < 1``, or a ``param_gather`` with attention that cannot stream.
     """
     if chunk_size < 1:
         raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
     params = [p for p in layer.parameters() if p.requires_grad]
-    if _zero3(params) and _keys_for(layer) is None:
-        raise ValueError("memory.streambp with zero.stage=3 needs local or Ulysses attention (ring and hybrid layouts "
-                         "recompute attention whole through the module hooks); use zero.stage 1 or 2 there")
-    held = None
-    if _zero3(params):
-        held = _HeldGather(params)
-        x_bsh = _ReleaseAfterBackward.apply(held, x_bsh)
-    with _gathered(params):  # ZeRO-3: whole parameters while autograd records their shapes
+    if param_gather is None:
+        return _StreamedLayer.apply(layer, chunk_size, offload, None, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
+    check_param_gather(layer)
+    held = _HeldGather(param_gather, params)
+    x_bsh = _ReleaseAfterBackward.apply(held, x_bsh)
+    with param_gather(params):  # whole parameters while autograd records their shapes
         return _StreamedLayer.apply(layer, chunk_size, offload, held, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
 
 
 def is_streamable(module: nn.Module) -> bool:
     """Whether ``module`` is a decoder layer whose attention :func:`streamed_layer` streams too
     (local or Ulysses attention); otherwise (ring, hybrid) the attention half is recomputed whole."""
-    return isinstance(module, DecoderLayer) and _keys_for(module) is not None
+    return isinstance(module, DecoderLayer) and can_stream(module.self_attn.attn_fn)
+
+
+def check_param_gather(layer: DecoderLayer) -> None:
+    """Refuse a parameter gather (ZeRO-3) for a layer whose attention cannot stream.
+
+    Raises:
+        ValueError: ring or hybrid attention (it recomputes attention whole through the module
+            hooks, which the gathered path bypasses).
+    """
+    if not is_streamable(layer):
+        raise ValueError("memory.streambp with zero.stage=3 needs local or Ulysses attention (ring and hybrid layouts "
+                         "recompute attention whole through the module hooks); use zero.stage 1 or 2 there")
 
 
 def chunk_working_set_bytes(args, batch: int, elem_bytes: int) -> int:

@@ -10,10 +10,12 @@ backward per block from the *merged* output and log-sum-exp (FlashAttention-2, A
 Backends sit behind :func:`get_block_kernels`. The reference backend here is plain torch: dense
 scores per tile of queries, keys past the tile's last query dropped, fp32 math (fp64 for fp64
 inputs). It runs everywhere, is the specification the tests hold other kernels to, and is the
-fallback. On CUDA, :mod:`longtrain.parallel.fused_kernels` registers kernels that cut a block into
-dense segments and run them with flash attention's varlen forward and backward ops (which return
-and take the log-sum-exp); :func:`register_block_kernels` takes any other backend (cuDNN,
-FlexAttention, Triton) with the same contract.
+fallback. On CUDA, :mod:`longtrain.kernels.fused` registers kernels that cut a block into dense
+segments and run them with flash attention's varlen forward and backward ops (which return and
+take the log-sum-exp); it is imported by the package ``longtrain.kernels`` itself, so the
+registration is in place whenever this module is importable and this module never imports it
+back. :func:`register_block_kernels` takes any other backend (cuDNN, FlexAttention, Triton) with
+the same contract.
 
 Layout legend:
     q_bshd      [batch, q_seq, num_heads, head_dim]       queries of the block
@@ -42,7 +44,8 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _check_docs(q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor]) -> None:
+def check_docs(q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``q_doc`` and ``k_doc`` are both given or both None."""
     if (q_doc is None) != (k_doc is None):
         raise ValueError("q_doc and k_doc must both be given or both be None")
 
@@ -64,7 +67,7 @@ def has_visible_keys(q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[t
     shares a document id between queries and keys. Never returns False for a block with a visible
     pair; may return True for an empty one (then the kernel simply yields lse = -inf).
     """
-    _check_docs(q_doc, k_doc)
+    check_docs(q_doc, k_doc)
     if q_idx.numel() == 0 or k_idx.numel() == 0:
         return False
     if bool(k_idx.min() > q_idx.max()):
@@ -95,8 +98,9 @@ def _key_window(q_idx_tile: torch.Tensor, k_idx: torch.Tensor) -> Tuple[bool, Op
     return sel.numel() > 0, sel
 
 
-def _check_shapes(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
+def check_shapes(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
                   k_idx: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless q/k/v and the token indices have the block shapes of the legend."""
     if k_bshd.shape != v_bshd.shape or q_bshd.shape[0] != k_bshd.shape[0] or q_bshd.shape[3] != k_bshd.shape[3]:
         raise ValueError(f"q/k/v shapes disagree: {tuple(q_bshd.shape)}, {tuple(k_bshd.shape)}, "
                          f"{tuple(v_bshd.shape)}")
@@ -123,8 +127,8 @@ def reference_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: 
                             k_doc: Optional[torch.Tensor], scale: float,
                             q_tile: int = Q_TILE) -> Tuple[torch.Tensor, torch.Tensor]:
     """Masked attention of one block, with its log-sum-exp. See :func:`block_attention_forward`."""
-    _check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
-    _check_docs(q_doc, k_doc)
+    check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
+    check_docs(q_doc, k_doc)
     dtype = _compute_dtype(q_bshd, k_bshd, v_bshd)
     num_kv = k_bshd.shape[2]
     q_bkgsd = _split_heads(q_bshd, num_kv, dtype)
@@ -154,8 +158,8 @@ def reference_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bs
                              k_doc: Optional[torch.Tensor], scale: float, q_tile: int = Q_TILE
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block from the merged output and lse. See :func:`block_attention_backward`."""
-    _check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
-    _check_docs(q_doc, k_doc)
+    check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
+    check_docs(q_doc, k_doc)
     dtype = _compute_dtype(q_bshd, k_bshd, v_bshd)
     num_kv = k_bshd.shape[2]
     q_bkgsd = _split_heads(q_bshd, num_kv, dtype)
@@ -203,11 +207,10 @@ def register_block_kernels(device_type: str, forward: BlockForward, backward: Bl
 
 def get_block_kernels(device: torch.device) -> Tuple[BlockForward, BlockBackward]:
     """The (forward, backward) block kernels for ``device``: those registered for its type, else the
-    reference. CUDA's are the fused flash-attention kernels of :mod:`longtrain.parallel.fused_kernels`
-    (which fall back to the reference for inputs flash attention does not take)."""
+    reference. CUDA's are the fused flash-attention kernels of :mod:`longtrain.kernels.fused`
+    (registered when the package is imported; they fall back to the reference for inputs flash
+    attention does not take)."""
     device_type = torch.device(device).type
-    if device_type == "cuda" and device_type not in _BACKENDS:
-        import longtrain.parallel.fused_kernels  # noqa: F401  (registers the CUDA kernels on import)
     return _BACKENDS.get(device_type, (reference_block_forward, reference_block_backward))
 
 

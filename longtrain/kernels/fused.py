@@ -1,6 +1,6 @@
 """Block kernels on fused attention ops: one plan of dense segments, run by flash attention.
 
-The block contract of :mod:`longtrain.parallel.kernels` (queries and keys carrying global token
+The block contract of :mod:`longtrain.kernels.blocks` (queries and keys carrying global token
 indices and document ids, output plus log-sum-exp, backward from the merged statistics) is met
 here by cutting the block into *segments* that a fused kernel computes directly:
 
@@ -30,7 +30,7 @@ Executors:
         segment, the bottom-right diagonal as an additive mask. It exists so that the planner and
         the lse/backward plumbing shared with the CUDA path are tested on CPU against the reference.
 
-Layout legend: as :mod:`longtrain.parallel.kernels`; ``*_thd`` [total_tokens, heads, head_dim] is
+Layout legend: as :mod:`longtrain.kernels.blocks`; ``*_thd`` [total_tokens, heads, head_dim] is
 a varlen concatenation of segments, ``lse_ht`` [heads, total_tokens].
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from longtrain.parallel.kernels import (_check_docs, _check_shapes, reference_block_backward,
-                                        reference_block_forward, register_block_kernels)
+from longtrain.kernels.blocks import (check_docs, check_shapes, reference_block_backward, reference_block_forward,
+                                      register_block_kernels)
 
 
 @dataclass
@@ -127,7 +127,7 @@ def plan_segments(q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torc
         The segments of every row, or None when the indices are not strictly increasing, the
         document ids decrease along a row, or a query group's diagonal is only partly present.
     """
-    _check_docs(q_doc, k_doc)
+    check_docs(q_doc, k_doc)
     q_idx, k_idx = q_idx.detach().to("cpu", torch.long), k_idx.detach().to("cpu", torch.long)
     if not (_ascending(q_idx, strict=True) and _ascending(k_idx, strict=True)):
         return None
@@ -296,7 +296,7 @@ def plan_block(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor]) -> Plan:
     """Check a block's shapes and pick its executor and segments; the forward and the backward of
     the same block take the same plan, so a caller that holds both may plan once."""
-    _check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
+    check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
     executor = _executor(q_bshd)
     return executor, None if executor is None else plan_segments(q_idx, k_idx, q_doc, k_doc, q_bshd.shape[0])
 
@@ -304,7 +304,7 @@ def plan_block(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
 def fused_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
                         k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
                         scale: float, plan: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~longtrain.parallel.kernels.block_attention_forward` on a fused op (reference fallback);
+    """:func:`~longtrain.kernels.blocks.block_attention_forward` on a fused op (reference fallback);
     ``plan`` from :func:`plan_block` (None: planned here)."""
     executor, seg = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc) if plan is None else plan
     if seg is None:
@@ -318,7 +318,7 @@ def fused_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bshd: 
                          out_bshd: torch.Tensor, lse_bhs: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                          q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], scale: float,
                          plan: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~longtrain.parallel.kernels.block_attention_backward` on a fused op (reference fallback);
+    """:func:`~longtrain.kernels.blocks.block_attention_backward` on a fused op (reference fallback);
     ``plan`` from :func:`plan_block` (None: planned here)."""
     executor, seg = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc) if plan is None else plan
     if seg is None:
@@ -354,7 +354,7 @@ def block_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Te
                     k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
                     scale: float) -> torch.Tensor:
     """Differentiable attention of one block (arguments as
-    :func:`~longtrain.parallel.kernels.block_attention_forward`): the fused kernels where they apply,
+    :func:`~longtrain.kernels.blocks.block_attention_forward`): the fused kernels where they apply,
     the reference otherwise."""
     return _BlockAttention.apply(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
 
@@ -363,7 +363,7 @@ def fused_local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: to
                           doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """Causal, document-masked attention of a whole sequence in one fused call per causality.
 
-    Same contract as :func:`~longtrain.parallel.attention.local_attention`; on CUDA every document
+    Same contract as :func:`~longtrain.kernels.attention.local_attention`; on CUDA every document
     of every row goes into one varlen flash-attention call instead of one SDPA call per document.
     """
     scale = 1.0 / math.sqrt(q_bshd.shape[-1]) if scale is None else scale

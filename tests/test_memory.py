@@ -1,0 +1,178 @@
+"""The memory wrappers (activation checkpointing, StreamBP) and the streaming contract of attention.
+
+Tolerances: checkpointing recomputes the very same forward, so its gradients match plain backprop
+to rounding (fp64, 1e-12 relative checked); StreamBP sums the same terms in another order (per
+chunk, K/V projections apart): fp64 agrees to ~1e-14 relative, 1e-10 is checked, as in
+tests/test_streambp.py. A dropped chunk or key prefix moves gradients by 1e-2 or more.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from longtrain.kernels.attention import ChunkKeys, local_attention
+from longtrain.memory import apply_checkpointing, apply_streambp, unwrap_layers
+from longtrain.models import Transformer, get_model_args
+from longtrain.models.llama import DecoderLayer
+from longtrain.optim.loss import chunked_lm_loss
+from longtrain.parallel.ring import RingAttention
+from longtrain.parallel.ulysses import UlyssesAttention
+
+REPO = Path(__file__).resolve().parents[1]
+B, S = 2, 40
+DOCS = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 25 + [1] * 1 + [2] * 14])
+
+
+def _model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    net = Transformer(get_model_args("tiny", num_layers=3, qk_norm=True))
+    net.init_weights()
+    net.double()
+    for p in net.parameters():  # non-trivial norm weights, so their gradients are checked too
+        p.data.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def _loss_and_grads(net: Transformer, ids: torch.Tensor, labels: torch.Tensor):
+    net.zero_grad(set_to_none=True)
+    loss = chunked_lm_loss(net.hidden_states(ids, doc_ids=DOCS), net.output_weight, labels, chunk_size=16)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def _inputs(net: Transformer):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, net.args.vocab_size, (B, S), generator=gen)
+    return ids, torch.randint(0, net.args.vocab_size, (B, S), generator=gen)
+
+
+@pytest.mark.parametrize("wrap", ["checkpointing", "streambp"])
+def test_wrapping_keeps_names_and_gives_the_plain_gradients(wrap):
+    net = _model()
+    ids, labels = _inputs(net)
+    keys, names = list(net.state_dict()), [n for n, _ in net.named_parameters()]
+    want_loss, want = _loss_and_grads(net, ids, labels)
+    if wrap == "checkpointing":
+        apply_checkpointing(net)
+    else:
+        apply_streambp(net, 13, offload=False)
+    assert list(net.state_dict()) == keys and [n for n, _ in net.named_parameters()] == names
+    assert all(isinstance(layer, DecoderLayer) and type(layer) is not DecoderLayer for layer in net.layers)
+    got_loss, got = _loss_and_grads(net, ids, labels)
+    tol = 1e-12 if wrap == "checkpointing" else 1e-10
+    assert got_loss == pytest.approx(want_loss, rel=tol)
+    for name, g in want.items():
+        assert ((got[name] - g).abs().max() / g.abs().max()).item() < tol, name
+    net.eval()  # outside training the wrapped forward is the plain one
+    with torch.no_grad():
+        wrapped_out = net(ids, doc_ids=DOCS)
+        unwrap_layers(net)
+        assert all(type(layer) is DecoderLayer for layer in net.layers)
+        assert not hasattr(net.layers[0], "streambp_chunk")
+        assert torch.equal(wrapped_out, net(ids, doc_ids=DOCS))
+
+
+def test_a_layer_takes_one_wrapper():
+    net = _model()
+    apply_streambp(net, 8, offload=False)
+    for again in (lambda: apply_streambp(net, 16, offload=False), lambda: apply_checkpointing(net)):
+        with pytest.raises(ValueError, match="already wrapped"):
+            again()
+    assert {layer.streambp_chunk for layer in net.layers} == {8}  # the refused call changed nothing
+    unwrap_layers(net)
+    apply_checkpointing(net)
+    with pytest.raises(ValueError, match="memory.checkpointing and memory.streambp.enabled are exclusive"):
+        apply_streambp(net, 8, offload=False)
+    with pytest.raises(ValueError, match="memory.streambp.chunk_size must be positive"):
+        apply_streambp(_model(), 0, offload=False)
+
+
+def test_each_apply_logs_one_line(caplog):
+    net = _model()
+    with caplog.at_level("INFO", logger="longtrain.memory.wrappers"):
+        apply_streambp(net, 8, offload=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "longtrain.memory.wrappers"]
+    assert len(lines) == 1 and "chunks of 8 tokens" in lines[0] and "every part" in lines[0], lines
+
+
+def test_a_param_gather_is_used_once_for_the_forward_and_once_for_the_backward():
+    """The gathered (ZeRO-3) path on CPU with a counting stand-in for the gather: the same
+    gradients (fp64, 1e-10), two gathers per layer, each of the layer's parameters."""
+    net = _model()
+    ids, labels = _inputs(net)
+    want_loss, want = _loss_and_grads(net, ids, labels)
+    apply_streambp(net, 13, offload=False)
+    gathered = []
+
+    def gather(params):
+        gathered.append(len(params))
+        return contextlib.nullcontext()
+    for layer in net.layers:
+        layer.set_param_gather(gather)
+    got_loss, got = _loss_and_grads(net, ids, labels)
+    assert gathered == [len(list(net.layers[0].parameters()))] * (2 * len(net.layers))
+    assert got_loss == pytest.approx(want_loss, rel=1e-10)
+    for name, g in want.items():
+        assert ((got[name] - g).abs().max() / g.abs().max()).item() < 1e-10, name
+
+
+def test_a_param_gather_is_refused_where_attention_cannot_stream():
+    net = _model()
+    net.set_attention_fn(RingAttention(None, S))
+    apply_streambp(net, 8, offload=False)
+    with pytest.raises(ValueError, match="memory.streambp with zero.stage=3 needs local or Ulysses attention"):
+        net.layers[0].set_param_gather(lambda params: contextlib.nullcontext())
+
+
+def test_install_param_gather_reaches_every_streamed_layer():
+    pytest.importorskip("deepspeed")
+    from longtrain.parallel.zero import install_param_gather
+    net = _model()
+    assert install_param_gather(net) == 0  # plain layers take no gather
+    apply_streambp(net, 8, offload=False)
+    assert install_param_gather(net) == len(net.layers)
+    assert all(callable(layer.param_gather) for layer in net.layers)
+
+
+def test_chunk_keys_of_each_attention_function():
+    """Local attention streams with its own keys; Ulysses of degree 1 around it does the same;
+    ring attention, and Ulysses around ring (hybrid), cannot stream. Ulysses of degree 2 is checked
+    under gloo in tests/test_streambp.py."""
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(B, S, 2, 8, generator=gen) for _ in range(2))
+    for fn in (local_attention, UlyssesAttention(None)):
+        keys = fn.chunk_keys(k, v, DOCS, 0.5, 4)
+        assert fn.can_stream and type(keys) is ChunkKeys
+        assert keys.k_bshd is k and keys.v_bshd is v and keys.key_end(8, 16) == 16
+        assert all(a is b for a, b in zip(keys.local_grads(k, v), (k, v)))
+        q = torch.randn(B, 8, 4, 8, generator=gen)
+        torch.testing.assert_close(keys.attend(q, 8, 16, k[:, :16], v[:, :16]),
+                                   local_attention(torch.cat([torch.zeros(B, 8, 4, 8), q], 1), k[:, :16], v[:, :16],
+                                                   doc_ids=DOCS[:, :16], scale=0.5)[:, 8:], rtol=1e-5, atol=1e-6)
+    for fn in (RingAttention(None, S), UlyssesAttention(None, inner=RingAttention(None, S))):
+        assert not fn.can_stream and fn.chunk_keys(k, v, DOCS, 0.5, 4) is None
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or ""
+
+
+def test_memory_and_kernels_keep_to_their_layers():
+    """memory/ imports kernels and models only (no parallel, no DeepSpeed, no ZeRO attribute tests);
+    kernels/ imports nothing else from longtrain."""
+    for path in (REPO / "longtrain" / "memory").glob("*.py"):
+        names = set(_imports(path))
+        assert not {n for n in names if n.split(".")[0] == "deepspeed"}, path
+        assert not {n for n in names if n.startswith(("longtrain.parallel", "longtrain.optim", "longtrain.trainer"))}, \
+            (path, names)
+        assert "ds_id" not in path.read_text(), path
+    for path in (REPO / "longtrain" / "kernels").glob("*.py"):
+        assert all(n.startswith("longtrain.kernels") for n in _imports(path) if n.startswith("longtrain")), path
