@@ -58,8 +58,9 @@ class Config:
 
     def __post_init__(self) -> None:
         require(not (self.memory.streambp.enabled and self.zero.stage == 3 and self.parallel.sp.ring > 1),
-                 "memory.streambp.enabled", "with zero.stage=3 needs local or Ulysses attention: ring and hybrid "
-                 "layouts recompute attention whole through ZeRO-3's module hooks; use zero.stage 1 or 2 there")
+                "memory.streambp.enabled", f"with zero.stage=3 needs local or Ulysses attention, not "
+                f"parallel.sp.ring={self.parallel.sp.ring}: ring and hybrid layouts recompute attention whole "
+                "through ZeRO-3's module hooks; use zero.stage 1 or 2 there")
 
 
 def register_configs() -> None:
