@@ -13,9 +13,9 @@ replicated ``r = U / gcd(Hkv, U)`` times (``repeat_interleave``, so autograd sum
 gradients back): ``r = 1`` when ``Hkv % U == 0``, ``r = U / Hkv`` when ``U % Hkv == 0``, and the
 smallest replication that splits evenly otherwise. The only requirement is ``Hq % U == 0``.
 
-Communication: every all-to-all is one ``dist.all_to_all_single`` on a packed contiguous buffer
-(gloo implements it on CPU, as NCCL does on GPU, so no list-based ``dist.all_to_all`` fallback is
-needed). Q, K and V travel in one buffer, so the forward issues one collective for the inputs and
+Communication (:mod:`longtrain.parallel.all_to_all`): every all-to-all is one
+``dist.all_to_all_single`` on a packed contiguous buffer (gloo implements it on CPU, as NCCL does
+on GPU, so no list-based ``dist.all_to_all`` fallback is needed). Q, K and V travel in one buffer, so the forward issues one collective for the inputs and
 one for the output, and the backward mirrors that (each all-to-all's backward is the inverse
 all-to-all, so dQ, dK and dV also travel together). Tensors of different dtypes cannot share a
 buffer; they go as one ``async_op=True`` all-to-all each, all in flight at once, waited for before
@@ -41,11 +41,8 @@ Layout legend (``s = S/U`` local tokens, ``h = H/U`` heads per rank, ``r`` KV re
 """
 from __future__ import annotations
 
-import itertools
 import math
-import time
 import weakref
-from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,50 +50,12 @@ import torch.distributed as dist
 
 from longtrain.kernels.attention import ChunkKeys, LocalAttention, local_attention
 from longtrain.kernels.fused import block_attention
+from longtrain.parallel.all_to_all import (HEAD_DIM, SEQ_DIM, ULYSSES_STATS, UlyssesStats, _AllToAll,
+                                           all_gather_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads,
+                                           collect, exchange, group_size, post)
 
 AttentionFn = Callable[..., torch.Tensor]
 
-HEAD_DIM, SEQ_DIM = 2, 1  # of a [B, S, H, D] tensor
-
-
-@dataclass
-class UlyssesStats:
-    """Counters of Ulysses traffic on this rank; read and :meth:`reset` by the trainer each step.
-
-    An all-to-all of a local tensor of ``n`` bytes sends ``n * (U-1)/U`` (the row addressed to
-    itself stays); the all-gather of document ids sends its ``n`` bytes to ``U-1`` peers.
-    """
-
-    fwd_bytes_sent: int = 0
-    """Bytes sent in forwards: the q/k/v and output all-to-alls and the document-id all-gather."""
-    bwd_bytes_sent: int = 0
-    """Bytes sent in backwards: the inverse all-to-alls of the gradients."""
-    num_all_to_all: int = 0
-    """All-to-all collectives issued, forward and backward."""
-    num_all_gather: int = 0
-    """Document-id all-gathers issued (cache hits issue none)."""
-    comm_s: float = 0.0
-    """Seconds spent waiting for all-to-alls to complete: the communication not hidden behind compute."""
-
-    @property
-    def bytes_sent(self) -> int:
-        """All Ulysses traffic sent by this rank."""
-        return self.fwd_bytes_sent + self.bwd_bytes_sent
-
-    def reset(self) -> None:
-        """Zero every counter (call once per step)."""
-        for f in fields(self):
-            setattr(self, f.name, type(getattr(self, f.name))(0))
-
-    def as_dict(self) -> Dict[str, int]:
-        """Counters for a metrics logger, with the total under ``bytes_sent``."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["bytes_sent"] = self.bytes_sent
-        return out
-
-
-ULYSSES_STATS = UlyssesStats()
-"""Where Ulysses counts when no ``stats`` object is passed."""
 
 
 def _divisors(n: int) -> List[int]:
@@ -140,96 +99,6 @@ def validate_ulysses(num_heads: int, num_kv_heads: int, degree: int) -> int:
     return rep
 
 
-# ---------------------------------------------------------------------------- the all-to-all
-def _group_size(group: Optional[dist.ProcessGroup]) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
-
-
-@dataclass
-class _Posted:
-    """All-to-alls in flight: their work handles, receive buffers and how to unpack them."""
-
-    works: list
-    received: List[torch.Tensor]
-    packed_shapes: Optional[List[torch.Size]]  # shapes of the tensors packed in one buffer, or None
-    gather_dim: int
-
-
-def _post(xs: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], scatter_dim: int, gather_dim: int,
-          stats: Optional[UlyssesStats], backward: bool = False) -> _Posted:
-    """Start the all-to-all of :func:`_exchange` (asynchronously) and count its bytes."""
-    size = _group_size(group)
-    for x in xs:
-        if x.shape[scatter_dim] % size:
-            raise ValueError(f"all-to-all over {size} ranks cannot split dim {scatter_dim} of shape "
-                             f"{tuple(x.shape)}; make it a multiple of parallel.sp.ulysses={size}")
-    # [..., n, ...] -> [U, ..., n/U, ...]: the chunk for rank j becomes row j.
-    chunks = [x.unflatten(scatter_dim, (size, -1)).movedim(scatter_dim, 0) for x in xs]
-    sizes = [c[0].numel() for c in chunks]
-    if len({x.dtype for x in xs}) == 1:  # one collective on a packed buffer
-        send_uX = torch.empty(size, sum(sizes), dtype=xs[0].dtype, device=xs[0].device)
-        offset = 0
-        for c, n in zip(chunks, sizes):
-            send_uX[:, offset:offset + n].view(c.shape).copy_(c)
-            offset += n
-        received = [torch.empty_like(send_uX)]
-        works = [dist.all_to_all_single(received[0], send_uX, group=group, async_op=True)]
-        packed_shapes = [c.shape for c in chunks]
-    else:  # one collective per tensor, all in flight at once
-        sends = [c.contiguous() for c in chunks]
-        received = [torch.empty_like(t) for t in sends]
-        works = [dist.all_to_all_single(r, t, group=group, async_op=True) for r, t in zip(received, sends)]
-        packed_shapes = None
-    if stats is not None:
-        sent = sum(n * (size - 1) * x.element_size() for n, x in zip(sizes, xs))
-        stats.num_all_to_all += len(works)
-        if backward:
-            stats.bwd_bytes_sent += sent
-        else:
-            stats.fwd_bytes_sent += sent
-    return _Posted(works, received, packed_shapes, gather_dim)
-
-
-def _collect(posted: _Posted, stats: Optional[UlyssesStats]) -> List[torch.Tensor]:
-    """Wait for posted all-to-alls (the wait is the exposed communication) and unpack them."""
-    t0 = time.perf_counter()
-    for work in posted.works:
-        work.wait()
-    if stats is not None:
-        stats.comm_s += time.perf_counter() - t0
-    received = posted.received
-    if posted.packed_shapes is not None:
-        bounds = [0, *itertools.accumulate(math.prod(shape[1:]) for shape in posted.packed_shapes)]
-        received = [received[0][:, lo:hi].view(shape)
-                    for lo, hi, shape in zip(bounds[:-1], bounds[1:], posted.packed_shapes)]
-    # [U, ..., m, ...] -> [..., U*m, ...] with the source rank as the outer index.
-    return [r.movedim(0, posted.gather_dim).flatten(posted.gather_dim, posted.gather_dim + 1) for r in received]
-
-
-def _exchange(xs: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], scatter_dim: int,
-              gather_dim: int, stats: Optional[UlyssesStats], backward: bool = False) -> List[torch.Tensor]:
-    """Split each tensor into U chunks along ``scatter_dim``, send chunk j to group rank j, and
-    concatenate the chunks received along ``gather_dim`` in group-rank order."""
-    if _group_size(group) == 1:
-        return [x.clone() for x in xs]
-    return _collect(_post(xs, group, scatter_dim, gather_dim, stats, backward), stats)
-
-
-class _AllToAll(torch.autograd.Function):
-    """All-to-all of several tensors in one collective; its backward is the inverse all-to-all."""
-
-    @staticmethod
-    def forward(ctx, group, scatter_dim, gather_dim, stats, *xs):
-        ctx.args = (group, scatter_dim, gather_dim, stats)
-        return tuple(_exchange(xs, group, scatter_dim, gather_dim, stats))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        group, scatter_dim, gather_dim, stats = ctx.args
-        return (None, None, None, None, *_exchange(grads, group, gather_dim, scatter_dim, stats, backward=True))
-
-
-# ---------------------------------------------------------------------------- pipelined head chunks
 def _head_chunks(x_bshd: torch.Tensor, degree: int, chunks: int) -> List[torch.Tensor]:
     """Cut each rank's head slice into ``chunks`` parts: chunk c holds heads ``[c*h/C, (c+1)*h/C)``
     of every rank's slice, so its all-to-all delivers that sub-slice to every rank."""
@@ -256,17 +125,17 @@ class _PipelinedUlysses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn, chunks, doc_ids_bS, scale, q_bshd, k_bshd, v_bshd):
         group, stats, degree = attn.group, attn.stats, attn.degree
-        posted = [_post(parts, group, HEAD_DIM, SEQ_DIM, stats)
+        posted = [post(parts, group, HEAD_DIM, SEQ_DIM, stats)
                   for parts in zip(*(_head_chunks(t, degree, chunks) for t in (q_bshd, k_bshd, v_bshd)))]
         leaves, outs, out_posted = [], [], []
-        for post in posted:
-            qkv = [t.detach().requires_grad_() for t in _collect(post, stats)]
+        for pending in posted:
+            qkv = [t.detach().requires_grad_() for t in collect(pending, stats)]
             with torch.enable_grad():
                 out_bShd = attn.inner(*qkv, doc_ids=doc_ids_bS, scale=scale)
             leaves.append(qkv)
             outs.append(out_bShd)
-            out_posted.append(_post([out_bShd.detach()], group, SEQ_DIM, HEAD_DIM, stats))
-        out_bshd = _join_head_chunks([_collect(post, stats)[0] for post in out_posted], degree)
+            out_posted.append(post([out_bShd.detach()], group, SEQ_DIM, HEAD_DIM, stats))
+        out_bshd = _join_head_chunks([collect(pending, stats)[0] for pending in out_posted], degree)
         ctx.attn, ctx.chunks, ctx.graphs = attn, chunks, (leaves, outs)
         return out_bshd
 
@@ -274,61 +143,15 @@ class _PipelinedUlysses(torch.autograd.Function):
     def backward(ctx, dout_bshd):
         attn, (leaves, outs) = ctx.attn, ctx.graphs
         group, stats, degree = attn.group, attn.stats, attn.degree
-        posted = [_post([d], group, HEAD_DIM, SEQ_DIM, stats, backward=True)
+        posted = [post([d], group, HEAD_DIM, SEQ_DIM, stats, backward=True)
                   for d in _head_chunks(dout_bshd, degree, ctx.chunks)]
         grads_posted = []
-        for post, qkv, out_bShd in zip(posted, leaves, outs):
-            grads = torch.autograd.grad(out_bShd, qkv, _collect(post, stats)[0])
-            grads_posted.append(_post(grads, group, SEQ_DIM, HEAD_DIM, stats, backward=True))
+        for pending, qkv, out_bShd in zip(posted, leaves, outs):
+            grads = torch.autograd.grad(out_bShd, qkv, collect(pending, stats)[0])
+            grads_posted.append(post(grads, group, SEQ_DIM, HEAD_DIM, stats, backward=True))
         ctx.graphs = None
-        grads = zip(*(_collect(post, stats) for post in grads_posted))
+        grads = zip(*(collect(pending, stats) for pending in grads_posted))
         return (None, None, None, None, *(_join_head_chunks(parts, degree) for parts in grads))
-
-
-def all_to_all_seq_to_heads(x_bshd: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
-                            stats: Optional[UlyssesStats] = None) -> torch.Tensor:
-    """``[B, S/U, H, D]`` (a sequence slice of every head) to ``[B, S, H/U, D]`` (every token of a
-    head slice), differentiably.
-
-    Args:
-        x_bshd: local slice; group rank ``u`` holds tokens ``[u*S/U, (u+1)*S/U)``.
-        group: the Ulysses process group (None: the default group).
-        stats: counters to add the bytes sent to (None: :data:`ULYSSES_STATS`).
-
-    Returns:
-        x_bShd: heads ``[u*H/U, (u+1)*H/U)`` of the whole sequence on group rank ``u``.
-
-    Raises:
-        ValueError: H is not a multiple of the group size.
-    """
-    return _AllToAll.apply(group, HEAD_DIM, SEQ_DIM, ULYSSES_STATS if stats is None else stats, x_bshd)[0]
-
-
-def all_to_all_heads_to_seq(x_bShd: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
-                            stats: Optional[UlyssesStats] = None) -> torch.Tensor:
-    """Inverse of :func:`all_to_all_seq_to_heads`: ``[B, S, H/U, D]`` to ``[B, S/U, H, D]``.
-
-    Raises:
-        ValueError: S is not a multiple of the group size.
-    """
-    return _AllToAll.apply(group, SEQ_DIM, HEAD_DIM, ULYSSES_STATS if stats is None else stats, x_bShd)[0]
-
-
-def _all_gather_seq(x_bs: torch.Tensor, group: Optional[dist.ProcessGroup], stats: Optional[UlyssesStats]
-                    ) -> torch.Tensor:
-    """Concatenate ``[B, s]`` slices of every group rank along the sequence (no autograd)."""
-    size = _group_size(group)
-    src = x_bs.detach().contiguous()
-    # Concatenated along dim 0 ([U*B, s]), the output form every backend accepts (gloo refuses [U, B, s]).
-    out_ubs = torch.empty((size * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
-    # Recent torch names the tensor all-gather all_gather_single and deprecates the old name.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out_ubs, src, group=group)
-    out_ubs = out_ubs.unflatten(0, (size, -1))
-    if stats is not None:
-        stats.num_all_gather += 1
-        stats.fwd_bytes_sent += src.numel() * src.element_size() * (size - 1)
-    return out_ubs.movedim(0, 1).flatten(1, 2)
 
 
 # ---------------------------------------------------------------------------- the attention wrapper
@@ -366,7 +189,7 @@ class UlyssesAttention:
         self.group = group
         self.inner = inner
         self.chunks = chunks
-        self.degree = _group_size(group)
+        self.degree = group_size(group)
         self.stats = stats if stats is not None else ULYSSES_STATS
         self._replication: Dict[Tuple[int, int], int] = {}
         self._doc_cache: Optional[Tuple[weakref.ref, int, torch.Tensor]] = None
@@ -435,7 +258,7 @@ class UlyssesAttention:
         cache = self._doc_cache
         if cacheable and cache is not None and cache[0]() is doc_ids_bs and cache[1] == doc_ids_bs._version:
             return cache[2]
-        doc_ids_bS = _all_gather_seq(doc_ids_bs, self.group, self.stats)
+        doc_ids_bS = all_gather_seq(doc_ids_bs, self.group, self.stats)
         self._doc_cache = (weakref.ref(doc_ids_bs), doc_ids_bs._version, doc_ids_bS) if cacheable else None
         return doc_ids_bS
 
@@ -489,7 +312,7 @@ class _UlyssesChunkKeys(ChunkKeys):
                  doc_ids: Optional[torch.Tensor], scale: float, num_heads: int) -> None:
         self.attn, self.local_seq, self.num_kv = attn, k_bshd.shape[SEQ_DIM], k_bshd.shape[HEAD_DIM]
         self.rep = attn._kv_replication(num_heads, self.num_kv)
-        k_bShd, v_bShd = _exchange([attn._replicate_kv(k_bshd, self.rep), attn._replicate_kv(v_bshd, self.rep)],
+        k_bShd, v_bShd = exchange([attn._replicate_kv(k_bshd, self.rep), attn._replicate_kv(v_bshd, self.rep)],
                                    attn.group, HEAD_DIM, SEQ_DIM, attn.stats)
         super().__init__(k_bShd, v_bShd, attn._gather_doc_ids(doc_ids), scale)
 
@@ -509,6 +332,6 @@ class _UlyssesChunkKeys(ChunkKeys):
 
     def local_grads(self, dk_bShd, dv_bShd):
         attn = self.attn
-        dk_bshd, dv_bshd = _exchange([dk_bShd, dv_bShd], attn.group, SEQ_DIM, HEAD_DIM, attn.stats, backward=True)
+        dk_bshd, dv_bshd = exchange([dk_bShd, dv_bShd], attn.group, SEQ_DIM, HEAD_DIM, attn.stats, backward=True)
         # Replicas are consecutive (repeat_interleave): head h's copies are h*rep .. h*rep+rep-1.
         return tuple(t.unflatten(HEAD_DIM, (self.num_kv, self.rep)).sum(HEAD_DIM + 1) for t in (dk_bshd, dv_bshd))
