@@ -71,8 +71,9 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
 
 
 def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0) -> None:
-    """Make every attention layer of ``model`` sequence-parallel over ``dims`` (no-op at sp=1)."""
+    """Make every attention layer of ``model`` sequence-parallel over ``dims`` (local attention stays at sp=1)."""
     if dims.sp == 1:
+        log.info("sequence parallel: none (sp=1), local attention on every layer")
         return
     attn = build_sp_attention(dims, seq_len, ulysses_chunks)
     model.set_attention_fn(attn)
@@ -102,6 +103,8 @@ def apply_layer_wrappers(model: nn.Module, streambp: bool, chunk_size, offload: 
         apply_streambp(model, chunk_size, offload)
     elif checkpointing:
         apply_checkpointing(model)
+    else:
+        log.info("layer wrappers: none (memory.checkpointing and memory.streambp.enabled are off)")
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, dims: ParallelDims, cfg: Config, bf16: bool,
