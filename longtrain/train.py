@@ -6,6 +6,12 @@ Configuration and data errors print one line naming the key, file or value and e
 faults that end a run (:class:`~longtrain.trainer.faults.TrainingFault`: a non-finite step, a
 failed checkpoint save, a dead rank or a timed-out collective) print one line and exit with code 1.
 A graceful stop (SIGTERM, SIGUSR1 or ``run.dir/STOP``) saves a checkpoint and exits with code 0.
+
+Errors meet one boundary (:func:`error_boundary`, :func:`error_line`): the last line on stderr is
+``longtrain: error: ...`` whatever was raised; a file-system refusal or an undecodable file during
+start-up names the config key its path came from (:func:`setup_error`). ``LONGTRAIN_FULL_ERROR=1``
+lets errors raise with their traceback. ``--precheck`` only validates (launch/run.sh runs it once
+before torchrun).
 """
 from __future__ import annotations
 
