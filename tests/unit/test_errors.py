@@ -138,8 +138,6 @@ def prepare(kind: str, tmp: Path, trained: Path, hf: Path) -> dict:
             truncate(run / STEP2 / "model.safetensors", 100)
         elif kind == "ck_flip2":
             flip_byte(run / STEP2 / "model.safetensors")
-        elif kind == "ck_state":
-            (run / STEP2 / "trainer_state.json").write_text("{")
     elif kind.startswith("hf"):
         dst = tmp / "hf"
         shutil.copytree(hf, dst)
