@@ -343,6 +343,25 @@ def test_filesystem_refusal_after_the_checks_is_one_line(tmp_path, monkeypatch, 
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("key", ["run.dir", "data.cache_dir"])
+def test_read_only_file_system_is_told_apart(tmp_path, monkeypatch, key):
+    # No read-only mount can be made here: the check sees one through os.access and os.statvfs.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else real_access(p, mode, **kw))
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if Path(p) == ro else real_statvfs(p))
+    paths = {"run.dir": f"{tmp_path}/run", "data.cache_dir": f"{tmp_path}/cache", key: f"{ro}/x"}
+    code, stderr = run_cli([*MODEL, *REST, *(f"{k}={v}" for k, v in paths.items())])
+    assert_one_error(code, stderr, [f"{key}: cannot write '{ro}/x' in '{ro}': read-only file system",
+                                    "writable file system"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_checks_stay_one_line_under_full_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longtrain.train", "trainer.max_steps=0", f"run.dir={tmp_path}/r"],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "LONGTRAIN_FULL_ERROR": "1"},
