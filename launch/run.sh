@@ -20,7 +20,7 @@ while [[ $# -gt 0 ]]; do
     --nproc=*) nproc="${1#*=}"; shift ;;
     --recipe) recipe="$2"; shift 2 ;;
     --recipe=*) recipe="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) overrides+=("$1"); shift ;;
   esac
 done
