@@ -242,5 +242,6 @@ def test_resuming_another_models_checkpoint_is_one_clear_error(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last == (f"longtrain: error: checkpoint.resume: {tmp_path}/small/checkpoints/step_00000001 holds a "
-                    "different model (differs in head_dim, hidden_size); resume with the same model.* settings or start a "
-                    "new run.dir")
+                    "different model (differs in head_dim, hidden_size: checkpoint vs this run head_dim 16 vs 24, "
+                    "hidden_size 64 vs 96); resume with the same model.* settings or start fresh with "
+                    "checkpoint.resume=none or another run.dir")

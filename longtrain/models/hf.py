@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from longtrain.models.args import MOE_ARCHS, ModelArgs
@@ -186,21 +186,97 @@ def _file_layout(model: Transformer) -> Dict[str, Tuple[str, Tuple]]:
     return layout
 
 
-def _read_config(path: PathLike) -> Dict[str, Any]:
+_WEIGHTS_NEEDED = (f"the directory must hold config.json and the weights as save_pretrained writes them: {SINGLE_FILE}, "
+                   f"or model-*.safetensors shards with {INDEX_FILE} (.bin and .pt weights are not read)")
+
+
+def _read_json(file: Path, what: str) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model.hf_path: '{file}' is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                         f"restore the model's {what}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"model.hf_path: '{file}' is not UTF-8 text; restore the model's {what}") from None
+
+
+def read_hf_config(path: PathLike) -> Dict[str, Any]:
+    """The dict of ``path/config.json``.
+
+    Raises:
+        ValueError: no such directory or file, or a file that is not a JSON object, naming the path.
+    """
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model.hf_path: no config.json in '{path}' (expected a local Hugging Face model directory)")
-    return json.loads(config_file.read_text())
+    cfg = _read_json(config_file, "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model.hf_path: '{config_file}' holds a JSON {type(cfg).__name__}, not an object; "
+                         "restore the model's config.json")
+    return cfg
+
+
+_read_config = read_hf_config
 
 
 def _weight_files(path: PathLike) -> List[Path]:
     root = Path(path)
     if (root / INDEX_FILE).is_file():
-        weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
-        return [root / name for name in sorted(set(weight_map.values()))]
+        index = _read_json(root / INDEX_FILE, INDEX_FILE)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"model.hf_path: '{root / INDEX_FILE}' has no weight_map; restore the model's {INDEX_FILE}")
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"model.hf_path: {INDEX_FILE} in '{path}' names {len(missing)} missing shard(s), e.g. "
+                             f"{', '.join(missing[:3])}; copy every shard into the directory")
+        return files
     if (root / SINGLE_FILE).is_file():
         return [root / SINGLE_FILE]
-    raise ValueError(f"model.hf_path: neither {SINGLE_FILE} nor {INDEX_FILE} in '{path}'")
+    raise ValueError(f"model.hf_path: neither {SINGLE_FILE} nor {INDEX_FILE} in '{path}'; {_WEIGHTS_NEEDED}")
+
+
+def check_safetensors_file(file: Path) -> None:
+    """Check that ``file``'s safetensors header reads and that the file is as long as it says
+    (reads the header only).
+
+    Raises:
+        ValueError: a truncated or damaged file, naming it.
+    """
+    size = file.stat().st_size
+    fix = "copy the file again"
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                raise ValueError("no complete header")
+            header = json.loads(f.read(length))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        raise ValueError(f"model.hf_path: '{file}' is not a readable safetensors file (its header is damaged or the "
+                         f"file is truncated, {size} bytes); {fix}") from None
+    if size < 8 + length + end:
+        raise ValueError(f"model.hf_path: '{file}' is truncated ({size} bytes, its header describes "
+                         f"{8 + length + end}); {fix}")
+
+
+def check_hf_dir(path: PathLike) -> None:
+    """Everything about the Hugging Face directory ``path`` that can be checked without loading
+    weights: config.json, a supported geometry, the weight files and their headers and sizes.
+
+    Raises:
+        ValueError: naming ``model.hf_path``, the file and what the directory must hold.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ValueError(f"model.hf_path: '{path}' does not exist (expected a local Hugging Face model directory)")
+    if not root.is_dir():
+        raise ValueError(f"model.hf_path: '{path}' is not a directory (expected a local Hugging Face model directory)")
+    args_from_hf_config(read_hf_config(root))
+    for file in _weight_files(root):
+        check_safetensors_file(file)
 
 
 @torch.no_grad()
@@ -224,23 +300,32 @@ def load_hf_weights(model: Transformer, path: PathLike) -> None:
         pieces[target] = pieces[target] - {target} | {file_name}
     loaded = set()
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt") as reader:
-            for name in reader.keys():
-                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                    continue
-                target, index = layout.get(name, (name, ()))
-                if target not in targets:
-                    raise ValueError(f"model.hf_path: tensor {name!r} in {file} has no counterpart in the model "
-                                     f"(is the config's architecture right?)")
-                tensor, dest = reader.get_tensor(name), targets[target][index]
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise ValueError(f"model.hf_path: tensor {name!r} has shape {tuple(tensor.shape)} in {file}, the "
-                                     f"model expects {tuple(dest.shape)}; check the model geometry")
-                dest.copy_(tensor)
-                loaded |= pieces[target] if name == target else {name}
+        try:
+            _copy_tensors(file, targets, layout, pieces, loaded, tied)
+        except SafetensorError as e:
+            raise ValueError(f"model.hf_path: '{file}' is not a readable safetensors file ({e}); it is probably "
+                             "truncated: copy the file again") from None
     missing = sorted(name for name, need in pieces.items() if not need <= loaded)
     if missing:
         raise ValueError(f"model.hf_path: '{path}' lacks {len(missing)} model tensors, e.g. {', '.join(missing[:3])}")
+
+
+def _copy_tensors(file: Path, targets, layout, pieces, loaded: set, tied: bool) -> None:
+    """Copy the tensors of one weight file into ``targets``, recording what was read in ``loaded``."""
+    with safe_open(str(file), framework="pt") as reader:
+        for name in reader.keys():
+            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                continue
+            target, index = layout.get(name, (name, ()))
+            if target not in targets:
+                raise ValueError(f"model.hf_path: tensor {name!r} in {file} has no counterpart in the model "
+                                 f"(is the config's architecture right?)")
+            tensor, dest = reader.get_tensor(name), targets[target][index]
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise ValueError(f"model.hf_path: tensor {name!r} has shape {tuple(tensor.shape)} in {file}, the "
+                                 f"model expects {tuple(dest.shape)}; check the model geometry")
+            dest.copy_(tensor)
+            loaded.update(pieces[target] if name == target else {name})
 
 
 def from_hf(path: PathLike, dtype: torch.dtype = torch.float32) -> Transformer:

@@ -2,14 +2,13 @@
 batch arithmetic, the precision and the initialised model."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
 from longtrain.config import ConfigError, ModelConfig
 from longtrain.models import ModelArgs, Transformer, args_from_hf_config, get_model_args, load_hf_weights
+from longtrain.models.hf import read_hf_config
 
 _MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "rope_theta", "max_position_embeddings", "tie_embeddings", "init_std")
@@ -27,11 +26,7 @@ def build_model_args(cfg: ModelConfig) -> ModelArgs:
         key = next(iter(overrides))
         raise ConfigError(f"model.{'moe.' * (key in moe)}{key}: the geometry comes from model.hf_path's config.json "
                           "and cannot be overridden (the weights would not fit); remove the override")
-    config_file = Path(cfg.hf_path) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"model.hf_path: no config.json in '{cfg.hf_path}' (expected a local Hugging Face model "
-                          "directory)")
-    return args_from_hf_config(json.loads(config_file.read_text()))
+    return args_from_hf_config(read_hf_config(cfg.hf_path))
 
 
 def resolve_batch_layout(global_batch_size: Optional[int], micro_batch_size: int, grad_accum: Optional[int],

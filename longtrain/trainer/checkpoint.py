@@ -337,7 +337,8 @@ class CheckpointManager:
             if not problems:
                 return found
             if spec.strip().lower() != "auto" and (Path(spec).expanduser() / MANIFEST).is_file():
-                raise ValueError(f"checkpoint.resume: '{spec}' is corrupted: " + "; ".join(problems[:5]))
+                raise ValueError(f"checkpoint.resume: '{spec}' is corrupted: " + "; ".join(problems[:5])
+                                 + self._previous_intact(Path(spec).expanduser()))
             self._warn("checkpoint: %s is corrupted (%s); falling back to the previous checkpoint", found,
                        "; ".join(problems[:3]))
             rejected.append(found)
@@ -358,7 +359,8 @@ class CheckpointManager:
         if (path / MANIFEST).is_file():
             problems = verify(path)
             if problems:
-                raise ValueError(f"checkpoint.resume: '{spec}' is incomplete: " + "; ".join(problems[:5]))
+                raise ValueError(f"checkpoint.resume: '{spec}' is incomplete: " + "; ".join(problems[:5])
+                                 + self._previous_intact(path))
             return path
         for root in (path, path / "checkpoints"):
             if (root / LATEST).is_file() or self._step_dirs(root):
@@ -367,6 +369,18 @@ class CheckpointManager:
                     raise missing
                 return found
         raise missing
+
+
+    def _previous_intact(self, path: Path) -> str:
+        """The way out after an explicitly named checkpoint was refused: the newest complete one
+        saved before it in the same folder (sizes checked), or how to start fresh."""
+        step = _STEP_RE.match(path.name)
+        older = [d for d in self._step_dirs(path.parent)
+                 if step is None or int(_STEP_RE.match(d.name).group(1)) < int(step.group(1))]
+        for d in reversed(older):
+            if d != path and not verify(d):
+                return f"; the previous intact checkpoint is {d}: pass checkpoint.resume={d}"
+        return f"; no earlier intact checkpoint is in {path.parent}: start fresh with checkpoint.resume=none"
 
 
 def _all_gather_object(obj: Any) -> List[Any]:

@@ -73,9 +73,14 @@ def plan_resume(ckpt: CheckpointManager, spec: str, run_dir: Path, expected: Dic
     state = json.loads((path / "trainer_state.json").read_text())
     mine = json.loads(json.dumps(expected["model_args"]))  # as stored: tuples become lists
     if state["model_args"] != mine:
-        diff = sorted(k for k in state["model_args"] if state["model_args"][k] != mine.get(k))
-        raise ConfigError(f"checkpoint.resume: {path} holds a different model (differs in {', '.join(diff)}); "
-                          "resume with the same model.* settings or start a new run.dir")
+        saved_args = state["model_args"]
+        diff = sorted(k for k in set(saved_args) | set(mine) if saved_args.get(k) != mine.get(k))
+        values = ", ".join(f"{k} {saved_args.get(k)!r} vs {mine.get(k)!r}" for k in diff[:4])
+        fresh = ("in another run.dir" if Path(path).resolve().is_relative_to(Path(run_dir).resolve())
+                 else "with checkpoint.resume=none or another run.dir")
+        raise ConfigError(f"checkpoint.resume: {path} holds a different model (differs in {', '.join(diff)}: "
+                          f"checkpoint vs this run {values}); resume with the same model.* settings or start "
+                          f"fresh {fresh}")
     for key, name in _KEY_NAMES.items():
         if state[key] != expected[key]:
             raise ConfigError(f"{name}: the checkpoint {path} was trained with {name}={state[key]} but this run "

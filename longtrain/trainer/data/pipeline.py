@@ -51,7 +51,7 @@ def build_datasets(cfg: DataConfig, vocab_size: int, seed: int, rank: int = 0,
     if rank == 0:
         try:
             bundle = _build(cfg, vocab_size, seed, log)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # the other ranks must still reach the barrier
             error = e
     if barrier is not None:
         barrier()
