@@ -21,7 +21,8 @@ and ``<out>/gpu_suite.md`` is rewritten, so a run cut short still leaves what it
    ``--step-cap`` or the mode's remaining time is recorded as skipped with the reason.
 5. ``zero_offload``: ``bench/zero_memory.py``: stage 0 against ZeRO-2 optimizer offload on the 1B
    shape, then offload on ``llama8b`` and ``qwen3_8b`` (the largest that trains is reported).
-   DeepSpeed's CPU Adam is JIT-built at first use (ninja and a C++ compiler).
+   DeepSpeed's CPU Adam is JIT-built (ninja and a C++ compiler, CPU code only) in a background
+   process started with the suite, so the build overlaps the GPU stages.
 6. ``moe``: the MoE experts' grouped GEMM forward + backward against the per-expert loop.
 
 Budget: ``--budget`` seconds (default 480) for everything; each stage gets its share
@@ -50,8 +51,8 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, for MFU
-SHARES = {"pytest_gpu": 0.10, "attention": 0.17, "sp_decomposition": 0.08, "train_ladder": 0.45,
-          "zero_offload": 0.15, "moe": 0.05}
+SHARES = {"pytest_gpu": 0.08, "attention": 0.17, "sp_decomposition": 0.08, "train_ladder": 0.42,
+          "zero_offload": 0.20, "moe": 0.05}
 MIN_S = {"pytest_gpu": 20, "attention": 20, "sp_decomposition": 15, "train_ladder": 30, "zero_offload": 40,
          "moe": 10}
 LADDER_MODES = ["liger", "streambp", "checkpointing", "hf", "streambp_offload"]
@@ -148,8 +149,10 @@ def stage_attention(a, timeout: float, log) -> dict:
                              seconds=res["seconds"], tail=res["tail"] if res["rc"] else None))
     fell_back = [f"{r['impl']} S={r['S']} docs={r['docs']} D={r['D']} block={r.get('block_backend')}: "
                  f"{r['fallbacks']} fallbacks" for r in rows if r.get("fallbacks")]
-    ok = bool(rows) and not fell_back and all(r.get("rc") == 0 for r in runs)
-    return dict(ok=ok, rows=rows, runs=runs, fallback_rows=fell_back)
+    # a run cut by the budget keeps its rows (partial); a crash or a fallback fails the stage
+    ok = bool(rows) and not fell_back and all(r.get("rc") == 0 or r.get("timed_out") for r in runs if "rc" in r)
+    return dict(ok=ok, rows=rows, runs=runs, fallback_rows=fell_back, partial=any(r.get("timed_out") or
+                                                                               r.get("skipped") for r in runs))
 
 
 def stage_sp_decomposition(a, timeout: float, log) -> dict:
@@ -157,14 +160,14 @@ def stage_sp_decomposition(a, timeout: float, log) -> dict:
         args = ["--device", a.device, "--ranks", "2", "--seqs", "256", "--heads", "4", "--kv-heads", "2",
                 "--head-dim", "16", "--dtype", "fp32", "--warmup", "0", "--repeats", "1"]
     else:
-        args = ["--ranks", "2", "4", "8", "--seqs", "32768", "131072"]
-    res = run_lines([sys.executable, str(BENCH / "sp_decomposition.py"), *args, "--docs", "none", "packed"],
-                    timeout, log=log)
+        args = ["--ranks", "2", "4", "--seqs", "32768", "131072", "--repeats", "2", "--docs", "none"]
+    res = run_lines([sys.executable, str(BENCH / "sp_decomposition.py"), *args], timeout, log=log)
     ratios = {}
     for r in res["rows"]:
         if r.get("ok") and r.get("ratio") is not None:
             ratios[r["layout"]] = min(ratios.get(r["layout"], float("inf")), r["ratio"])
-    return dict(ok=res["rc"] == 0 and bool(res["rows"]), rc=res["rc"], timed_out=res["timed_out"], rows=res["rows"],
+    return dict(ok=(res["rc"] == 0 or res["timed_out"]) and bool(res["rows"]), rc=res["rc"], timed_out=res["timed_out"],
+                rows=res["rows"],
                 min_ratio=ratios, tail=res["tail"] if res["rc"] else None)
 
 
@@ -209,6 +212,14 @@ def stage_zero_offload(a, timeout: float, log) -> dict:
                   ["--shapes", "llama8b", "qwen3_8b", "--modes", "offload", "--seq", "8192", "--steps", "3",
                    "--largest"]]
     rows, runs, deadline = [], [], time.time() + timeout
+    build = {}
+    if PREBUILD.get("proc") is not None:  # DeepSpeed's CPU Adam, JIT-built in the background since the start
+        proc = PREBUILD["proc"]
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time() - 30))
+        except subprocess.TimeoutExpired:
+            pass
+        build = dict(cpu_adam_build_rc=proc.poll(), cpu_adam_build_s=round(time.time() - PREBUILD["t0"], 1))
     for args in trials:
         left = deadline - time.time()
         if left < 10:
@@ -220,7 +231,7 @@ def stage_zero_offload(a, timeout: float, log) -> dict:
         runs.append(dict(args=args, rc=res["rc"], timed_out=res["timed_out"], seconds=res["seconds"],
                          tail=res["tail"] if res["rc"] else None))
     largest = [r for r in rows if "largest_shape_that_trains" in r]
-    return dict(ok=any(r.get("ok") for r in rows), rows=rows, runs=runs,
+    return dict(ok=any(r.get("ok") for r in rows), rows=rows, runs=runs, **build,
                 largest_shape_that_trains=largest[-1]["largest_shape_that_trains"] if largest else None)
 
 
@@ -230,6 +241,20 @@ def stage_moe(a, timeout: float, log) -> dict:
     row = dict(res["rows"][-1]) if res["rows"] else {}
     row["ok"] = res["rc"] == 0 and bool(row.get("ok"))
     return dict(row, rc=res["rc"], timed_out=res["timed_out"], tail=res["tail"] if res["rc"] else None)
+
+
+PREBUILD: dict = {}
+
+
+def prebuild_cpu_adam(log_path: Path) -> None:
+    """Start the JIT build of DeepSpeed's CPU Adam (ninja + the C++ compiler, CPU code only) in the
+    background, so that the offload stage finds it built; its output goes to ``log_path``."""
+    code = ("from deepspeed.accelerator import get_accelerator; "
+            "get_accelerator().create_op_builder('CPUAdamBuilder').load()")
+    PREBUILD["t0"] = time.time()
+    PREBUILD["proc"] = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=open(log_path, "w"),
+                                        stderr=subprocess.STDOUT, env=child_env({"DS_ACCELERATOR": "cuda"}),
+                                        start_new_session=True)
 
 
 STAGES = {"pytest_gpu": stage_pytest_gpu, "attention": stage_attention, "sp_decomposition": stage_sp_decomposition,
@@ -569,6 +594,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             elapsed_s=0, peak_flops=PEAK_FLOPS),
                   stages={}, targets={})
     chosen = [s for s in STAGES if s in a.stages]
+    if a.device == "cuda" and "zero_offload" in chosen:
+        prebuild_cpu_adam(out / "cpu_adam_build.log")
     share_total = sum(SHARES[s] for s in chosen)
     with open(out / "suite.log", "a") as log:
         for i, name in enumerate(chosen):

@@ -178,7 +178,7 @@ def test_dry_run_writes_every_stage_to_json_and_markdown(tmp_path):
            "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--device", "cpu", "--dry-run",
-                           "--out", str(tmp_path), "--budget", "240"], cwd=REPO, env=env, capture_output=True,
+                           "--out", str(tmp_path), "--budget", "600"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
