@@ -266,3 +266,32 @@ def test_fallback_guard_fails_a_test_whose_fused_kernels_fell_back(tmp_path, mon
     assert rc == 1 and "1 failed, 1 passed" in out, out[-2000:]
     assert "FALLBACK: 1 block kernel call(s)" in out
     assert json.loads(report.read_text()) == {"test_fb.py::test_out_of_order": 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hkv", [8, 2])
+def test_cuda_cudnn_blocks_match_reference_on_a_two_block_ring(monkeypatch, hkv):
+    """bf16 on CUDA with ``LONGTRAIN_ATTN_BACKEND=cudnn``: the full and the diagonal block on
+    cuDNN, merged, backward from the merged stats, against the fp32 reference; fails (saying why)
+    if cuDNN was switched off."""
+    monkeypatch.setenv(cudnn.BACKEND_ENV, "cudnn")
+    monkeypatch.setattr(cudnn, "CUDNN_STATS", cudnn.CudnnStats())
+    gen = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(1, 512, 8, 64, generator=gen).cuda().bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, 1024, hkv, 64, generator=gen).cuda().bfloat16() for _ in range(2))
+    q_idx, k_idx = torch.arange(512, 1024, device="cuda"), torch.arange(1024, device="cuda")
+    pieces = [(k[:, :512], v[:, :512], k_idx[:512]), (k[:, 512:], v[:, 512:], k_idx[512:])]
+    results = {}
+    for name, fwd, bwd, cast in (("cudnn", blocks.block_attention_forward, blocks.block_attention_backward,
+                                  lambda t: t),
+                                 ("ref", reference_block_forward, reference_block_backward, lambda t: t.float())):
+        parts = [fwd(cast(q), cast(kb), cast(vb), q_idx, ib, None, None, 0.125) for kb, vb, ib in pieces]
+        out, lse = merge_partials(*parts[0], *parts[1])
+        grads = [bwd(cast(dout), cast(q), cast(kb), cast(vb), out, lse, q_idx, ib, None, None, 0.125)
+                 for kb, vb, ib in pieces]
+        results[name] = [out, lse, grads[0][0].float() + grads[1][0].float(), *grads[0][1:], *grads[1][1:]]
+    assert cudnn.CUDNN_STATS.cudnn == 4, f"cuDNN not used: {cudnn.CUDNN_STATS.disabled}"
+    for label, a, b in zip(["out", "lse", "dq", "dk0", "dv0", "dk1", "dv1"], results["cudnn"], results["ref"]):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err < 2e-2 * (b.float().abs().max().item() + 1.0), f"{label}: {err:.3g}"
