@@ -9,7 +9,8 @@ and ``<out>/gpu_suite.md`` is rewritten, so a run cut short still leaves what it
    reference kernels fails, and the stage names it.
 2. ``attention``: ``bench/attention_kernels.py``: SDPA, ``local_attention`` and the ring block
    kernels, one document and packed documents, d=64 and 128, 32K and 128K; once with SDPA and the
-   block kernels on flash, once both on cuDNN. Any ``block`` row with reference fallbacks fails
+   block kernels on flash, once both on cuDNN (and SDPA on cuDNN once more without GQA, which
+   its cuDNN kernel does not take natively). Any ``block`` row with reference fallbacks fails
    the stage, naming the row.
 3. ``sp_decomposition``: ``bench/sp_decomposition.py``: ring and Ulysses split on one GPU against
    the unsplit kernel (target ratio >= 0.9).
@@ -51,7 +52,7 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, for MFU
-SHARES = {"pytest_gpu": 0.08, "attention": 0.17, "sp_decomposition": 0.08, "train_ladder": 0.42,
+SHARES = {"pytest_gpu": 0.08, "attention": 0.19, "sp_decomposition": 0.08, "train_ladder": 0.40,
           "zero_offload": 0.20, "moe": 0.05}
 MIN_S = {"pytest_gpu": 20, "attention": 20, "sp_decomposition": 15, "train_ladder": 30, "zero_offload": 40,
          "moe": 10}
@@ -129,24 +130,28 @@ def stage_attention(a, timeout: float, log) -> dict:
     if a.dry_run:
         geometry = ["--device", a.device, "--seqs", "256", "--heads", "4", "--kv-heads", "2", "--dtype", "fp32",
                     "--warmup", "0", "--repeats", "1"]
-        dims, combos = [16], [("auto", "cudnn")]
+        dims, combos = [16], [("auto", "cudnn", "2", ("sdpa", "local", "block"))]
     else:
         geometry = ["--seqs", "32768", "131072", "--warmup", "1", "--repeats", "3"]
-        dims, combos = [64, 128], [("flash", "flash"), ("cudnn", "cudnn")]
+        # (SDPA backend, block backend, KV heads, impls): SDPA's cuDNN kernel takes no native GQA,
+        # so SDPA on cuDNN is measured once more with 32 KV heads (same FLOPs: plain multi-head)
+        dims, combos = [64, 128], [("flash", "flash", "8", ("sdpa", "local", "block")),
+                                   ("cudnn", "cudnn", "8", ("sdpa", "local", "block")),
+                                   ("cudnn", "cudnn", "32", ("sdpa",))]
     rows, runs, deadline = [], [], time.time() + timeout
     for dim in dims:
-        for sdpa, block in combos:
+        for sdpa, block, kv_heads, impls in combos:
             left = deadline - time.time()
             if left < 5:
-                runs.append(dict(head_dim=dim, sdpa=sdpa, block=block, skipped="stage budget spent"))
+                runs.append(dict(head_dim=dim, sdpa=sdpa, block=block, kv_heads=kv_heads, skipped="stage budget spent"))
                 continue
             cmd = [sys.executable, str(BENCH / "attention_kernels.py"), *geometry, "--head-dim", str(dim),
-                   "--impls", "sdpa", "local", "block", "--docs", "none", "packed", "--sdpa-backend", sdpa,
+                   "--kv-heads", kv_heads, "--impls", *impls, "--docs", "none", "packed", "--sdpa-backend", sdpa,
                    "--block-backend", block]
             res = run_lines(cmd, left, log=log)
             rows += res["rows"]
-            runs.append(dict(head_dim=dim, sdpa=sdpa, block=block, rc=res["rc"], timed_out=res["timed_out"],
-                             seconds=res["seconds"], tail=res["tail"] if res["rc"] else None))
+            runs.append(dict(head_dim=dim, sdpa=sdpa, block=block, kv_heads=kv_heads, rc=res["rc"],
+                             timed_out=res["timed_out"], seconds=res["seconds"], tail=res["tail"] if res["rc"] else None))
     fell_back = [f"{r['impl']} S={r['S']} docs={r['docs']} D={r['D']} block={r.get('block_backend')}: "
                  f"{r['fallbacks']} fallbacks" for r in rows if r.get("fallbacks")]
     # a run cut by the budget keeps its rows (partial); a crash or a fallback fails the stage
@@ -473,10 +478,10 @@ def markdown(result: dict) -> str:
     st = result["stages"].get("attention", {})
     if st.get("rows"):
         lines += ["", "## Attention forward + backward", "",
-                  "| impl | S | docs | D | SDPA backend | block backend | ms | TFLOP/s | vs SDPA | fallbacks | cuDNN calls |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| impl | S | docs | D | Hkv | SDPA backend | block backend | ms | TFLOP/s | vs SDPA | fallbacks | cuDNN calls |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in st["rows"]:
-            lines.append(f"| {r['impl']} | {_k(r['S'])} | {r['docs']} | {r['D']} | {r.get('sdpa_backend')} | "
+            lines.append(f"| {r['impl']} | {_k(r['S'])} | {r['docs']} | {r['D']} | {r['Hkv']} | {r.get('sdpa_backend')} | "
                          f"{r.get('block_backend')} | {_fmt(r.get('ms'))} | {_fmt(r.get('tflops'))} | "
                          f"{_fmt(r.get('ratio_to_sdpa'))} | {_fmt(r.get('fallbacks'))} | "
                          f"{_fmt(r.get('cudnn_calls'))} |" + ("" if r.get("ok") else f" {r.get('error')}"))

@@ -204,7 +204,7 @@ def test_dry_run_writes_every_stage_to_json_and_markdown(tmp_path):
                     "## Sequence-parallel decomposition", "## Training step ladder (tiny", "## ZeRO optimizer offload",
                     "## MoE experts", "## Targets"):
         assert heading in md
-    assert "| block | 256 | packed | 16 | auto | cudnn |" in md
+    assert "| block | 256 | packed | 16 | 2 | auto | cudnn |" in md
     print(f"dry run: {time.time() - t0:.1f} s")
 
 
