@@ -587,12 +587,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1" if a.device == "cpu" else "8")
     t_start = time.time()
     device_name = "cpu"
-    if a.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
+    if a.device == "cuda":  # asked in a child: this process holds no CUDA context while the stages run
+        probe = subprocess.run([sys.executable, "-c", "import torch; assert torch.cuda.is_available(); "
+                                "print(torch.cuda.get_device_name(0))"], capture_output=True, text=True)
+        if probe.returncode != 0:
             p.error("--device cuda: no CUDA device here (use --device cpu --dry-run for the plumbing)")
-        device_name = torch.cuda.get_device_name(0)
+        device_name = probe.stdout.strip().splitlines()[-1]
     result = dict(meta=dict(command=" ".join(["python", "bench/gpu_suite.py", *(argv or sys.argv[1:])]),
                             device=a.device, device_name=device_name, dry_run=a.dry_run, budget_s=a.budget,
                             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
