@@ -6,8 +6,9 @@ lengths averaging S/8) it times forward + backward of:
 - ``local``: :func:`longtrain.kernels.attention.local_attention`, the entry point every layer calls;
 - ``block``: the ring block kernels of :func:`longtrain.kernels.blocks.get_block_kernels` on the
   whole sequence as one block (forward with lse, then the block backward from that lse): on CUDA
-  the fused flash-attention varlen kernels (each row reports ``fallbacks``, the block calls that
-  fell back to the reference: 0 expected);
+  the fused flash-attention varlen kernels, with cuDNN for dense blocks where chosen
+  (``--block-backend``, :mod:`longtrain.kernels.cudnn`; each row reports ``fallbacks``, the block
+  calls that fell back to the reference: 0 expected, and ``cudnn_calls``);
 - ``block_ref``: the plain-torch reference block kernels, for comparison (slow; opt-in);
 - ``sdpa``: the baseline, ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
   (native GQA) on the same tensors; with packed documents one call per document, since a dense
@@ -36,6 +37,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
 import time
 from typing import Callable, List, Optional, Tuple
@@ -46,6 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longtrain.kernels.attention import local_attention
 from longtrain.kernels.blocks import get_block_kernels, reference_block_backward, reference_block_forward
+from longtrain.kernels.cudnn import BACKEND_ENV, CUDNN_STATS, cudnn_block_forward
 from longtrain.kernels.fused import FUSED_STATS, fused_block_forward
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -161,10 +164,11 @@ def run_row(impl: str, seq_len: int, docs: str, a, device: torch.device, sdpa_ms
         else:
             doc_ids, lengths = None, [[seq_len]] * a.batch
         fwd, bwd = make_impl(impl, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids, lengths)
-        fallbacks0 = FUSED_STATS.fallback
+        fallbacks0, cudnn0 = FUSED_STATS.fallback, CUDNN_STATS.cudnn
         fwd_ms, bwd_ms = time_fwd_bwd(fwd, bwd, device, a.warmup, a.repeats)
-        if impl == "block" and get_block_kernels(device)[0] is fused_block_forward:
+        if impl == "block" and get_block_kernels(device)[0] in (fused_block_forward, cudnn_block_forward):
             row["fallbacks"] = FUSED_STATS.fallback - fallbacks0
+            row["cudnn_calls"] = CUDNN_STATS.cudnn - cudnn0  # block calls the cuDNN backend ran
         total = fwd_ms + bwd_ms
         tflops = causal_flops(a.heads, a.head_dim, lengths) / total / 1e9  # FLOP per ms / 1e9 = TFLOP/s
         if impl == "sdpa":
@@ -195,8 +199,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sdpa-backend", choices=sorted(BACKENDS), default="auto",
                    help="restrict torch SDPA (the baseline, and local_attention, which calls it) to one backend")
+    p.add_argument("--block-backend", choices=["auto", "flash", "cudnn"], default=None,
+                   help="the CUDA block kernels' backend (sets LONGTRAIN_ATTN_BACKEND; default: as the environment)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    if a.block_backend:
+        os.environ[BACKEND_ENV] = a.block_backend
     device = torch.device(a.device)
     impls = sorted(a.impls, key=lambda name: name != "sdpa")  # the baseline first: the others' ratios need it
     sdpa_ms: dict = {}
@@ -206,7 +214,8 @@ def main() -> None:
             for docs in a.docs:
                 for impl in impls:
                     row = run_row(impl, seq_len, docs, a, device, sdpa_ms)
-                    print(json.dumps(dict(row, sdpa_backend=a.sdpa_backend)), flush=True)
+                    print(json.dumps(dict(row, sdpa_backend=a.sdpa_backend,
+                                          block_backend=os.environ.get(BACKEND_ENV, "auto"))), flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()  # after the row's tensors are gone: each row starts clean
 
