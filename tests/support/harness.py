@@ -149,8 +149,8 @@ Job = Tuple[str, Sequence[str], Dict[str, Any]]
 
 def full_grads(trainer) -> Dict[str, torch.Tensor]:
     """The full (unsharded) gradients after a backward, by parameter name; then zeroed. Under ZeRO
-    they are gathered from DeepSpeed's shards with ``safe_get_full_grad``."""
-    if trainer.engine is None:
+    they are gathered from DeepSpeed's shards with ``safe_get_full_grad`` (stage 0 is the plain path)."""
+    if trainer.cfg.zero.stage == 0:
         grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.optimizer.zero_grad(set_to_none=True)
         return grads
