@@ -22,7 +22,7 @@ not the same one everywhere:
 longtrain back-propagates ``loss * divisor`` (:func:`grad_divisor`) with ``scale_wrt_gas=False``:
 the engine's division cancels the multiplication and nothing divides by the accumulation steps,
 so the reduced gradient is exactly the sum. With power-of-two degrees the multiply and divide are
-exact in floating point. ``tests/test_zero.py`` compares the gradient norm and the first-step
+exact in floating point. ``tests/distributed/test_zero.py`` compares the gradient norm and the first-step
 gradients with a single process for every stage and layout, so a wrong divisor fails there.
 
 Precision: fp32 on CPU (parameters, gradients and reductions); bf16 on GPU with fp32 master

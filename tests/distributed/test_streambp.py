@@ -154,17 +154,14 @@ def test_auto_chunk_size_follows_geometry_and_free_memory():
 
 
 # ---------------------------------------------------------------- under sequence parallelism (gloo)
-def _sp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _sp_worker(rank: int, world: int) -> dict:
     import functools
-    from pathlib import Path
 
     import torch.distributed as dist
 
     from longtrain.parallel.ring import zigzag_ring_attention
     from longtrain.parallel.sharding import zigzag_shard
     from longtrain.parallel.ulysses import UlyssesAttention
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     errs = {}
     # What each attention function answers StreamBP at degree 2 (1.0 marks a wrong answer).
     from longtrain.kernels.attention import ChunkKeys
@@ -198,21 +195,16 @@ def _sp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     dist.all_reduce(g)
                     err = (g - want[name]).abs().max() / want[name].abs().max()
                 errs[f"{model} {layout} {name}"] = err.item()
-    dist.destroy_process_group()
-    torch.save(errs, Path(out_dir) / f"rank{rank}.pt")
+    return errs
 
 
-def test_streamed_layer_under_ulysses_and_ring_equals_backprop(tmp_path):
+def test_streamed_layer_under_ulysses_and_ring_equals_backprop():
     """Ulysses 2 (attention streamed after the all-to-all) and ring 2 (MLP streamed): the input
     gradients of each rank's tokens and the summed weight gradients equal one process's (fp64, 1e-10);
     Ulysses 2 answers ``chunk_keys`` with its all-to-all strategy, ring and hybrid with None."""
-    import torch.multiprocessing as mp
-
-    from dist_utils import free_port
+    from support.harness import run_ranks
     world = 2
-    mp.spawn(_sp_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
-    for rank in range(world):
-        errs = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, errs in enumerate(run_ranks(_sp_worker, world)):
         assert {name.rsplit(" ", 1)[0] for name in errs} >= {f"{m} {lay}" for m in ("gqa", "qwen3")
                                                              for lay in ("ulysses", "ring")} | {"chunk_keys"}
         for name, err in errs.items():

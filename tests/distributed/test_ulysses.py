@@ -19,16 +19,14 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dist_utils import free_port
 from longtrain.kernels.attention import local_attention
 from longtrain.parallel.parallelize import build_sp_attention
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.sharding import shard_sequence
 from longtrain.parallel.ulysses import (ULYSSES_STATS, UlyssesAttention, UlyssesStats, _AllToAll, all_to_all_heads_to_seq,
                                         all_to_all_seq_to_heads, validate_ulysses)
+from support.harness import run_ranks
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
@@ -118,9 +116,8 @@ def _run_hybrid(rank):
     return [idx.numpy()] + [t.detach().numpy() for t in (out_local, q_local.grad, k_local.grad, v_local.grad)]
 
 
-def _worker(rank, world, port, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _worker(rank, world):
+    out = {}
     for name, heads, packed, dtype in CASES:
         if _runs_on(world, heads):
             out[(name, rank)] = _run_case(UlyssesAttention, heads, packed, dtype, rank, world)
@@ -168,16 +165,13 @@ def _worker(rank, world, port, out):
     out[("traffic", rank)] = dict(after_two=after_two, gathers=attn.stats.num_all_gather, error=error)
     if world == 4:
         out[("hybrid", rank)] = _run_hybrid(rank)
-    dist.destroy_process_group()
+    return out
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"U{w}")
 def world_results(request):
     world = request.param
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
-        return world, dict(out)
+    return world, {key: value for out in run_ranks(_worker, world) for key, value in out.items()}
 
 
 def _reference(heads, packed, dtype):

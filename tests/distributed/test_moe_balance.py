@@ -1,9 +1,9 @@
 """MoE load balancing (longtrain/optim/balance.py): the balancing loss at each scope, the router
 z-loss and bias balancing, against explicit formulas, transformers, and single-process training.
 
-Layouts run the real Trainer in spawned gloo processes (test_zero.py's job runner) on the tiny
-MoE model with a large balancing coefficient (0.1) and a z-loss (0.01), so a wrong count, scale or
-scope moves the router's gradient by far more than the tolerance. Tolerance: fp32 on CPU, the
+Layouts run the real Trainer in spawned gloo processes (the job runner of tests/support/harness.py)
+on the tiny MoE model with a large balancing coefficient (0.1) and a z-loss (0.01), so a wrong count,
+scale or scope moves the router's gradient by far more than the tolerance. Tolerance: fp32 on CPU, the
 layouts change only the summation order: 1e-5 relative on losses, 1e-4 relative (atol 1e-6) on
 gradients, as in test_zero.py.
 """
@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from longtrain.config import BalanceConfig, ConfigError, MoETrainConfig
 from longtrain.models.moe import MoE
-from test_moe import _moe_args, _perturb
-from test_train import train_in_process
-from test_zero import common, run_jobs
+from support.harness import run_jobs
+from support.helpers import common, moe_args, perturb, train_in_process
 
 MOE = ["model.name=tiny_moe", "moe.balance.coef=0.1", "moe.z_loss_coef=0.01", "logging.expert_frac_every=1"]
 DOMAINS = ["data.source=domains", "data.domains.num_train=48", "data.domains.num_eval=8", "trainer.eval_every=3",
@@ -35,8 +34,8 @@ def test_injected_gradients_equal_the_explicit_losses_fp64():
     """The block adds ``aux_weights`` x d(per-row probability sums) and ``z_weight`` x d(sum of lse^2)
     to its backward: the same gradients as back-propagating those terms explicitly (fp64, 1e-10)."""
     torch.manual_seed(0)
-    block = MoE(_moe_args(num_shared_experts=1)).double()
-    _perturb(block)
+    block = MoE(moe_args(num_shared_experts=1)).double()
+    perturb(block)
     ref = copy.deepcopy(block)
     x = torch.randn(2, 24, 64, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -61,7 +60,7 @@ def test_injected_gradients_equal_the_explicit_losses_fp64():
 
 
 def test_backward_without_weights_is_an_error():
-    block = MoE(_moe_args()).double()
+    block = MoE(moe_args()).double()
     block.aux_grad = True
     out = block(torch.randn(1, 8, 64, dtype=torch.float64, requires_grad=True))
     with pytest.raises(RuntimeError, match="aux_weights"):
@@ -70,8 +69,8 @@ def test_backward_without_weights_is_an_error():
 
 def test_expert_bias_changes_the_choice_not_the_weights():
     torch.manual_seed(0)
-    block = MoE(_moe_args(norm_topk_prob=False)).double()
-    _perturb(block)
+    block = MoE(moe_args(norm_topk_prob=False)).double()
+    perturb(block)
     x = torch.randn(1, 30, 64, dtype=torch.float64)
     block(x)
     free = block.last_routing
@@ -105,7 +104,7 @@ def test_micro_batch_loss_and_gradients_match_transformers(tmp_path):
                                         output_router_logits=True)
     config._attn_implementation = "eager"
     hf = transformers.AutoModelForCausalLM.from_config(config)
-    _perturb(hf)
+    perturb(hf)
     hf.save_pretrained(tmp_path / "hf")
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
     out = hf(ids, labels=ids)
@@ -211,9 +210,9 @@ def test_running_totals_formula():
     from longtrain.models import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(_moe_args(num_layers=1)).double()
+    model = Transformer(moe_args(num_layers=1)).double()
     model.init_weights()
-    _perturb(model)
+    perturb(model)
     dims = ParallelDims(world_size=1, ulysses=1, ring=1)
     dims.build_groups()
     balancer = Balancer(model, MoETrainConfig(balance=BalanceConfig(scope="global", coef=1.0)), dims,
@@ -286,9 +285,9 @@ def test_bias_update_rule():
     from longtrain.models import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(_moe_args(num_layers=2))
+    model = Transformer(moe_args(num_layers=2))
     model.init_weights()
-    _perturb(model)
+    perturb(model)
     dims = ParallelDims(world_size=1, ulysses=1, ring=1)
     dims.build_groups()
     balancer = Balancer(model, MoETrainConfig(balance=BalanceConfig(coef=0.0, bias_update_rate=0.5)), dims,
@@ -317,7 +316,7 @@ def test_bias_update_rule():
     ("moe.balance.bias_update_rate=-1", "moe.balance.bias_update_rate"),
 ])
 def test_bad_balance_settings_name_the_key(override, key):
-    from test_train import compose_cfg
+    from support.helpers import compose_cfg
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_cfg([override])
 
@@ -338,7 +337,7 @@ def test_specialisation_is_the_top_k_share():
 def test_domain_counts_follow_each_token():
     from longtrain.trainer.moe_report import add_domain_counts
     torch.manual_seed(0)
-    block = MoE(_moe_args())
+    block = MoE(moe_args())
     with torch.no_grad():
         block(torch.randn(2, 5, 64))
     domains = torch.tensor([[0, 0, 1, 1, -1], [1, 1, 1, 0, -1]])

@@ -1,7 +1,6 @@
 """Checkpoint manager: atomic publication, `latest`, retention, resume resolution, content helpers, atomic writes."""
 from __future__ import annotations
 
-import datetime
 import errno
 import hashlib
 import json
@@ -14,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from dist_utils import free_port
 from longtrain.io import (atomic_write_bytes, atomic_write_text, load_model, load_torch, rng_state, save_model,
                           save_torch, set_rng_state, sha256_file)
 from longtrain.trainer.checkpoint import CheckpointError, CheckpointManager, load_meta, verify
+from support.harness import run_ranks
 
 
 def _write_blob(payload: bytes = b"x" * 100):
@@ -257,28 +255,24 @@ def test_rng_round_trip(tmp_path):
 
 
 
-def _rank_main(rank: int, world_size: int, port: int, root: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        mgr = CheckpointManager(root, keep=1, rank=rank, world_size=world_size)
+def _rank_main(rank: int, world_size: int, root: str) -> None:
+    mgr = CheckpointManager(root, keep=1, rank=rank, world_size=world_size)
 
-        def write(d: Path) -> None:
-            save_torch({"rank": rank, "t": torch.full((3,), float(rank))}, d / f"rank_{rank}.pt")
-            (d / "rng").mkdir(exist_ok=True)
-            save_torch(rng_state(), d / "rng" / f"rank_{rank:05d}.pt")
+    def write(d: Path) -> None:
+        save_torch({"rank": rank, "t": torch.full((3,), float(rank))}, d / f"rank_{rank}.pt")
+        (d / "rng").mkdir(exist_ok=True)
+        save_torch(rng_state(), d / "rng" / f"rank_{rank:05d}.pt")
 
-        for step in (1, 2):
-            path = mgr.save(step, write, {"step": step})
-        # After the final barrier every rank sees the published checkpoint.
-        assert mgr.resolve_resume("auto") == path
-        assert load_torch(path / f"rank_{rank}.pt")["rank"] == rank
-    finally:
-        dist.destroy_process_group()
+    for step in (1, 2):
+        path = mgr.save(step, write, {"step": step})
+    # After the final barrier every rank sees the published checkpoint.
+    assert mgr.resolve_resume("auto") == path
+    assert load_torch(path / f"rank_{rank}.pt")["rank"] == rank
 
 
 def test_two_ranks_write_one_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
-    mp.spawn(_rank_main, args=(2, free_port(), str(root)), nprocs=2, join=True)
+    run_ranks(_rank_main, 2, str(root))
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000002"]
     manifest = json.loads((root / "step_00000002" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
@@ -288,37 +282,32 @@ def test_two_ranks_write_one_checkpoint(tmp_path):
     assert not os.path.exists(root / ".tmp-step_00000002")
 
 
-def _failing_rank_main(rank: int, world_size: int, port: int, root: str) -> None:
-    # A short timeout: without the agreement, rank 0 would wait at a barrier for the failed rank.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        mgr = CheckpointManager(root, keep=3, rank=rank, world_size=world_size)
+def _failing_rank_main(rank: int, world_size: int, root: str) -> None:
+    mgr = CheckpointManager(root, keep=3, rank=rank, world_size=world_size)
 
-        def write(d: Path, fail: bool = False) -> None:
-            if fail and rank == 1:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            save_torch({"rank": rank}, d / f"rank_{rank}.pt")
+    def write(d: Path, fail: bool = False) -> None:
+        if fail and rank == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save_torch({"rank": rank}, d / f"rank_{rank}.pt")
 
-        mgr.save(1, write, {})
-        ok = mgr.save(2, write, {})
-        with pytest.raises(CheckpointError, match=r"step 3 .*rank 1: the disk is full"):
-            mgr.save(3, lambda d: write(d, fail=True), {})
-        dist.barrier()
-        assert not (Path(root) / ".tmp-step_00000003").exists()
-        assert mgr.resolve_resume("auto", check_hashes=True) == ok
-        if rank == 0:  # same size, other bytes, in the file rank 1 hashes
-            data = bytearray((ok / "rank_1.pt").read_bytes())
-            data[-1] ^= 1
-            (ok / "rank_1.pt").write_bytes(bytes(data))
-        dist.barrier()
-        assert mgr.resolve_resume("auto", check_hashes=True) == Path(root) / "step_00000001"
-    finally:
-        dist.destroy_process_group()
+    mgr.save(1, write, {})
+    ok = mgr.save(2, write, {})
+    with pytest.raises(CheckpointError, match=r"step 3 .*rank 1: the disk is full"):
+        mgr.save(3, lambda d: write(d, fail=True), {})
+    dist.barrier()
+    assert not (Path(root) / ".tmp-step_00000003").exists()
+    assert mgr.resolve_resume("auto", check_hashes=True) == ok
+    if rank == 0:  # same size, other bytes, in the file rank 1 hashes
+        data = bytearray((ok / "rank_1.pt").read_bytes())
+        data[-1] ^= 1
+        (ok / "rank_1.pt").write_bytes(bytes(data))
+    dist.barrier()
+    assert mgr.resolve_resume("auto", check_hashes=True) == Path(root) / "step_00000001"
 
 
 def test_two_ranks_agree_on_a_failed_save_and_a_corrupted_checkpoint(tmp_path):
-    mp.spawn(_failing_rank_main, args=(2, free_port(), str(tmp_path / "checkpoints")), nprocs=2, join=True)
+    # A short timeout: without the agreement, rank 0 would wait at a barrier for the failed rank.
+    run_ranks(_failing_rank_main, 2, str(tmp_path / "checkpoints"), timeout=30)
 
 
 def test_atomic_writes_replace_the_whole_file(tmp_path):

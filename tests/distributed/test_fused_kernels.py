@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dist_utils import free_port
 from longtrain.kernels import blocks
 from longtrain.kernels.attention import local_attention
 from longtrain.kernels.blocks import merge_partials, reference_block_backward, reference_block_forward
 from longtrain.kernels.fused import (FUSED_STATS, fused_block_backward, fused_block_forward, fused_local_attention,
                                      plan_segments)
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
+from support.harness import run_ranks
 
 FP64_TOL, FP32_TOL = 1e-10, 1e-5
 B, S, HQ, D = 2, 48, 4, 8
@@ -155,10 +153,8 @@ def test_fused_local_attention_matches_local_attention(hkv):
 
 
 # ---------------------------------------------------------------- the ring on gloo with fused kernels
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int) -> dict:
     from longtrain.parallel.ring import zigzag_ring_attention
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     blocks.register_block_kernels("cpu", fused_block_forward, fused_block_backward)
     errs = {}
     for docs, hkv in itertools.product((False, True), (HQ, 1)):
@@ -176,15 +172,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             dist.all_gather(parts, mine.contiguous())
             errs[f"docs={docs} hkv={hkv} {name}"] = _err(zigzag_unshard(parts, world), full)
     errs["fallbacks"] = FUSED_STATS.fallback
-    dist.destroy_process_group()
-    torch.save(errs, Path(out_dir) / f"rank{rank}.pt")
+    return errs
 
 
-def test_ring_with_fused_kernels_matches_local(tmp_path):
+def test_ring_with_fused_kernels_matches_local():
     world = 2
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
-    for rank in range(world):
-        errs = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, errs in enumerate(run_ranks(_worker, world)):
         assert errs.pop("fallbacks") == 0
         for name, err in errs.items():
             assert err < FP64_TOL, f"rank {rank} {name}: {err:.3g}"

@@ -1,7 +1,7 @@
 """Faults a long job meets, on CPU: non-finite steps, preemption (SIGTERM, SIGUSR1, the STOP file),
 a hard kill, corrupted checkpoints, a full disk and a dead or stuck rank.
 
-Every run is the tiny SMALL setting of test_train.py (a few seconds a run). Exactness: a resumed
+Every run is the tiny SMALL setting of tests/support/helpers.py (a few seconds a run). Exactness: a resumed
 run repeats the uninterrupted one's operations in the same order, so it matches to 1e-12 in one
 process; across 1 and 2 processes only the fp32 summation order differs (1e-5, as in test_train).
 """
@@ -20,16 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from dist_utils import free_port
-from test_train import REPO, SMALL, assert_same_curve, compose_cfg, read_metrics, train_in_process
 import longtrain.io as lio
-from longtrain.trainer import step as step_mod
 from longtrain.io import load_model
+from longtrain.trainer import step as step_mod
 from longtrain.trainer.checkpoint import CheckpointError, verify
 from longtrain.trainer.faults import TrainingFault
 from longtrain.trainer.loop import Trainer
+from support.harness import dist_info, free_port, run_ranks
+from support.helpers import REPO, SMALL, SUPPORT, assert_same_curve, compose_cfg, read_metrics, train_in_process
 
 # Subprocesses import this checkout's longtrain, whatever else is installed.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -139,18 +138,15 @@ def test_nonfinite_stop_raises_before_the_update(tmp_path, monkeypatch):
     assert [m["step"] for m in read_metrics(tmp_path / "r")] == [1, 2]
 
 
-def _zero_nan_worker(rank, port, tmp, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.set_num_threads(1)
+def _zero_nan_worker(rank, world, tmp):
     from longtrain.parallel import zero as Z
-    from longtrain.parallel.distributed import destroy_distributed, init_distributed
 
-    dist_info = init_distributed("cpu", "gloo", 120, require_group=True)
+    out = {}
     real_loss = step_mod.chunked_lm_loss
     for stage in (1, 2, 3):
         cfg = compose_cfg(SMALL + [f"run.dir={tmp}/z{stage}", f"data.cache_dir={tmp}/cache", f"zero.stage={stage}",
                                    "trainer.nonfinite=skip", "trainer.max_steps=3"])
-        trainer = Trainer(cfg, dist_info)
+        trainer = Trainer(cfg, dist_info())
         trainer.train_step()
         before = Z.full_fp32_state_dict(trainer.model)
         step_mod.chunked_lm_loss = lambda *a, **k: real_loss(*a, **k) * float("nan")
@@ -164,16 +160,13 @@ def _zero_nan_worker(rank, port, tmp, out):
                       "applied": trainer.engine.ds.was_step_applied(), "last_loss": last["loss"],
                       "changed_after": any(not torch.equal(after[k], v)
                                            for k, v in Z.full_fp32_state_dict(trainer.model).items())}
-    destroy_distributed()
+    return out
 
 
 def test_nonfinite_skip_under_zero_leaves_the_weights(tmp_path):
     # DeepSpeed checks the global gradient norm inside engine.step() and skips a non-finite update
     # itself (fp32 here, bf16 alike); the trainer reads the outcome. Every stage, one process.
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_zero_nan_worker, args=(free_port(), str(tmp_path), out), nprocs=1)
-        out = dict(out)
+    (out,) = run_ranks(_zero_nan_worker, 1, str(tmp_path), init="longtrain", timeout=120)
     for stage in (1, 2, 3):
         assert out[stage]["same"] and out[stage]["skipped"] == 1, (stage, out[stage])
         assert out[stage]["changed_after"] and out[stage]["applied"], (stage, out[stage])  # it trains on
@@ -342,7 +335,7 @@ def test_a_dead_or_stuck_rank_ends_the_others_in_bounded_time(tmp_path, fault):
         env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "LONGTRAIN_TEST_FAULT": f"{fault}:1:3"}
         logs.append(open(tmp_path / f"rank{rank}.txt", "w"))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_worker.py"), *overrides],
+        procs.append(subprocess.Popen([sys.executable, str(SUPPORT / "fault_worker.py"), *overrides],
                                       cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
     try:
         _wait_for_step(tmp_path / "r", 2, procs[0], may_end=True)

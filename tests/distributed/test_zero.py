@@ -15,78 +15,15 @@ factor of 2 or more; the loss curve alone would hide it (Adam is scale-invariant
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from dist_utils import free_port
-from test_train import SMALL, cli, compose_cfg
+from support.harness import run_jobs
+from support.helpers import assert_same_curve, cli, common
 
-GQA = ["model.num_heads=4", "model.num_kv_heads=2"]
 STAGES = (0, 1, 2, 3)
-
-
-def _full_grads(trainer):
-    """Every parameter's summed first-step gradient (gathered from the shards under ZeRO), then cleared."""
-    grads = trainer.engine.full_grads()
-    trainer.engine.zero_grad()
-    return grads
-
-
-def _worker(rank, world, port, jobs, out):
-    """Run ``jobs`` (name, overrides, options) one after the other in one process group. Options:
-    ``grads`` (record the first step's loss and full gradients), ``export`` (HF export path),
-    ``setup(trainer)`` (called before the first step) and ``probe(trainer, result)`` (after its backward)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from longtrain.parallel.distributed import destroy_distributed, init_distributed
-    from longtrain.trainer.loop import Trainer
-
-    dist_info = init_distributed("cpu", "gloo", 300, require_group=True)
-    for name, overrides, opts in jobs:
-        cfg = compose_cfg(overrides)
-        trainer = Trainer(cfg, dist_info)
-        if opts.get("setup") is not None:
-            opts["setup"](trainer)
-        result = {}
-        probe = opts.get("probe")  # probe(trainer, result): a callable run after the first step's backward
-        if opts.get("grads"):
-            result["loss"], _ = trainer.forward_backward()
-            if probe is not None:
-                probe(trainer, result)
-            result["grads"] = _full_grads(trainer)
-        trainer.fit()
-        if opts.get("export"):
-            trainer.export_hf(opts["export"])
-        if rank == 0:
-            lines = (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()
-            result["metrics"] = [json.loads(x) for x in lines]
-            out[name] = result
-    destroy_distributed()
-
-
-def run_jobs(world, jobs):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), jobs, out), nprocs=world)
-        return dict(out)
-
-
-def common(tmp, name):
-    return SMALL + GQA + [f"run.dir={tmp / name}", f"data.cache_dir={tmp / 'cache'}", "trainer.max_steps=3",
-                          "data.micro_batch_size=1"]
-
-
-def assert_same_curve(a, b, rel=1e-5):
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for ma, mb in zip(a, b):
-        for key in ("loss", "grad_norm", "lr"):
-            assert ma[key] == pytest.approx(mb[key], rel=rel), (key, ma["step"], ma[key], mb[key])
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +87,7 @@ def test_resume_is_exact_and_survives_a_layout_change(stopped_run):
     weights, Adam moments, step): it continues the uninterrupted curve within the fp32 reordering
     tolerance of the module docstring."""
     tmp, full = stopped_run
-    assert_same_curve(full, resume_as(tmp, "same", []), rel=1e-12)
+    assert_same_curve(full, resume_as(tmp, "same", []), rtol=1e-12)
     assert_same_curve(full[2:], resume_as(tmp, "to_s1", ["zero.stage=1", "parallel.sp.ulysses=2"])[2:])
 
 

@@ -3,7 +3,7 @@ capacity dropping, router outputs, StreamBP through MoE layers, config errors, a
 
 Tolerances: fp32 logits against transformers at rtol=atol=1e-5 (same ops, the experts' outputs
 summed in another order, ~1e-6 relative at these sizes); the block against a per-token loop in
-fp64 at 1e-12; StreamBP against ordinary backprop in fp64 at 1e-10 relative (as tests/test_streambp.py).
+fp64 at 1e-12; StreamBP against ordinary backprop in fp64 at 1e-10 relative (as tests/distributed/test_streambp.py).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from longtrain.memory.streambp import streamed_layer
 from longtrain.models import ModelArgs, Transformer, args_from_hf_config, from_hf, get_model_args, to_hf
 from longtrain.models.moe import MoE, router_outputs
+
+from support.helpers import moe_args, perturb
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,20 +33,6 @@ HF_CASES = {
 }
 
 
-def _moe_args(**overrides) -> ModelArgs:
-    base = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                arch="qwen3_moe", qk_norm=True, num_experts=6, top_k=2, moe_intermediate_size=48)
-    return ModelArgs(**{**base, **overrides})
-
-
-@torch.no_grad()
-def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial norms and a router of the experts' scale, so every mapping is exercised."""
-    torch.manual_seed(seed)
-    for name, p in module.named_parameters():
-        p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-
-
 def _ids(vocab: int = 96, batch: int = 2, seq: int = 40) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 
@@ -57,7 +45,7 @@ def test_logits_match_transformers_both_ways(case, tmp_path):
                                              max_position_embeddings=512, **extra)
     config._attn_implementation = "eager"
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    _perturb(hf)
+    perturb(hf)
     hf.save_pretrained(tmp_path / "hf")  # per-expert tensors on disk
     ours = from_hf(tmp_path / "hf").eval()
     assert ours.args.arch == config.model_type
@@ -76,8 +64,8 @@ def test_logits_match_transformers_both_ways(case, tmp_path):
 
 def test_stacked_experts_load_too_and_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
-    ours = Transformer(_moe_args(dense_layers=(0,)))
-    _perturb(ours)
+    ours = Transformer(moe_args(dense_layers=(0,)))
+    perturb(ours)
     to_hf(ours, tmp_path / "a", max_shard_bytes=50_000)
     again = from_hf(tmp_path / "a")
     for (name, p), q in zip(ours.state_dict().items(), again.state_dict().values()):
@@ -118,8 +106,8 @@ def _naive_moe(block: MoE, x_th: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("norm,shared", [(True, 0), (False, 2)])
 def test_block_equals_per_token_loop_in_fp64(norm, shared):
     torch.manual_seed(0)
-    block = MoE(_moe_args(norm_topk_prob=norm, num_shared_experts=shared)).double()
-    _perturb(block)
+    block = MoE(moe_args(norm_topk_prob=norm, num_shared_experts=shared)).double()
+    perturb(block)
     x_bsh = torch.randn(2, 24, 64, dtype=torch.float64)
     got = block(x_bsh)
     want = _naive_moe(block, x_bsh.reshape(-1, 64)).view_as(got)
@@ -135,8 +123,8 @@ def test_grouped_mm_equals_reference_loop_on_gpu():
     """bf16 on CUDA: one grouped product against the per-expert loop (bf16 rounding, 2e-2)."""
     from longtrain.models.moe import use_grouped_mm
     torch.manual_seed(0)
-    block = MoE(_moe_args(num_experts=8)).cuda().bfloat16()
-    _perturb(block)
+    block = MoE(moe_args(num_experts=8)).cuda().bfloat16()
+    perturb(block)
     x_nh = torch.randn(200, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     counts = torch.tensor([30, 0, 50, 20, 40, 10, 0, 50], device="cuda")
     assert use_grouped_mm(x_nh)
@@ -151,7 +139,7 @@ def test_grouped_mm_equals_reference_loop_on_gpu():
 
 def test_gradients_reach_router_and_experts_and_routing_is_recorded():
     torch.manual_seed(0)
-    model = Transformer(_moe_args(num_shared_experts=1))
+    model = Transformer(moe_args(num_shared_experts=1))
     model.init_weights()
     ids = _ids()
     logits = model(ids)
@@ -171,7 +159,7 @@ def test_gradients_reach_router_and_experts_and_routing_is_recorded():
 
 def test_bf16_autocast_forward_is_close_to_fp32():
     torch.manual_seed(0)
-    model = Transformer(_moe_args(num_shared_experts=1))
+    model = Transformer(moe_args(num_shared_experts=1))
     model.init_weights()
     ids = _ids()
     with torch.no_grad():
@@ -184,9 +172,9 @@ def test_bf16_autocast_forward_is_close_to_fp32():
 
 def test_capacity_factor_drops_only_when_set():
     torch.manual_seed(0)
-    args = _moe_args()
+    args = moe_args()
     block = MoE(args)
-    _perturb(block)
+    perturb(block)
     x_bsh = torch.randn(1, 60, 64)
     free = block(x_bsh)
     assert block.last_routing.counts.sum() == 120  # no capacity: every assignment computed
@@ -215,8 +203,8 @@ def test_capacity_factor_drops_only_when_set():
 def test_streamed_moe_layer_equals_backprop_fp64(chunk, attention):
     from longtrain.kernels.attention import local_attention
     torch.manual_seed(0)
-    net = Transformer(_moe_args(num_layers=1, num_shared_experts=1)).double()
-    _perturb(net)
+    net = Transformer(moe_args(num_layers=1, num_shared_experts=1)).double()
+    perturb(net)
     layer = net.layers[0]
     if attention == "distributed":  # any other attention function: attention recomputed whole, MLP half streamed
         layer.self_attn.attn_fn = lambda q, k, v, doc_ids=None, scale=None: local_attention(q, k, v, doc_ids=doc_ids,
@@ -244,7 +232,7 @@ def test_streamed_moe_layer_equals_backprop_fp64(chunk, attention):
 
 def test_streambp_refuses_capacity_factor():
     from longtrain.memory import apply_streambp
-    model = Transformer(_moe_args(capacity_factor=1.25))
+    model = Transformer(moe_args(capacity_factor=1.25))
     with pytest.raises(ValueError, match="model.moe.capacity_factor"):
         apply_streambp(model, 16, offload=False)
 
@@ -271,11 +259,11 @@ def test_config_keys_reach_the_model_and_export_checks():
     assert args.moe_layers == tuple(range(args.num_layers))
     assert build_model_args(ModelConfig(name="tiny_moe", moe=MoEConfig(num_experts=0))).moe_layers == ()
     with pytest.raises(ValueError, match="model.moe.num_shared_experts"):
-        hf_config_from_args(dataclasses.replace(_moe_args(), num_shared_experts=1))
+        hf_config_from_args(dataclasses.replace(moe_args(), num_shared_experts=1))
     with pytest.raises(ValueError, match="model.moe.num_experts"):
-        hf_config_from_args(_moe_args(arch="qwen3"))
+        hf_config_from_args(moe_args(arch="qwen3"))
     with pytest.raises(ValueError, match="model.moe.num_experts: qwen3_moe export needs experts"):
-        hf_config_from_args(_moe_args(num_experts=0))
+        hf_config_from_args(moe_args(num_experts=0))
     # dense models are unchanged by the MoE fields
     assert not get_model_args("tiny").moe_layers
 
@@ -297,8 +285,7 @@ def test_streambp_chunk_working_set_counts_the_routed_width():
 
 
 def test_tiny_moe_trains_two_steps(tmp_path):
-    from test_train import train_in_process
-    from test_train import assert_same_curve
+    from support.helpers import assert_same_curve, train_in_process
     metrics = train_in_process(tmp_path, "moe", ["model.name=tiny_moe", "trainer.max_steps=2"])
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["loss"] == m["loss"] and m["grad_norm"] > 0 for m in metrics)

@@ -53,8 +53,8 @@ import pytest
 import torch
 
 from longtrain.config import ConfigError
-from test_train import SMALL, compose_cfg
-from test_zero import run_jobs
+from support.helpers import SMALL, compose_cfg
+from support.harness import run_jobs
 
 LAYOUTS = {"1": (1, 1, 1), "u2": (2, 2, 1), "r2": (2, 1, 2),  # name: (world, ulysses, ring)
            "u2xr2": (4, 2, 2), "dp2xu2": (4, 2, 1), "dp2xr2": (4, 1, 2)}

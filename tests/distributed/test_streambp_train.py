@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_zero import assert_same_curve, common, run_jobs
+from support.harness import run_jobs
+from support.helpers import assert_same_curve, common
 
 SBP = ["memory.streambp.enabled=true", "memory.streambp.chunk_size=48"]
 
@@ -92,7 +93,7 @@ def test_streambp_training_matches_plain_backprop(tmp_path):
 
 
 def test_streambp_config_errors():
-    from test_train import cli
+    from support.helpers import cli
     for override, expected in [("memory.checkpointing=true", "memory.streambp.enabled"),
                                ("zero.stage=3 parallel.sp.ring=2", "memory.streambp.enabled")]:
         proc = cli("memory.streambp.enabled=true", *override.split(), "logging.progress=false")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from longtrain.config import WandbConfig
 from longtrain.trainer import metrics as M
 from longtrain.trainer.metrics import (MetricsLogger, peak_flops_per_device, plot_loss_curve,
                                        save_resolved_config, wandb_name)
+from support.helpers import FakeWandb
 
 
 def _records(run_dir):
@@ -91,32 +91,6 @@ def test_progress_bar_and_info(tmp_path, capsys):
     out = capsys.readouterr()
     assert "evaluating" in out.out
     assert "loss=1.2500" in out.err and "tok/s=12.3k" in out.err
-
-
-class FakeWandb(types.ModuleType):
-    """Stands in for the ``wandb`` module: records every ``init`` and ``log`` call."""
-
-    def __init__(self):
-        super().__init__("wandb")
-        self.inits, self.logged, self.finished = [], [], 0
-        fake = self
-
-        class Run:
-            def log(self, data, step=None):
-                fake.logged.append((step, data))
-
-            def finish(self):
-                fake.finished += 1
-
-        class Histogram:
-            def __init__(self, np_histogram):
-                self.np_histogram = np_histogram
-
-        self._run, self.Histogram, self.Image = Run, Histogram, lambda path: ("image", path)
-
-    def init(self, **kwargs):
-        self.inits.append(kwargs)
-        return self._run()
 
 
 @pytest.fixture

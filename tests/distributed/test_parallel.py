@@ -1,16 +1,13 @@
 """ParallelDims arithmetic and the gradient all-reduce (2 gloo processes)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dist_utils import free_port
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.distributed import all_reduce_gradients
+from support.harness import run_ranks
 
 
 def test_dims_default_to_data_parallel():
@@ -53,9 +50,7 @@ def test_head_and_length_validation():
 
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world):
     dims = ParallelDims(world_size=world, ulysses=2)
     dims.build_groups()
     groups = {axis: dims.group_ranks(axis, rank) for axis in ("dp", "ulysses", "sp")}
@@ -68,16 +63,12 @@ def _worker(rank, world, port, out):
     all_reduce_gradients(params, dims.group("dp_sp"), bucket_bytes=64)  # tiny buckets exercise the bucketing
     t = torch.tensor([float(rank)])
     dist.all_reduce(t, group=dims.group("ulysses"))
-    out[rank] = ([p.grad for p in params[:3]], local, groups, t.item(), dims.rank("ulysses"), dims.rank("dp"))
-    dist.destroy_process_group()
+    return [p.grad for p in params[:3]], local, groups, t.item(), dims.rank("ulysses"), dims.rank("dp")
 
 
 def test_gradients_are_summed_and_groups_work():
     world = 2
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
-        results = dict(out)
+    results = run_ranks(_worker, world)
     expected = [results[0][1][i] + results[1][1][i] for i in range(3)]
     for rank in range(world):
         grads, _, groups, ulysses_sum, u_rank, dp_rank = results[rank]

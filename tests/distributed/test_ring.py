@@ -10,21 +10,19 @@ doc_bs [batch, seq]; idx [seq] global token indices; lse_bhs [batch, heads, seq]
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import longtrain.parallel.ring as ring_mod
-from dist_utils import free_port
 from longtrain.kernels import blocks
 from longtrain.kernels.attention import local_attention
 from longtrain.kernels.blocks import (block_attention_backward, block_attention_forward, get_block_kernels,
                                       has_visible_keys, merge_partials, reference_block_forward)
 from longtrain.parallel.ring import RingStats, ring_attention, zigzag_ring_attention
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
+from support.harness import run_ranks
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
@@ -263,9 +261,7 @@ def _run_case(group, docs: bool, hkv: int, dtype: torch.dtype, zigzag: bool = Tr
                 want_bwd_bytes=(ring_size - 1) * kv_bytes + ring_size * acc_bytes)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int) -> dict:
     results = {}
     for docs in (False, True):
         for hkv in (HQ, 1):
@@ -285,15 +281,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         ring_mod.merge_partials = good_merge
     dist.barrier()
-    dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    return results
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_attention_matches_local(world, tmp_path):
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
-    for rank in range(world):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
+def test_ring_attention_matches_local(world):
+    for rank, results in enumerate(run_ranks(_worker, world)):
         broken = results.pop("broken merge")
         # Zigzag shards never leave a whole block masked; contiguous ones skip the R-1-rank later
         # blocks, and with documents also earlier blocks that share no document with the queries.

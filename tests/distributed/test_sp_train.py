@@ -13,15 +13,13 @@ normalisation moves them by 1e-2 or more.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from test_train import SMALL, compose_cfg
-from dist_utils import free_port
+from support.harness import dist_info, run_ranks
+from support.helpers import SMALL, compose_cfg
 
 GQA = ["model.num_heads=4", "model.num_kv_heads=2"]
 MHA = ["model.num_heads=4", "model.num_kv_heads=4"]
@@ -32,32 +30,25 @@ MODEL_IDS = {id(GQA): "gqa", id(MHA): "mha", id(MHA_PIPE): "mha-chunks2-ckpt"}
 
 
 
-def _worker(rank, world, port, overrides, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from longtrain.parallel.distributed import destroy_distributed, init_distributed
+def _worker(rank, world, overrides):
     from longtrain.trainer.loop import Trainer
 
     cfg = compose_cfg(overrides)
-    trainer = Trainer(cfg, init_distributed("cpu", "gloo", 300))
+    trainer = Trainer(cfg, dist_info())
     loss, _ = trainer.forward_backward()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.fit()
     if rank == 0:
         lines = (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()
-        out["result"] = (loss, grads, [json.loads(x) for x in lines])
-    destroy_distributed()
+        return loss, grads, [json.loads(x) for x in lines]
 
 
 def run_layout(tmp_path, name, world, overrides):
     common = SMALL + [f"run.dir={tmp_path / name}", f"data.cache_dir={tmp_path.parent / 'sp_cache'}",
                       "trainer.max_steps=3", "checkpoint.save_final=false"]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), common + list(overrides), out), nprocs=world)
-        return out["result"]
+    # Joined as the trainer joins (init_distributed); one rank runs with no process group.
+    return run_ranks(_worker, world, common + list(overrides), init="longtrain", require_group=False)[0]
 
 
 @pytest.fixture(scope="module")

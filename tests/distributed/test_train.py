@@ -2,60 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from longtrain.config import Config, register_configs
-from longtrain.train import RECIPES_DIR, run
-
-REPO = Path(__file__).resolve().parent.parent
-
-# A small, fast variant of the default recipe: 4 sequences of 256 tokens per step.
-SMALL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
-         "data.seq_len=256", "data.global_batch_size=4", "data.passkey.num_train=48", "data.passkey.num_eval=4",
-         "data.passkey.min_chars=60", "data.passkey.max_chars=150", "trainer.eval_every=0", "trainer.max_steps=4",
-         "optim.warmup_steps=2", "checkpoint.every=0", "logging.progress=false", "trainer.device=cpu"]
-
-
-def compose_cfg(overrides, recipe="tiny") -> Config:
-    register_configs()
-    with initialize_config_dir(config_dir=RECIPES_DIR, version_base=None):
-        dcfg = compose(config_name=recipe, overrides=list(overrides))
-    return OmegaConf.to_object(dcfg)
-
-
-def read_metrics(run_dir) -> list:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_in_process(tmp_path, name, overrides):
-    run_dir = tmp_path / name
-    cfg = compose_cfg(SMALL + [f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"] + list(overrides))
-    run(cfg)
-    return read_metrics(run_dir)
-
-
-def train_torchrun(tmp_path, name, nproc, overrides):
-    run_dir = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "longtrain.train", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}", *SMALL, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return read_metrics(run_dir)
-
-
-def assert_same_curve(a, b, rtol, keys=("loss", "grad_norm", "lr")):
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for ma, mb in zip(a, b):
-        for k in keys:
-            assert ma[k] == pytest.approx(mb[k], rel=rtol), (k, ma["step"], ma[k], mb[k])
+from longtrain.config import Config
+from longtrain.train import RECIPES_DIR
+from support.helpers import (SMALL, FakeWandb, assert_same_curve, cli, compose_cfg, read_metrics, train_in_process,
+                             train_torchrun)
 
 
 def test_accumulation_does_not_change_the_step(tmp_path):
@@ -120,8 +76,6 @@ def test_run_directory_contents(tmp_path, monkeypatch):
 
 
 def test_wandb_gets_the_resolved_config_and_a_restart_resumes_its_run(tmp_path, monkeypatch):
-    from test_metrics import FakeWandb
-
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     common = ["trainer.max_steps=2", "logging.wandb.mode=offline", "logging.wandb.project=lt",
@@ -170,11 +124,6 @@ def test_multirun_sweep_gives_each_job_its_own_run(tmp_path):
         assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "env" / "command.txt").is_file()
         lrs.append(read_metrics(run_dir)[-1]["lr"])
     assert lrs[1] == pytest.approx(4 * lrs[0])
-
-
-def cli(*overrides, env=None):
-    return subprocess.run([sys.executable, "-m", "longtrain.train", *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def write_bad_inputs(tmp):
