@@ -230,42 +230,39 @@ def choose_backend(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Ten
 
 
 # ---------------------------------------------------------------------------- the block kernels
-def cudnn_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale):
-    """:func:`~longtrain.kernels.blocks.block_attention_forward`: cuDNN for dense blocks where
-    chosen, else (and on any cuDNN error) the fused flash kernels."""
+def _dispatch(what: str, q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale, on_cudnn, on_flash):
+    """``on_cudnn(kind)`` for a dense block where cuDNN is chosen, else (and once cuDNN has raised
+    anything but an out-of-memory error, which switches it off for the device) ``on_flash()``."""
     check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
     check_docs(q_doc, k_doc)
     kind = dense_kind(q_idx, k_idx, q_doc, k_doc)
     if choose_backend(q_bshd, k_bshd, v_bshd, kind, scale) == "cudnn":
         try:
-            res = cudnn_forward(q_bshd, k_bshd, v_bshd, kind, scale)
+            res = on_cudnn(kind)
             CUDNN_STATS.cudnn += 1
             return res
         except RuntimeError as exc:
             if isinstance(exc, torch.OutOfMemoryError):
                 raise
-            _disable(q_bshd.device, f"forward: {str(exc).splitlines()[0][:200]}")
+            _disable(q_bshd.device, f"{what}: {str(exc).splitlines()[0][:200]}")
     CUDNN_STATS.flash += 1
-    return fused_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
+    return on_flash()
+
+
+def cudnn_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale):
+    """:func:`~longtrain.kernels.blocks.block_attention_forward`: cuDNN for dense blocks where
+    chosen, else (and on any cuDNN error) the fused flash kernels."""
+    return _dispatch("forward", q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale,
+                     lambda kind: cudnn_forward(q_bshd, k_bshd, v_bshd, kind, scale),
+                     lambda: fused_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale))
 
 
 def cudnn_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc, scale):
     """:func:`~longtrain.kernels.blocks.block_attention_backward`, chosen as the forward."""
-    check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
-    check_docs(q_doc, k_doc)
-    kind = dense_kind(q_idx, k_idx, q_doc, k_doc)
-    if choose_backend(q_bshd, k_bshd, v_bshd, kind, scale) == "cudnn":
-        try:
-            res = cudnn_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, kind, scale)
-            CUDNN_STATS.cudnn += 1
-            return res
-        except RuntimeError as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
-                raise
-            _disable(q_bshd.device, f"backward: {str(exc).splitlines()[0][:200]}")
-    CUDNN_STATS.flash += 1
-    return fused_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc,
-                                scale)
+    return _dispatch("backward", q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale,
+                     lambda kind: cudnn_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, kind, scale),
+                     lambda: fused_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx,
+                                                  q_doc, k_doc, scale))
 
 
 register_block_kernels("cuda", cudnn_block_forward, cudnn_block_backward)
