@@ -172,7 +172,9 @@ def test_wandb_offline(tmp_path, monkeypatch):
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    # A restarted job reuses the stored id.
+    # A restarted job reuses the stored id. W&B names an offline run's folder by the second it
+    # started and the id: start the restart in the next second so it gets a folder of its own.
+    time.sleep(1.05 - time.time() % 1)
     m = _logger(tmp_path, start_step=2, mode="offline")
     m.log(3, {"loss": 1.0})
     m.close()
