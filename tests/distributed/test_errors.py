@@ -438,7 +438,8 @@ def test_unwritable_directory_as_an_unprivileged_user(key):
         from omegaconf import OmegaConf
 
         from longtrain.config import register_configs
-        from longtrain.train import RECIPES_DIR, check_paths, error_line
+        from longtrain.errors import error_line
+        from longtrain.precheck import RECIPES_DIR, check_paths
 
         register_configs()
         with initialize_config_dir(config_dir=RECIPES_DIR, version_base=None):
