@@ -66,6 +66,7 @@ echo "scontrol $*" >> "$STUBS/events"
 """
 PYTHON_STUB = r"""#!/usr/bin/env bash
 echo "python $*" >> "$STUBS/events"
+if [[ "$3" == --precheck && -n "${STUB_BAD_INPUT:-}" ]]; then echo "longtrain: error: $STUB_BAD_INPUT" >&2; exit 2; fi
 """
 
 
@@ -121,8 +122,11 @@ def test_slurm_two_nodes_command_line(slurm, tmp_path):
                 "-m", "longtrain.train", "--config-name", "tiny", f"run.dir={run_dir}",
                 "trainer.max_steps=3", "optim.lr=1e-4"]
     assert proc.srun_argv() == expected
-    # The environment is recorded (with the exact command) before srun starts; no requeue.
-    assert proc.events() == [f"python -m longtrain.trainer.environment {run_dir} --command srun {' '.join(expected)}",
+    # The start-up checks run once for the whole job (16 ranks), then the environment is recorded
+    # (with the exact command) before srun starts; no requeue.
+    assert proc.events() == [f"python -m longtrain.train --precheck --config-name tiny run.dir={run_dir} "
+                             "trainer.max_steps=3 optim.lr=1e-4",
+                             f"python -m longtrain.trainer.environment {run_dir} --command srun {' '.join(expected)}",
                              "srun start", "srun exit"]
     assert (run_dir / "env" / "launch_command.txt").read_text().split() == ["srun", *expected]
     assert (run_dir / "env" / "sbatch_script.sh").read_text() == SBATCH.read_text()
@@ -157,6 +161,14 @@ def test_slurm_run_dir_survives_requeue(slurm, tmp_path):
     assert run_dirs(slurm(SLURM_JOB_ID="4243"))[0] == [f"run.dir={tmp_path}/runs/tiny-4243"]
 
 
+def test_slurm_bad_input_stops_before_srun(slurm, tmp_path):
+    proc = slurm("data.seq_len=x", STUB_BAD_INPUT="data.seq_len: must be a whole number")
+    rc, err = finish(proc)
+    assert rc == 2 and err.strip().splitlines()[-1] == "longtrain: error: data.seq_len: must be a whole number"
+    assert [e.split()[2] for e in proc.events()] == ["longtrain.train"]  # the check alone: no srun, no record
+    assert not (tmp_path / f"runs/tiny-{JOB_ID}").exists()
+
+
 @pytest.mark.parametrize("sig, env, requeued", [
     (signal.SIGUSR1, {}, True),
     (signal.SIGTERM, {}, False),  # scancel: checkpoint, but a requeue would undo the cancel
@@ -174,7 +186,7 @@ def test_slurm_signal_checkpoints_then_requeues(slurm, tmp_path, sig, env, reque
     rc, err = finish(proc)
     assert rc == 0, err
     expected = ["srun start", "srun saw STOP", "srun exit"] + ([f"scontrol requeue {JOB_ID}"] if requeued else [])
-    assert proc.events()[1:] == expected, err
+    assert proc.events()[2:] == expected, err  # after the start-up checks and the environment record
     assert not (tmp_path / f"runs/tiny-{JOB_ID}" / "STOP").exists()
 
 
