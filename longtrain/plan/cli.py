@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 from longtrain.config import Config, ConfigError, register_configs
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
 from longtrain.plan.step import StepPlan, run_step
-from longtrain.train import FULL_ERROR_ENV, compose_config, error_boundary, precheck, report_error
+from longtrain.train import FULL_ERROR_ENV, compose_config, error_boundary, precheck
 
 SEQ_MULTIPLE = 256
 """``--max-seq`` searches multiples of this many tokens (the StreamBP auto chunk's granule)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 from unittest import mock
