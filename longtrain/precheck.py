@@ -186,18 +186,9 @@ def sweep_jobs(overrides: List[str]) -> Optional[List[List[str]]]:
     return [list(job) for job in itertools.product(*choices)]
 
 
-def precheck(argv: List[str]) -> Optional[str]:
-    """Compose and validate the config the command line asks for; the one-line error, or None.
-
-    Plain runs (``--config-name``/``--config-dir`` and overrides) and every job of a
-    ``--multirun`` sweep are checked here so that every bad key or value is reported in one line
-    before any work: the overrides' form, the schema checks, the layout against ``WORLD_SIZE``,
-    the model geometry and, for a plain run, the paths (:func:`check_paths`). Nothing is created.
-    Other Hydra modes (``--cfg``, ``--help``, ...) are left to Hydra.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import MissingConfigException
-
+def recipe_args(argv: List[str]):
+    """(recipe name, recipe folder, overrides, multirun) of a training command line; a one-line
+    problem (str) for a bad ``--config-dir``; None when it holds another flag (left to Hydra)."""
     name, config_dir, overrides, multirun, i = "tiny", RECIPES_DIR, [], False, 0
     while i < len(argv):
         arg = argv[i]
@@ -221,6 +212,36 @@ def precheck(argv: List[str]) -> Optional[str]:
         else:
             overrides.append(arg)
         i += 1
+    return name, config_dir, overrides, multirun
+
+
+def compose_config(argv: List[str]) -> Config:
+    """The typed config of a plain (not ``--multirun``) command line that :func:`precheck` accepted."""
+    from hydra import compose, initialize_config_dir
+
+    name, config_dir, overrides, _ = recipe_args(argv)
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return to_config(compose(config_name=name, overrides=overrides))
+
+
+def precheck(argv: List[str]) -> Optional[str]:
+    """Compose and validate the config the command line asks for; the one-line error, or None.
+
+    Plain runs (``--config-name``/``--config-dir`` and overrides) and every job of a
+    ``--multirun`` sweep are checked here so that every bad key or value is reported in one line
+    before any work: the overrides' form, the schema checks, the layout against ``WORLD_SIZE``,
+    the model geometry and, for a plain run, the paths (:func:`check_paths`). Nothing is created.
+    Other Hydra modes (``--cfg``, ``--help``, ...) are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    parsed = recipe_args(argv)
+    if isinstance(parsed, str):
+        return parsed
+    if parsed is None:
+        return None
+    name, config_dir, overrides, multirun = parsed
     for override in overrides:
         problem = _override_problem(override)
         if problem is not None:

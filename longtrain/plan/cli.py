@@ -1,0 +1,165 @@
+"""``longtrain-plan`` / ``python -m longtrain.plan``: plan one training step of a recipe on a target GPU.
+
+    longtrain-plan [--config-name RECIPE] [--config-dir DIR] [key=value ...]
+                   [--gpu h100|h200|a100|b200] [--json] [--max-seq]
+
+The recipe and overrides are composed and checked exactly as ``longtrain-train`` does
+(:func:`longtrain.precheck.precheck`, :func:`longtrain.precheck.compose_config`), for one process. The
+plan is a table (or one JSON object with ``--json``); ``--max-seq`` adds the longest
+``data.seq_len`` that fits the GPU (a binary search over multiples of :data:`SEQ_MULTIPLE`). Bad
+input ends with one ``longtrain: error: ...`` line and exit code 2, as in training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import List, Optional, Tuple
+
+from longtrain.config import Config, ConfigError, register_configs
+from longtrain.plan.gpus import GPUS, Gpu, get_gpu
+from longtrain.plan.step import StepPlan, run_step
+from longtrain.errors import FULL_ERROR_ENV, error_boundary
+from longtrain.precheck import compose_config, precheck
+
+SEQ_MULTIPLE = 256
+"""``--max-seq`` searches multiples of this many tokens (the StreamBP auto chunk's granule)."""
+MAX_SEQ_LIMIT = 1 << 24
+"""``--max-seq`` looks no further than this (16M tokens)."""
+
+
+def _split(argv: List[str]) -> Tuple[dict, List[str]]:
+    """(the planner's own flags, the training command line)."""
+    own = {"gpu": "h100", "json": False, "max_seq": False}
+    rest, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag == "--gpu":
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            own["gpu"] = value
+        elif argv[i] in ("--json", "--max-seq"):
+            own[argv[i][2:].replace("-", "_")] = True
+        elif argv[i].startswith("-") and flag not in ("--config-name", "-cn", "--config-dir", "-cd"):
+            raise ConfigError(f"{argv[i]}: not a flag of longtrain-plan (it takes --config-name, --config-dir, "
+                              "--gpu, --json, --max-seq and key=value overrides)")
+        else:
+            rest.append(argv[i])
+        i += 1
+    return own, rest
+
+
+def with_seq(cfg: Config, seq_len: int) -> Config:
+    """``cfg`` with ``data.seq_len=seq_len``."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
+
+
+def max_seq(cfg: Config, gpu: Gpu) -> Tuple[int, Optional[StepPlan]]:
+    """The longest multiple of :data:`SEQ_MULTIPLE` whose step fits ``gpu``'s memory, and its plan
+    ((0, None) when not even the shortest fits). Peak memory grows with the length, so a doubling
+    search brackets it and a bisection finds it."""
+    def fits(seq):
+        plan = run_step(with_seq(cfg, seq), gpu)
+        return plan.peak_bytes <= gpu.memory_bytes, plan
+
+    lo, best = 0, None
+    hi = SEQ_MULTIPLE
+    while hi <= MAX_SEQ_LIMIT:
+        ok, plan = fits(hi)
+        if not ok:
+            break
+        lo, best, hi = hi, plan, hi * 2
+    hi = min(hi, MAX_SEQ_LIMIT + SEQ_MULTIPLE)
+    while hi - lo > SEQ_MULTIPLE:
+        mid = (lo + hi) // 2 // SEQ_MULTIPLE * SEQ_MULTIPLE
+        ok, plan = fits(mid)
+        if ok:
+            lo, best = mid, plan
+        else:
+            hi = mid
+    return lo, best
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.3f} GiB"
+
+
+def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = None) -> str:
+    """The plan as a table."""
+    rows = [("recipe", f"model {cfg.model.name}, seq_len {plan.seq_len}, {plan.tokens} tokens per step, "
+                       f"{plan.precision}"),
+            ("memory features", _features(cfg, plan)),
+            ("target", f"{gpu.name}: {_gib(gpu.memory_bytes)}, {gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+                       f"{gpu.hbm_bytes_per_s / 1e12:.2f} TB/s"),
+            ("peak device memory", f"{_gib(plan.peak_bytes)} ({'fits' if plan.peak_bytes <= gpu.memory_bytes else 'does NOT fit'}; "
+                                   f"peak during {plan.peak_phase})"),
+            ("  parameters", _gib(plan.params_bytes)),
+            ("  gradients", _gib(plan.grads_bytes)),
+            ("  optimizer state", _gib(plan.optimizer_bytes)),
+            ("  activations and temporaries at the peak", _gib(plan.activations_at_peak)),
+            ("activations kept after the forward", _gib(plan.activations_kept)),
+            ("largest single transient tensor", _gib(plan.largest_transient)),
+            ("host memory (offload)", _gib(plan.host_bytes)),
+            ("device bytes per token of context", f"{plan.peak_bytes / plan.tokens / 1024:.1f} KiB"),
+            ("FLOPs of the step (counted)", f"{plan.flops:.4g} (ModelArgs.flops_per_token: {plan.formula_flops:.4g})"),
+            ("roofline time", f"{plan.time_s * 1e3:.1f} ms (sum over ops of max(compute, memory); compute terms {plan.compute_s * 1e3:.1f} ms, "
+                              f"memory terms {plan.memory_s * 1e3:.1f} ms)"),
+            ("tokens/s, MFU", f"{plan.tokens_per_s:,.0f}, {plan.mfu * 100:.1f}%")]
+    if longest is not None:
+        rows.append(("longest seq_len that fits (--max-seq)", str(longest)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _features(cfg: Config, plan: StepPlan) -> str:
+    mc = cfg.memory
+    if mc.streambp.enabled:
+        return f"StreamBP, chunk {plan.streambp_chunk}" + (", layer inputs offloaded" if mc.offload_checkpoints else "")
+    return "activation checkpointing" if mc.checkpointing else "none"
+
+
+def plan_main(argv: List[str]) -> int:
+    """Run the planner's command line ``argv``; returns the exit code."""
+    own, rest = _split(argv)
+    gpu = get_gpu(own["gpu"])
+    error = precheck(rest)
+    if error is not None:
+        raise ConfigError(error)
+    cfg = compose_config(rest)
+    logging.getLogger("longtrain").setLevel(logging.WARNING)
+    longest = best = None
+    if own["max_seq"]:
+        longest, best = max_seq(cfg, gpu)
+        if best is None:
+            raise ConfigError(f"not even data.seq_len={SEQ_MULTIPLE} fits {gpu.name} ({_gib(gpu.memory_bytes)}) "
+                              f"with this layout; lower the model size or turn on memory features")
+    plan = run_step(cfg, gpu)
+    if own["json"]:
+        out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan),
+               "fits": plan.peak_bytes <= gpu.memory_bytes}
+        if longest is not None:
+            out["max_seq"] = longest
+            out["max_seq_plan"] = dataclasses.asdict(best)
+        print(json.dumps(out))
+    else:
+        print(format_plan(cfg, gpu, plan, longest))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console-script entry point (``longtrain-plan``): one ``longtrain: error:`` line and exit 2 on bad input."""
+    register_configs()
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get(FULL_ERROR_ENV) == "1":
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        with error_boundary():
+            return plan_main(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+
+
+__all__ = ["GPUS", "MAX_SEQ_LIMIT", "SEQ_MULTIPLE", "format_plan", "main", "max_seq", "plan_main", "with_seq"]

@@ -1,0 +1,220 @@
+"""The dispatch mode the planner runs a training step under: live storage bytes, FLOPs and a
+roofline time, op by op.
+
+:class:`StepTracker` sees every aten op of the step (``TorchDispatchMode``). For each op it
+
+- records the storages of the outputs it has not seen yet and drops them again when their
+  storage object dies (a ``weakref.finalize`` on the storage), so :attr:`live` is the bytes of
+  tensor storage alive at any moment and :attr:`peak` its maximum; the same code runs on real
+  and on fake tensors, which is what makes the plan checkable against a real step;
+- counts FLOPs with :data:`torch.utils.flop_counter.flop_registry` (matmuls, SDPA) plus the CPU
+  flash-attention ops the registry lacks; causal attention (``is_causal`` with square scores)
+  counts half the score matrix, as the kernels skip the masked blocks;
+- adds a roofline time ``max(flops / peak_flops, bytes / bandwidth)`` with ``bytes`` the tensors
+  the op reads and writes (views move nothing).
+
+Under :class:`~torch._subclasses.fake_tensor.FakeTensorMode` (``fake=True``) it also routes the
+small integer bookkeeping of the step (token indices, masks derived from them, the batch) to real
+kernels: an op none of whose tensor arguments is fake, and an integer or boolean factory, runs for
+real, so data-dependent decisions on indices (the block kernels' causal windows) are taken as in
+training. A scalar read of a fake floating tensor (a loss, a gradient norm) answers 1.0; one of a
+fake integer or boolean tensor (a decision the planner cannot follow) raises.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+aten = torch.ops.aten
+
+
+def _cpu_flash_flops(q, k, v, is_causal: bool, backward: bool) -> int:
+    """[B, H, S, D] SDPA: 2 matmuls forward (scores, weighted sum), 4 backward; causal halves."""
+    b, h, s_q, d = q.shape
+    s_k = k.shape[-2]
+    flops = 4 * b * h * s_q * s_k * d * (2 if backward else 1)
+    return flops // 2 if is_causal and s_q == s_k else flops
+
+
+_IN_PLACE = {aten.addmm_: aten.addmm, aten.baddbmm_: aten.baddbmm}
+"""In-place matmuls the registry knows only out of place (same FLOPs)."""
+
+
+def _sdpa_causal(func, args, kwargs) -> bool:
+    names = [a.name for a in func._schema.arguments]
+    if "is_causal" in kwargs:
+        return bool(kwargs["is_causal"])
+    if "is_causal" not in names:
+        return False
+    i = names.index("is_causal")
+    return bool(args[i]) if i < len(args) else False
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """FLOPs of one dispatched op (0 for ops that are not matmuls or attention)."""
+    packet = func._overloadpacket
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu:
+        return _cpu_flash_flops(args[0], args[1], args[2], _sdpa_causal(func, args, kwargs), False)
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        return _cpu_flash_flops(args[1], args[2], args[3], _sdpa_causal(func, args, kwargs), True)
+    formula = flop_registry.get(_IN_PLACE.get(packet, packet))
+    if formula is None:
+        return 0
+    flops = int(formula(*args, **kwargs, out_val=out))
+    if "attention" in packet.__name__ and _sdpa_causal(func, args, kwargs):
+        q, k = (args[1], args[2]) if "backward" in packet.__name__ else (args[0], args[1])
+        if q.shape[-2] == k.shape[-2]:  # the registry counts the whole score matrix
+            flops //= 2
+    return flops
+
+
+def _tensors(tree) -> List[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of ``t``'s storage (the same for every view of it)."""
+    return id(t.untyped_storage())
+
+
+class StepTracker(TorchDispatchMode):
+    """Live tensor-storage bytes, FLOPs and roofline time of every op run under it (module docstring).
+
+    Args:
+        peak_flops: FLOP/s of the target device (0: no roofline).
+        bandwidth: memory bytes/s of the target device.
+        fake: the step runs under a ``FakeTensorMode`` entered before this mode.
+    """
+
+    def __init__(self, peak_flops: float = 0.0, bandwidth: float = 0.0, fake: bool = False) -> None:
+        super().__init__()
+        self.peak_flops, self.bandwidth, self.fake = peak_flops, bandwidth, fake
+        self.live = 0
+        """Device bytes alive now (host copies of an offload plan excluded)."""
+        self.peak = 0
+        self.host_live = 0
+        self.host_peak = 0
+        self.flops = 0
+        self.time_s = self.compute_s = self.memory_s = 0.0
+        self.phase = "setup"
+        """What the step is doing (set by the caller): the phase of the peak is reported."""
+        self.peak_phase = "setup"
+        self.peak_snapshot: Dict[int, Tuple[int, str]] = {}
+        """serial -> (bytes, "device" | "host") of every storage alive at the peak."""
+        self.allocations: List[Tuple[int, int]] = []
+        """(serial, bytes) of every storage in the order it appeared."""
+        self._live: Dict[int, Tuple[int, int, str]] = {}  # id(storage) -> (serial, bytes, where)
+        self._serial = 0
+        self._snapshot_at = -1
+
+    # -------------------------------------------------------------- storage bookkeeping
+    def track(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage as live device memory until it dies (nothing when counted already)."""
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._live:
+            return
+        size = st.nbytes()
+        self._serial += 1
+        self._live[key] = (self._serial, size, "device")
+        self.allocations.append((self._serial, size))
+        self.live += size
+        weakref.finalize(st, self._free, key, self._serial)
+        if self.live > self.peak:
+            self.peak, self.peak_phase = self.live, self.phase
+            if self.live > self._snapshot_at * 1.001:
+                self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.peak_snapshot = {serial: (size, where) for serial, size, where in self._live.values()}
+        self._snapshot_at = self.live
+
+    def mark_host(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage as host memory (an offloaded copy), not device memory."""
+        self.track(t)
+        key = id(t.untyped_storage())
+        serial, size, where = self._live[key]
+        if where == "device":
+            self._live[key] = (serial, size, "host")
+            self.live -= size
+            self.host_live += size
+            self.host_peak = max(self.host_peak, self.host_live)
+
+    def _free(self, key: int, serial: int) -> None:
+        entry = self._live.get(key)
+        if entry is None or entry[0] != serial:
+            return
+        del self._live[key]
+        if entry[2] == "host":
+            self.host_live -= entry[1]
+        else:
+            self.live -= entry[1]
+
+    def live_bytes(self, device_type: Optional[str] = None) -> int:
+        """Device bytes alive now."""
+        return self.live
+
+    def serials(self, tensors) -> Set[int]:
+        """Serials of the live storages of ``tensors`` (None entries skipped)."""
+        out = set()
+        for t in tensors:
+            if t is not None and id(t.untyped_storage()) in self._live:
+                out.add(self._live[id(t.untyped_storage())][0])
+        return out
+
+    serials_of_storages = serials
+
+    # -------------------------------------------------------------- dispatch
+    def _run_real(self, func, args, kwargs) -> bool:
+        tensors = _tensors((args, kwargs))
+        if any(isinstance(t, FakeTensor) for t in tensors):
+            return False
+        if tensors:
+            return True
+        # A factory: real when it makes integers or booleans (asked of the meta device, for the
+        # dtype torch infers, e.g. arange over ints).
+        with unset_fake_temporarily():
+            probe = func(*args, **{**kwargs, "device": torch.device("meta")}) if "device" in [
+                a.name for a in func._schema.arguments] else None
+        return isinstance(probe, torch.Tensor) and not (probe.dtype.is_floating_point or probe.dtype.is_complex)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.fake and func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            if not args[0].dtype.is_floating_point:
+                raise RuntimeError(f"a decision on the value of a fake {args[0].dtype} tensor of shape "
+                                   f"{tuple(args[0].shape)}: the planner cannot follow it")
+            return 1.0  # a loss or a gradient norm read by the step: finite
+        if self.fake and self._run_real(func, args, kwargs):
+            with unset_fake_temporarily():
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        ins, outs = _tensors((args, kwargs)), _tensors(out)
+        in_keys = {storage_key(t) for t in ins}
+        moved = 0
+        for t in outs:
+            if storage_key(t) not in in_keys or func._schema.is_mutable:
+                moved += _nbytes(t)
+        if moved:  # not a view: the op reads its inputs and writes its outputs
+            moved += sum(_nbytes(t) for t in ins)
+        flops = op_flops(func, args, kwargs, out)
+        self.flops += flops
+        if self.peak_flops:
+            c, m = flops / self.peak_flops, moved / self.bandwidth
+            self.compute_s += c
+            self.memory_s += m
+            self.time_s += max(c, m)
+        for t in outs:
+            self.track(t)
+        return out

@@ -1,0 +1,105 @@
+"""The planner (longtrain.plan): one training step on fake tensors against the same step run for real.
+
+Proofs (tiny shapes, CPU):
+- the planned peak of live tensor bytes, and its split into parameters / gradients / optimizer state /
+  the rest, equal the measured ones of the real step (same tracker on real tensors) within 2%, for
+  the plain path, activation checkpointing, StreamBP and StreamBP + offload (on the CPU, offload
+  keeps the tensor as is, so the plan equals StreamBP's) and under bf16 autocast;
+- the counted FLOPs equal ModelArgs.flops_per_token where that formula is exact: no recomputation
+  (no checkpointing or StreamBP), fp32, one document per row; the formula then differs from the
+  count only by its ``6 x`` the norm weights (parameters that are not matmul weights);
+- the command line prints a table, ``--json`` parses, and bad input gives one line and exit 2.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longtrain.config import register_configs
+from longtrain.models import get_model_args
+from longtrain.plan import get_gpu, run_step
+from longtrain.plan.cli import SEQ_MULTIPLE, main, max_seq
+from longtrain.precheck import compose_config
+
+SMALL = ["data.seq_len=256", "data.micro_batch_size=1", "data.global_batch_size=2"]
+FEATURES = {
+    "plain": [],
+    "checkpointing": ["memory.checkpointing=true"],
+    "streambp": ["memory.streambp.enabled=true", "memory.streambp.chunk_size=64"],
+    "streambp_offload": ["memory.streambp.enabled=true", "memory.streambp.chunk_size=64",
+                         "memory.offload_checkpoints=true"],
+    "bf16_checkpointing": ["memory.checkpointing=true", "trainer.precision=bf16"],
+}
+
+
+def _cfg(overrides):
+    register_configs()
+    return compose_config([*SMALL, *overrides])
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_planned_peak_equals_measured(feature):
+    cfg = _cfg(FEATURES[feature])
+    planned, measured = run_step(cfg, fake=True), run_step(cfg, fake=False)
+    assert planned.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.02)
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+        assert getattr(planned, key) == getattr(measured, key)
+    assert planned.activations_at_peak == pytest.approx(measured.activations_at_peak, rel=0.02)
+    assert planned.flops == measured.flops
+    # the split adds up: parameters, gradients and optimizer state are all alive at a backward peak
+    assert planned.peak_bytes >= planned.params_bytes + planned.optimizer_bytes
+
+
+def test_memory_features_lower_the_peak():
+    peaks = {f: run_step(_cfg(FEATURES[f])).peak_bytes for f in ("plain", "checkpointing", "streambp")}
+    assert peaks["streambp"] < peaks["checkpointing"] < peaks["plain"]
+
+
+def test_counted_flops_equal_formula_without_recomputation():
+    cfg = _cfg([])
+    plan = run_step(cfg)
+    args = get_model_args("tiny")
+    norm_weights = args.num_layers * 2 * args.hidden_size + args.hidden_size
+    assert plan.flops == plan.formula_flops - 6 * norm_weights * plan.tokens
+    # checkpointing recomputes each layer's forward: more FLOPs counted than the model's
+    assert run_step(_cfg(FEATURES["checkpointing"])).flops > plan.flops
+
+
+def test_gpu_target_plans_bf16_with_roofline():
+    plan = run_step(_cfg(FEATURES["streambp_offload"]), get_gpu("h100"))
+    assert plan.precision == "bf16" and plan.host_bytes > 0
+    assert plan.time_s >= max(plan.compute_s, plan.memory_s) > 0
+    assert 0 < plan.mfu < 1 and plan.tokens_per_s > 0
+
+
+def test_max_seq_is_the_boundary():
+    cfg = _cfg([])
+    gpu = get_gpu("h100")
+    tiny_gpu = type(gpu)("test", 40 << 20, gpu.bf16_flops, gpu.hbm_bytes_per_s)
+    longest, plan = max_seq(cfg, tiny_gpu)
+    assert longest % SEQ_MULTIPLE == 0 and longest >= SEQ_MULTIPLE
+    assert plan.peak_bytes <= tiny_gpu.memory_bytes
+    from longtrain.plan.cli import with_seq
+    assert run_step(with_seq(cfg, longest + SEQ_MULTIPLE), tiny_gpu).peak_bytes > tiny_gpu.memory_bytes
+
+
+def test_cli_table_and_json(capsys):
+    assert main([*SMALL, "--gpu", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "peak device memory" in out and "tokens/s, MFU" in out
+    assert main([*SMALL, "--json", "--gpu=a100"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["gpu"]["name"] == "a100" and doc["fits"] is True and doc["plan"]["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpu", "v100"], "unknown GPU 'v100'"),
+    (["parallel.sp.ulysses=3"], "parallel.sp"),
+    (["model.vocab_size=1000000000", "--gpu", "a100", "--max-seq"], "not even data.seq_len"),
+    (["--frobnicate"], "not a flag of longtrain-plan"),
+])
+def test_cli_bad_input_one_line_exit_2(capsys, argv, words):
+    assert main([*SMALL, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longtrain: error: ") and words in err[0]
