@@ -14,7 +14,8 @@ MOE_ARCHS = ("qwen3_moe", "mixtral")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def _divisors(n: int) -> list:
+def divisors(n: int) -> list:
+    """The positive divisors of ``n``, ascending (named in the messages for values that must divide)."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -87,12 +88,12 @@ class ModelArgs:
             self.num_kv_heads = self.num_heads
         _require(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                  f"must divide model.num_heads={self.num_heads}, got {self.num_kv_heads}; valid values: "
-                 f"{', '.join(map(str, _divisors(self.num_heads)))} (or change model.num_heads)")
+                 f"{', '.join(map(str, divisors(self.num_heads)))} (or change model.num_heads)")
         if self.head_dim is None:
             _require(self.hidden_size % self.num_heads == 0, "head_dim",
                      f"is null but model.hidden_size={self.hidden_size} is not a multiple of model.num_heads="
                      f"{self.num_heads}; set model.num_heads to a divisor of {self.hidden_size} "
-                     f"({', '.join(map(str, _divisors(self.hidden_size)[:12]))}, ...) or set model.head_dim explicitly")
+                     f"({', '.join(map(str, divisors(self.hidden_size)[:12]))}, ...) or set model.head_dim explicitly")
             self.head_dim = self.hidden_size // self.num_heads
         _require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim",
                  f"must be an even positive integer (RoPE rotates pairs), got {self.head_dim}")

@@ -22,11 +22,10 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
+from longtrain.models.args import divisors
+
 AXES = ("dp", "ring", "ulysses", "sp", "dp_sp")
 
-
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass
@@ -61,7 +60,7 @@ class ParallelDims:
             raise ValueError(
                 f"parallel.sp.ulysses x parallel.sp.ring = {self.ulysses} x {self.ring} = {sp} does not divide the "
                 f"world size {self.world_size}; the sequence-parallel degree must be one of "
-                f"{_divisors(self.world_size)}")
+                f"{divisors(self.world_size)}")
         if self.dp == -1:
             self.dp = self.world_size // sp
         if self.dp * sp != self.world_size:

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from longtrain.parallel.distributed import all_reduce_gradients
-from longtrain.parallel.state_memory import expected_memory, measured_memory
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +182,7 @@ class PlainEngine(StepEngine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, ckpt_dir, is_writer):
+        # Looked up at the call, so a test can make longtrain.io's writers fail (a full disk).
         from longtrain.io import save_model, save_torch
 
         if is_writer:
@@ -196,7 +196,7 @@ class PlainEngine(StepEngine):
             load_model(self.model, Path(ckpt_dir) / "model.safetensors")
             self.optimizer.load_state_dict(load_torch(Path(ckpt_dir) / "optimizer.pt"))
         elif mode == "zero_to_plain":
-            from longtrain.parallel.zero import consolidated_fp32
+            from longtrain.parallel.zero_checkpoint import consolidated_fp32
 
             self.model.load_state_dict(consolidated_fp32(ckpt_dir), strict=False)
         else:
@@ -228,5 +228,4 @@ def describe_memory(report: dict) -> str:
             f"(measured vs ZeRO formula): " + "; ".join(pair(k) for k in ("params", "grads", "optimizer")))
 
 
-__all__ = ["Head", "PlainEngine", "RESUME_MODES", "StepEngine", "StepResult", "describe_memory", "expected_memory",
-           "measured_memory", "unsharded_state"]
+__all__ = ["Head", "PlainEngine", "RESUME_MODES", "StepEngine", "StepResult", "describe_memory", "unsharded_state"]

@@ -50,16 +50,13 @@ import torch.distributed as dist
 
 from longtrain.kernels.attention import ChunkKeys, LocalAttention, local_attention
 from longtrain.kernels.fused import block_attention
+from longtrain.models.args import divisors
 from longtrain.parallel.all_to_all import (HEAD_DIM, SEQ_DIM, ULYSSES_STATS, UlyssesStats, _AllToAll,
                                            all_gather_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads,
                                            collect, exchange, group_size, post)
 
 AttentionFn = Callable[..., torch.Tensor]
 
-
-
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def validate_ulysses(num_heads: int, num_kv_heads: int, degree: int) -> int:
@@ -86,7 +83,7 @@ def validate_ulysses(num_heads: int, num_kv_heads: int, degree: int) -> int:
     if num_heads % degree:
         raise ValueError(
             f"parallel.sp.ulysses={degree} does not divide model.num_heads={num_heads}; choose a ulysses "
-            f"degree in {_divisors(num_heads)} or use parallel.sp.ring for the rest of the degree (hybrid layout)")
+            f"degree in {divisors(num_heads)} or use parallel.sp.ring for the rest of the degree (hybrid layout)")
     rep = degree // math.gcd(num_kv_heads, degree)
     # Internal invariant: local query head i of rank u must read local KV head i // (group size)
     # and that must be the KV head HF's repeat_kv order assigns to global query head u*Hq/U + i.

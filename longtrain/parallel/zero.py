@@ -38,7 +38,7 @@ import copy
 import logging
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.distributed import barrier
 from longtrain.parallel.engine import StepEngine, StepResult
 from longtrain.parallel.state_memory import expected_memory, measured_memory
-from longtrain.parallel.zero_checkpoint import consolidated_fp32, load_sharded, save_sharded, to_universal  # noqa: F401
+from longtrain.parallel.zero_checkpoint import load_sharded, save_sharded, to_universal
 
 log = logging.getLogger(__name__)
 

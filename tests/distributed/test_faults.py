@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import longtrain.io as lio
-from longtrain.io import load_model
 from longtrain.trainer import step as step_mod
 from longtrain.trainer.checkpoint import CheckpointError, verify
 from longtrain.trainer.faults import TrainingFault

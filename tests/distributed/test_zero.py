@@ -110,7 +110,7 @@ def test_hf_export_after_zero3_equals_unsharded_weights(reference):
     reordering tolerance (3 AdamW steps of lr <= 2e-3 on gradients equal to 1e-4 relative)."""
     from safetensors.torch import load_file
 
-    from longtrain.parallel.zero import consolidated_fp32
+    from longtrain.parallel.zero_checkpoint import consolidated_fp32
 
     tmp, _ = reference
     export = tmp / "hf3"
