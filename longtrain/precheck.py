@@ -224,14 +224,15 @@ def compose_config(argv: List[str]) -> Config:
         return to_config(compose(config_name=name, overrides=overrides))
 
 
-def precheck(argv: List[str]) -> Optional[str]:
+def precheck(argv: List[str], world_size: Optional[int] = None) -> Optional[str]:
     """Compose and validate the config the command line asks for; the one-line error, or None.
 
     Plain runs (``--config-name``/``--config-dir`` and overrides) and every job of a
     ``--multirun`` sweep are checked here so that every bad key or value is reported in one line
     before any work: the overrides' form, the schema checks, the layout against ``WORLD_SIZE``,
     the model geometry and, for a plain run, the paths (:func:`check_paths`). Nothing is created.
-    Other Hydra modes (``--cfg``, ``--help``, ...) are left to Hydra.
+    Other Hydra modes (``--cfg``, ``--help``, ...) are left to Hydra. ``world_size`` replaces
+    ``WORLD_SIZE`` (the planner checks the layout it is asked to plan).
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
@@ -248,10 +249,11 @@ def precheck(argv: List[str]) -> Optional[str]:
             return problem
     try:
         jobs = sweep_jobs(overrides) if multirun else [overrides]
-        world = os.environ.get("WORLD_SIZE", "1")
-        if not world.isdigit() or int(world) < 1:
-            return f"WORLD_SIZE: must be a positive whole number (torchrun sets it), got {world!r}; unset it to run alone"
-        world_size = int(world)
+        if world_size is None:
+            world = os.environ.get("WORLD_SIZE", "1")
+            if not world.isdigit() or int(world) < 1:
+                return f"WORLD_SIZE: must be a positive whole number (torchrun sets it), got {world!r}; unset it to run alone"
+            world_size = int(world)
         with initialize_config_dir(config_dir=config_dir, version_base=None):
             for job in jobs or []:
                 cfg = to_config(compose(config_name=name, overrides=job))

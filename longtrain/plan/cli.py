@@ -1,13 +1,16 @@
 """``longtrain-plan`` / ``python -m longtrain.plan``: plan one training step of a recipe on a target GPU.
 
     longtrain-plan [--config-name RECIPE] [--config-dir DIR] [key=value ...]
-                   [--gpu h100|h200|a100|b200] [--json] [--max-seq]
+                   [--gpu h100|h200|a100|b200] [--world-size N] [--interconnect intra=GBps,inter=GBps]
+                   [--json] [--max-seq] [--sweep]
 
 The recipe and overrides are composed and checked exactly as ``longtrain-train`` does
-(:func:`longtrain.precheck.precheck`, :func:`longtrain.precheck.compose_config`), for one process. The
-plan is a table (or one JSON object with ``--json``); ``--max-seq`` adds the longest
-``data.seq_len`` that fits the GPU (a binary search over multiples of :data:`SEQ_MULTIPLE`). Bad
-input ends with one ``longtrain: error: ...`` line and exit code 2, as in training.
+(:func:`longtrain.precheck.precheck`, :func:`longtrain.precheck.compose_config`). The plan is rank 0's
+of ``--world-size`` ranks (a table, or one JSON object with ``--json``); ``--max-seq`` adds the
+longest ``data.seq_len`` that fits the GPU (a binary search over multiples of
+:data:`SEQ_MULTIPLE`); ``--sweep`` plans every layout of the world size instead
+(:mod:`longtrain.plan.sweep`). Bad input ends with one ``longtrain: error: ...`` line and exit
+code 2, as in training.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ import sys
 from typing import List, Optional, Tuple
 
 from longtrain.config import Config, ConfigError, register_configs
+from longtrain.plan.comm import Interconnect, parse_interconnect
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
 from longtrain.plan.step import StepPlan, run_step
+from longtrain.plan.sweep import format_sweep, sweep
 from longtrain.errors import FULL_ERROR_ENV, error_boundary
 from longtrain.precheck import compose_config, precheck
 
@@ -32,20 +37,20 @@ MAX_SEQ_LIMIT = 1 << 24
 
 def _split(argv: List[str]) -> Tuple[dict, List[str]]:
     """(the planner's own flags, the training command line)."""
-    own = {"gpu": "h100", "json": False, "max_seq": False}
+    own = {"gpu": "h100", "world_size": "1", "interconnect": "", "json": False, "max_seq": False, "sweep": False}
     rest, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
-        if flag == "--gpu":
+        if flag in ("--gpu", "--world-size", "--interconnect"):
             if not eq:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
-            own["gpu"] = value
-        elif argv[i] in ("--json", "--max-seq"):
+            own[flag[2:].replace("-", "_")] = value
+        elif argv[i] in ("--json", "--max-seq", "--sweep"):
             own[argv[i][2:].replace("-", "_")] = True
         elif argv[i].startswith("-") and flag not in ("--config-name", "-cn", "--config-dir", "-cd"):
             raise ConfigError(f"{argv[i]}: not a flag of longtrain-plan (it takes --config-name, --config-dir, "
-                              "--gpu, --json, --max-seq and key=value overrides)")
+                              "--gpu, --world-size, --interconnect, --json, --max-seq, --sweep and key=value overrides)")
         else:
             rest.append(argv[i])
         i += 1
@@ -57,12 +62,23 @@ def with_seq(cfg: Config, seq_len: int) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
 
 
-def max_seq(cfg: Config, gpu: Gpu) -> Tuple[int, Optional[StepPlan]]:
+def _world_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--world-size: '{text}' is not a positive integer (the number of GPUs of the job, e.g. --world-size 8)")
+    return n
+
+
+def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconnect] = None
+            ) -> Tuple[int, Optional[StepPlan]]:
     """The longest multiple of :data:`SEQ_MULTIPLE` whose step fits ``gpu``'s memory, and its plan
     ((0, None) when not even the shortest fits). Peak memory grows with the length, so a doubling
     search brackets it and a bisection finds it."""
     def fits(seq):
-        plan = run_step(with_seq(cfg, seq), gpu)
+        plan = run_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net)
         return plan.peak_bytes <= gpu.memory_bytes, plan
 
     lo, best = 0, None
@@ -89,8 +105,9 @@ def _gib(x: float) -> str:
 
 def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = None) -> str:
     """The plan as a table."""
-    rows = [("recipe", f"model {cfg.model.name}, seq_len {plan.seq_len}, {plan.tokens} tokens per step, "
-                       f"{plan.precision}"),
+    rows = [("recipe", f"model {cfg.model.name}, seq_len {plan.seq_len}, {plan.tokens} tokens per step and "
+                       f"replica, {plan.precision}"),
+            ("layout", f"{plan.layout} ({plan.world_size} ranks; the plan is rank 0's), zero stage {cfg.zero.stage}"),
             ("memory features", _features(cfg, plan)),
             ("target", f"{gpu.name}: {_gib(gpu.memory_bytes)}, {gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
                        f"{gpu.hbm_bytes_per_s / 1e12:.2f} TB/s"),
@@ -103,11 +120,20 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
             ("activations kept after the forward", _gib(plan.activations_kept)),
             ("largest single transient tensor", _gib(plan.largest_transient)),
             ("host memory (offload)", _gib(plan.host_bytes)),
-            ("device bytes per token of context", f"{plan.peak_bytes / plan.tokens / 1024:.1f} KiB"),
-            ("FLOPs of the step (counted)", f"{plan.flops:.4g} (ModelArgs.flops_per_token: {plan.formula_flops:.4g})"),
-            ("roofline time", f"{plan.time_s * 1e3:.1f} ms (sum over ops of max(compute, memory); compute terms {plan.compute_s * 1e3:.1f} ms, "
-                              f"memory terms {plan.memory_s * 1e3:.1f} ms)"),
-            ("tokens/s, MFU", f"{plan.tokens_per_s:,.0f}, {plan.mfu * 100:.1f}%")]
+            ("device bytes per token of context", f"{plan.bytes_per_token / 1024:.1f} KiB (of the {plan.tokens // plan.sp} "
+                                                  "tokens this rank holds)"),
+            ("FLOPs of the step (counted, this rank)", f"{plan.flops:.4g} (ModelArgs.flops_per_token x tokens of the "
+                                                       f"replica: {plan.formula_flops:.4g})"),
+            ("roofline time", f"{plan.roofline_s * 1e3:.1f} ms (sum over ops of max(compute, memory); compute terms "
+                              f"{plan.compute_s * 1e3:.1f} ms, memory terms {plan.memory_s * 1e3:.1f} ms)"),
+            ("communication", f"{plan.comm_bytes / 1e9:.3f} GB sent by this rank, {plan.comm_s * 1e3:.1f} ms at "
+                              f"{plan.interconnect}")]
+    for c in plan.comm:
+        rows.append((f"  {c['kind']} over {c['axis']} ({c['link']})",
+                     f"{c['count']} x, {c['bytes_sent'] / 1e6:.1f} MB, {c['time_s'] * 1e3:.2f} ms"))
+    rows += [("step time: no overlap / perfect overlap", f"{plan.time_serial_s * 1e3:.1f} ms / {plan.time_overlap_s * 1e3:.1f} ms"),
+             ("tokens/s of the job (overlap; no overlap), MFU", f"{plan.tokens_per_s:,.0f} ({plan.tokens_per_s_serial:,.0f}), "
+                                                              f"{plan.mfu * 100:.1f}%")]
     if longest is not None:
         rows.append(("longest seq_len that fits (--max-seq)", str(longest)))
     width = max(len(k) for k, _ in rows)
@@ -125,18 +151,30 @@ def plan_main(argv: List[str]) -> int:
     """Run the planner's command line ``argv``; returns the exit code."""
     own, rest = _split(argv)
     gpu = get_gpu(own["gpu"])
-    error = precheck(rest)
+    world_size = _world_size(own["world_size"])
+    net = parse_interconnect(own["interconnect"], gpu.name)
+    if own["sweep"] and own["max_seq"]:
+        raise ConfigError("--sweep and --max-seq: choose one (a sweep plans data.seq_len as given)")
+    error = precheck(rest, world_size)
     if error is not None:
         raise ConfigError(error)
     cfg = compose_config(rest)
     logging.getLogger("longtrain").setLevel(logging.WARNING)
+    if own["sweep"]:
+        rows = sweep(cfg, gpu, world_size, net)
+        if own["json"]:
+            print(json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
+                              "rows": [r.as_dict(gpu) for r in rows]}))
+        else:
+            print(format_sweep(rows, gpu))
+        return 0
     longest = best = None
     if own["max_seq"]:
-        longest, best = max_seq(cfg, gpu)
+        longest, best = max_seq(cfg, gpu, world_size, net)
         if best is None:
             raise ConfigError(f"not even data.seq_len={SEQ_MULTIPLE} fits {gpu.name} ({_gib(gpu.memory_bytes)}) "
                               f"with this layout; lower the model size or turn on memory features")
-    plan = run_step(cfg, gpu)
+    plan = run_step(cfg, gpu, world_size=world_size, net=net)
     if own["json"]:
         out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan),
                "fits": plan.peak_bytes <= gpu.memory_bytes}

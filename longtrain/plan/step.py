@@ -8,6 +8,11 @@ micro-batch ``engine.forward(batch, chunked_lm_loss head)`` and ``engine.backwar
 :class:`~torch._subclasses.fake_tensor.FakeTensor` (no memory, no compute); with ``fake=False`` the
 same step runs for real, which is how the tests check the plan.
 
+Layouts of several ranks (sequence parallelism, data parallelism) run as rank 0 of a fake process
+world (:mod:`longtrain.plan.world`): the process groups are the real ones, the collectives move
+nothing and are counted (:mod:`longtrain.plan.comm`); the batch is cut to rank 0's part of each
+sequence as training cuts it.
+
 The step measured is a steady-state one: the optimizer state exists before it starts (torch's
 AdamW creates it lazily in the first ``optimizer.step()``, which is run once on zero gradients
 before tracking begins). Each row is one document (``doc_ids`` all 0).
@@ -24,8 +29,8 @@ from __future__ import annotations
 import copy
 import functools
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
 from unittest import mock
 
 import torch
@@ -36,15 +41,23 @@ from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.optim.optimizer import build_optimizer
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.parallelize import parallelize
+from longtrain.parallel.sharding import shard_batch
+from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
 from longtrain.plan.gpus import Gpu
-from longtrain.plan.tracker import StepTracker, storage_key
+from longtrain.plan.tracker import StepTracker
+from longtrain.plan.world import fake_world
 from longtrain.models import Transformer
 from longtrain.trainer.build import build_model_args, resolve_batch_layout, resolve_precision
 
 
 @dataclass
 class StepPlan:
-    """What one training step holds and costs on one rank (bytes, FLOPs, seconds)."""
+    """What one training step holds and costs on one rank (bytes, FLOPs, seconds).
+
+    ``tokens`` are the tokens of one data-parallel replica's step (whole sequences); the rank holds
+    ``tokens / sp`` of them. ``tokens_per_s`` is the whole job's (``dp`` replicas), ``mfu`` the
+    trainer's definition per GPU.
+    """
 
     seq_len: int
     tokens: int
@@ -60,13 +73,36 @@ class StepPlan:
     peak_phase: str
     flops: int
     formula_flops: float
+    world_size: int = 1
+    layout: str = "dp=1 x ring=1 x ulysses=1"
+    sp: int = 1
     time_s: float = 0.0
+    """Roofline compute time plus the communication that does not overlap it (``time_overlap_s``)."""
     compute_s: float = 0.0
     memory_s: float = 0.0
+    roofline_s: float = 0.0
+    """The ops' roofline time alone (no communication)."""
+    comm_s: float = 0.0
+    """Every collective's bandwidth time, one after the other."""
+    time_serial_s: float = 0.0
+    """No overlap: roofline + communication."""
+    time_overlap_s: float = 0.0
+    """Perfect overlap: max(roofline, communication)."""
+    comm_bytes: int = 0
+    comm: List[dict] = field(default_factory=list)
+    """Per (axis, kind) of collective: count, bytes sent by this rank, link, time."""
+    comm_by_phase: Dict[str, int] = field(default_factory=dict)
+    interconnect: str = ""
     tokens_per_s: float = 0.0
+    tokens_per_s_serial: float = 0.0
     mfu: float = 0.0
     streambp_chunk: Optional[int] = None
     extra: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Device bytes per token of context this rank holds (its ``tokens / sp``)."""
+        return self.peak_bytes * self.sp / max(self.tokens, 1)
 
 
 class PlannedHostCopy:
@@ -86,10 +122,6 @@ class PlannedHostCopy:
         return out
 
 
-def _keys(tensors) -> set:
-    return {storage_key(t) for t in tensors if t is not None}
-
-
 def _config_for_target(cfg: Config, args, on_gpu: bool, bf16: bool, memory_bytes: Optional[int]) -> Config:
     """``cfg`` with ``memory.streambp.chunk_size=auto`` resolved as training on the target would:
     from the device memory left after the parameters (CPU: the default)."""
@@ -104,44 +136,64 @@ def _config_for_target(cfg: Config, args, on_gpu: bool, bf16: bool, memory_bytes
     return cfg
 
 
-def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True) -> StepPlan:
-    """Run one training step of ``cfg`` on one process (dp = sp = 1, ZeRO stage 0) and return its plan.
+def _world(stack: ExitStack, fake: bool, world_size: int) -> int:
+    """Enter the process world of the plan; returns its size. A fake plan of several ranks runs in
+    a :func:`~longtrain.plan.world.fake_world`; a real one uses the initialised process group."""
+    import torch.distributed as dist
+
+    if not fake:
+        return dist.get_world_size() if dist.is_initialized() else 1
+    if world_size > 1:
+        stack.enter_context(fake_world(world_size))
+    return world_size
+
+
+def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int) -> Tuple[list, int]:
+    """This rank's micro-batches (whole sequences, one document per row, cut as training cuts them)
+    and the step's count of valid labels over every rank (as the trainer's all-reduce gives it)."""
+    seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
+    g = torch.Generator().manual_seed(cfg.trainer.seed)
+    batches = []
+    for _ in range(grad_accum):
+        ids = torch.randint(0, args.vocab_size, (mb, seq + 1), generator=g)
+        whole = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+                 "position_ids": torch.arange(seq).expand(mb, seq).contiguous(),
+                 "doc_ids": torch.zeros(mb, seq, dtype=torch.long)}
+        batches.append(shard_batch(whole, dims))
+    num_valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) * dims.size("dp_sp")
+    return batches, num_valid
+
+
+def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_size: int = 1,
+             net: Optional[Interconnect] = None) -> StepPlan:
+    """Run one training step of ``cfg`` as rank 0 of ``world_size`` ranks and return its plan.
 
     Args:
         cfg: the validated config (as training gets it).
         gpu: the target device (bf16 where ``trainer.precision`` resolves so on CUDA; roofline);
             None: plan for the CPU as the step runs here.
-        fake: fake tensors (plan) or real ones (measurement).
+        fake: fake tensors in a fake process world (plan) or real ones in the initialised process
+            group (measurement; ``world_size`` is then the group's).
+        world_size: ranks of the layout (``dp x parallel.sp.ulysses x parallel.sp.ring``).
+        net: the cluster's links (None: the GPU's defaults, :data:`~longtrain.plan.comm.DEFAULT_INTERCONNECT`).
     """
     if cfg.zero.stage != 0:
         raise ValueError(f"zero.stage={cfg.zero.stage}: the planner covers ZeRO stage 0 so far; set zero.stage=0")
-    sp = cfg.parallel.sp
-    dims = ParallelDims(world_size=1, ulysses=sp.ulysses, ring=sp.ring)
-    if dims.sp != 1:
-        raise ValueError("parallel.sp: the planner covers one process (ulysses = ring = 1) so far")
-    dims.validate_seq_len(cfg.data.seq_len)
-    args = build_model_args(cfg.model)
-    dims.validate_model(args.num_heads, args.num_kv_heads)
-    if args.moe_layers:
-        raise ValueError("model.moe: the planner covers dense models so far")
-    _, grad_accum = resolve_batch_layout(cfg.data.global_batch_size, cfg.data.micro_batch_size,
-                                         cfg.trainer.grad_accum, dims.dp)
-    target = torch.device("cuda") if gpu is not None else torch.device("cpu")
-    precision = resolve_precision(cfg.trainer.precision, target)
-    bf16 = precision == "bf16"
-    cfg = _config_for_target(cfg, args, gpu is not None, bf16, gpu.memory_bytes if gpu else None)
-    device = torch.device("cpu")
-    seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
-    tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake)
-    g = torch.Generator().manual_seed(cfg.trainer.seed)
-    batches = []
-    for _ in range(grad_accum):
-        ids = torch.randint(0, args.vocab_size, (mb, seq + 1), generator=g)
-        batches.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
-                        "position_ids": torch.arange(seq).expand(mb, seq).contiguous(),
-                        "doc_ids": torch.zeros(mb, seq, dtype=torch.long)})
-    num_valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     with ExitStack() as stack:
+        world_size = _world(stack, fake, world_size)
+        sp = cfg.parallel.sp
+        dims = ParallelDims(world_size=world_size, ulysses=sp.ulysses, ring=sp.ring)
+        dims.validate_seq_len(cfg.data.seq_len)
+        args = build_model_args(cfg.model)
+        dims.validate_model(args.num_heads, args.num_kv_heads)
+        dims.build_groups()
+        _, grad_accum = resolve_batch_layout(cfg.data.global_batch_size, cfg.data.micro_batch_size,
+                                             cfg.trainer.grad_accum, dims.dp)
+        target = torch.device("cuda") if gpu is not None else torch.device("cpu")
+        precision = resolve_precision(cfg.trainer.precision, target)
+        cfg = _config_for_target(cfg, args, gpu is not None, precision == "bf16", gpu.memory_bytes if gpu else None)
+        tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake)
+        batches, num_valid = _batches(cfg, args, dims, grad_accum)
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -149,69 +201,121 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True) -> StepP
         if cfg.memory.offload_checkpoints and gpu is not None:
             PlannedHostCopy.tracker = tracker
             stack.enter_context(mock.patch("longtrain.memory.streambp.HostCopy", PlannedHostCopy))
-        # build_model without its final .to(device) (the tensors are made on the CPU already; moving
-        # fake parameters in place is refused) and without model.hf_path's weights (values do not matter)
-        torch.manual_seed(cfg.trainer.seed)
-        model = Transformer(args)
-        model.init_weights()
-        optimizer = build_optimizer(model, cfg.optim, target)
-        engine = parallelize(model, dims, cfg, optimizer, grad_accum=grad_accum, device=device, bf16=bf16)
-        engine.train(True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:  # steady state: the optimizer state exists before the step (module docstring)
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with tracker:
-            for t in [*model.parameters(), *model.buffers()]:
-                tracker.track(t)
-            state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-            for t in state:
-                tracker.track(t)
-            before = tracker.live_bytes(device.type)
-            kept = None
-            for i, batch in enumerate(batches):
-                tracker.phase = "forward"
-                labels = batch["labels"]
-                weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
-                head = functools.partial(chunked_lm_loss, labels=labels, weights=weights,
-                                         chunk_size=cfg.trainer.loss_chunk_size)
-                loss = engine.forward(batch, head, last=i == len(batches) - 1)
-                if kept is None:
-                    kept = tracker.live_bytes(device.type) - before
-                tracker.phase = "backward"
-                engine.backward(loss)
-                del loss
-            grads = [p.grad for p in params]
-            grad_keys = tracker.serials(grads)
-            grads_bytes = sum(t.untyped_storage().nbytes() for t in grads if t is not None)
-            del grads
-            tracker.phase = "optimizer"
-            engine.step(1.0)
+        plan = _tracked_step(cfg, args, dims, batches, num_valid, grad_accum, precision, tracker)
+        _add_time(plan, tracker, dims, gpu, net)
+        return plan
+
+
+def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_valid: int, grad_accum: int, precision: str,
+                  tracker: StepTracker) -> StepPlan:
+    """Build the model, optimizer and engine as the trainer does and run one step under ``tracker``."""
+    device = torch.device("cpu")
+    # build_model without its final .to(device) (the tensors are made on the CPU already; moving
+    # fake parameters in place is refused) and without model.hf_path's weights (values do not matter)
+    torch.manual_seed(cfg.trainer.seed)
+    model = Transformer(args)
+    model.init_weights()
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cuda") if tracker.peak_flops else device)
+    engine = parallelize(model, dims, cfg, optimizer, grad_accum=grad_accum, device=device, bf16=precision == "bf16")
+    engine.train(True)
+    balancer = None
+    if args.moe_layers:
+        from longtrain.optim.balance import Balancer
+
+        balancer = Balancer(model, cfg.moe, dims, cfg.data.micro_batch_size, grad_accum, cfg.data.seq_len,
+                            loss_scale=engine.loss_scale)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # steady state: the optimizer state exists before the step (module docstring)
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with tracker:
+        for t in [*model.parameters(), *model.buffers()]:
+            tracker.track(t)
+        state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        for t in state:
+            tracker.track(t)
+        before = tracker.live_bytes()
+        kept = None
+        if balancer is not None:
+            balancer.begin_step()
+        for i, batch in enumerate(batches):
+            tracker.phase = "forward"
+            labels = batch["labels"]
+            weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
+            head = functools.partial(chunked_lm_loss, labels=labels, weights=weights,
+                                     chunk_size=cfg.trainer.loss_chunk_size)
+            loss = engine.forward(batch, head, last=i == len(batches) - 1)
+            if kept is None:
+                kept = tracker.live_bytes() - before
+            if balancer is not None:
+                balancer.after_forward()
+            tracker.phase = "backward"
+            engine.backward(loss)
+            del loss
+        grads = [p.grad for p in params]
+        grad_keys = tracker.serials(grads)
+        grads_bytes = sum(t.untyped_storage().nbytes() for t in grads if t is not None)
+        del grads
+        tracker.phase = "optimizer"
+        engine.step(1.0)
+        if balancer is not None:
+            balancer.end_step()
     param_keys = tracker.serials_of_storages(model.parameters())
     state_keys = tracker.serials_of_storages(state)
-    at_peak = tracker.peak_snapshot
     cats = {"params": 0, "grads": 0, "optimizer": 0, "other": 0}
-    for serial, (size, dev) in at_peak.items():
-        if dev == "host":
+    for serial, (size, where) in tracker.peak_snapshot.items():
+        if where == "host":
             continue
         cat = ("params" if serial in param_keys else "grads" if serial in grad_keys
                else "optimizer" if serial in state_keys else "other")
         cats[cat] += size
     states = param_keys | grad_keys | state_keys
     largest = max((size for serial, size in tracker.allocations if serial not in states), default=0)
-    tokens = mb * seq * grad_accum
+    seq = cfg.data.seq_len
+    tokens = cfg.data.micro_batch_size * seq * grad_accum
     plan = StepPlan(seq_len=seq, tokens=tokens, precision=precision, peak_bytes=tracker.peak,
                     params_bytes=sum(p.untyped_storage().nbytes() for p in model.parameters()),
                     grads_bytes=grads_bytes,
                     optimizer_bytes=sum(t.untyped_storage().nbytes() for t in state),
                     activations_at_peak=cats["other"], activations_kept=kept or 0, largest_transient=largest,
                     host_bytes=tracker.host_peak, peak_phase=tracker.peak_phase, flops=tracker.flops,
-                    formula_flops=args.flops_per_token(seq) * tokens,
+                    formula_flops=args.flops_per_token(seq) * tokens, world_size=dims.world_size,
+                    layout=dims.describe(), sp=dims.sp,
                     streambp_chunk=cfg.memory.streambp.chunk_size if cfg.memory.streambp.enabled else None)
     plan.extra = {f"peak_{k}": v for k, v in cats.items()}
-    if gpu is not None:
-        plan.time_s, plan.compute_s, plan.memory_s = tracker.time_s, tracker.compute_s, tracker.memory_s
-        plan.tokens_per_s = tokens / plan.time_s if plan.time_s else 0.0
-        plan.mfu = plan.formula_flops / plan.time_s / gpu.bf16_flops if plan.time_s else 0.0
     return plan
+
+
+def axis_namer(dims: ParallelDims, rank: int = 0):
+    """``ranks -> axis name`` for the groups of ``dims`` seen from ``rank`` (the narrowest axis first)."""
+    known = [(tuple(dims.group_ranks(axis, rank)), axis) for axis in ("ulysses", "ring", "sp", "dp", "dp_sp")]
+
+    def name(ranks) -> str:
+        ranks = tuple(sorted(ranks))
+        return next((axis for group, axis in known if tuple(sorted(group)) == ranks), f"ranks {list(ranks)}")
+
+    return name
+
+
+def _add_time(plan: StepPlan, tracker: StepTracker, dims: ParallelDims, gpu: Optional[Gpu],
+              net: Optional[Interconnect]) -> None:
+    """Communication rows, and (for a GPU target) roofline plus communication time, tokens/s and MFU."""
+    net = net or parse_interconnect(None, gpu.name if gpu else "h100")
+    rows = summarise(tracker.collectives, axis_namer(dims), net)
+    plan.comm = [asdict(r) for r in rows]
+    plan.comm_bytes = sum(r.bytes_sent for r in rows)
+    plan.comm_by_phase = by_phase(tracker.collectives)
+    plan.interconnect = net.describe()
+    if gpu is None:
+        return
+    plan.roofline_s, plan.compute_s, plan.memory_s = tracker.time_s, tracker.compute_s, tracker.memory_s
+    plan.comm_s = sum(r.time_s for r in rows)
+    plan.time_serial_s = plan.roofline_s + plan.comm_s
+    plan.time_overlap_s = max(plan.roofline_s, plan.comm_s)
+    plan.time_s = plan.time_overlap_s
+    job_tokens = plan.tokens * dims.dp
+    if plan.time_s:
+        plan.tokens_per_s = job_tokens / plan.time_s
+        plan.tokens_per_s_serial = job_tokens / plan.time_serial_s
+        plan.mfu = plan.formula_flops / plan.time_s / (dims.sp * gpu.bf16_flops)

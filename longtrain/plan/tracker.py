@@ -13,12 +13,21 @@ roofline time, op by op.
 - adds a roofline time ``max(flops / peak_flops, bytes / bandwidth)`` with ``bytes`` the tensors
   the op reads and writes (views move nothing).
 
+Collectives (``c10d`` ops) are recorded as :class:`~longtrain.plan.comm.Collective` with the bytes
+this rank sends (:attr:`StepTracker.collectives`).
+
 Under :class:`~torch._subclasses.fake_tensor.FakeTensorMode` (``fake=True``) it also routes the
 small integer bookkeeping of the step (token indices, masks derived from them, the batch) to real
 kernels: an op none of whose tensor arguments is fake, and an integer or boolean factory, runs for
 real, so data-dependent decisions on indices (the block kernels' causal windows) are taken as in
 training. A scalar read of a fake floating tensor (a loss, a gradient norm) answers 1.0; one of a
-fake integer or boolean tensor (a decision the planner cannot follow) raises.
+fake integer or boolean tensor (a decision the planner cannot follow) raises. In a fake process
+world (:func:`~longtrain.plan.world.fake_world`) collectives move nothing, so a real (integer)
+tensor that a collective fills is filled as if every rank held what this rank holds: an all-gather
+repeats the input, an all-to-all returns it, a receive gets the tensor this rank last sent of the
+same shape and dtype (a ring's zigzag index blocks then visit this rank's own indices on every hop,
+which for the load-balanced zigzag layout is the same causal work per rank in total). A
+``bincount`` of fake expert ids (Mixture-of-Experts routing) answers perfectly balanced counts.
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+
+from longtrain.plan.comm import Collective, collective_of
 
 aten = torch.ops.aten
 
@@ -116,6 +127,9 @@ class StepTracker(TorchDispatchMode):
         self._live: Dict[int, Tuple[int, int, str]] = {}  # id(storage) -> (serial, bytes, where)
         self._serial = 0
         self._snapshot_at = -1
+        self.collectives: List[Collective] = []
+        """Every collective of the step, in order."""
+        self._sent: List[torch.Tensor] = []  # real tensors sent in a fake world, for the echo
 
     # -------------------------------------------------------------- storage bookkeeping
     def track(self, t: torch.Tensor) -> None:
@@ -188,6 +202,39 @@ class StepTracker(TorchDispatchMode):
                 a.name for a in func._schema.arguments] else None
         return isinstance(probe, torch.Tensor) and not (probe.dtype.is_floating_point or probe.dtype.is_complex)
 
+    @staticmethod
+    def _balanced_bincount(ids: torch.Tensor, minlength: int) -> torch.Tensor:
+        """Counts of ``ids.numel()`` ids spread evenly over ``minlength`` bins (a real tensor)."""
+        n, bins = ids.numel(), max(int(minlength), 1)
+        with unset_fake_temporarily():
+            counts = torch.full((bins,), n // bins, dtype=torch.long)
+            counts[: n % bins] += 1
+        return counts
+
+    def _echo(self, func, args) -> None:
+        """Fill the real tensors a no-op collective of a fake world left unfilled (module docstring)."""
+        def real(t):
+            return isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor)
+
+        name = func._opname
+        with unset_fake_temporarily():
+            if name == "send":
+                self._sent.extend(t for t in args[0] if real(t))
+            elif name == "recv_":
+                for t in args[0]:
+                    i = next((i for i, s in enumerate(self._sent) if s.shape == t.shape and s.dtype == t.dtype), None)
+                    if real(t) and i is not None:
+                        t.copy_(self._sent.pop(i))
+            elif name == "allgather_":
+                for outs, x in zip(args[0], args[1]):
+                    for o in outs:
+                        if real(o) and real(x):
+                            o.copy_(x)
+            elif name == "_allgather_base_" and real(args[0]) and real(args[1]):
+                args[0].view(-1, *args[1].shape).copy_(args[1])
+            elif name == "alltoall_base_" and real(args[0]) and real(args[1]):
+                args[0].copy_(args[1])
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.fake and func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
@@ -195,6 +242,8 @@ class StepTracker(TorchDispatchMode):
                 raise RuntimeError(f"a decision on the value of a fake {args[0].dtype} tensor of shape "
                                    f"{tuple(args[0].shape)}: the planner cannot follow it")
             return 1.0  # a loss or a gradient norm read by the step: finite
+        if self.fake and func is aten.bincount.default and isinstance(args[0], FakeTensor):
+            return self._balanced_bincount(args[0], kwargs.get("minlength", args[2] if len(args) > 2 else 0))
         if self.fake and self._run_real(func, args, kwargs):
             with unset_fake_temporarily():
                 out = func(*args, **kwargs)
@@ -208,6 +257,12 @@ class StepTracker(TorchDispatchMode):
                 moved += _nbytes(t)
         if moved:  # not a view: the op reads its inputs and writes its outputs
             moved += sum(_nbytes(t) for t in ins)
+        if func.namespace in ("c10d", "_c10d_functional"):
+            found = collective_of(func, args, self.phase)
+            if found is not None:
+                self.collectives.append(found)
+            if self.fake:
+                self._echo(func, args)
         flops = op_flops(func, args, kwargs, out)
         self.flops += flops
         if self.peak_flops:

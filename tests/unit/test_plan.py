@@ -87,7 +87,7 @@ def test_max_seq_is_the_boundary():
 def test_cli_table_and_json(capsys):
     assert main([*SMALL, "--gpu", "h200"]) == 0
     out = capsys.readouterr().out
-    assert "peak device memory" in out and "tokens/s, MFU" in out
+    assert "peak device memory" in out and "MFU" in out and "step time: no overlap / perfect overlap" in out
     assert main([*SMALL, "--json", "--gpu=a100"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["gpu"]["name"] == "a100" and doc["fits"] is True and doc["plan"]["peak_bytes"] > 0
@@ -98,8 +98,47 @@ def test_cli_table_and_json(capsys):
     (["parallel.sp.ulysses=3"], "parallel.sp"),
     (["model.vocab_size=1000000000", "--gpu", "a100", "--max-seq"], "not even data.seq_len"),
     (["--frobnicate"], "not a flag of longtrain-plan"),
+    (["--world-size", "0"], "--world-size: '0' is not a positive integer"),
+    (["parallel.sp.ulysses=2", "--world-size", "3"], "does not divide the world size 3"),
+    (["--interconnect", "intra=fast"], "--interconnect: intra=fast must be a positive number"),
+    (["--interconnect", "nvlink=900"], "--interconnect: 'nvlink=900' is not one of"),
+    (["--sweep", "--max-seq"], "--sweep and --max-seq: choose one"),
 ])
 def test_cli_bad_input_one_line_exit_2(capsys, argv, words):
     assert main([*SMALL, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("longtrain: error: ") and words in err[0]
+
+
+def test_collectives_and_links():
+    """Bytes per collective follow the ring formulas; a group that crosses nodes runs at the network's
+    bandwidth, so the same plan takes longer when every GPU is its own node."""
+    from longtrain.plan.comm import parse_interconnect
+
+    cfg = _cfg(["parallel.sp.ulysses=2"])
+    gpu = get_gpu("h100")
+    plan = run_step(cfg, gpu, world_size=4)
+    rows = {(c["axis"], c["kind"]): c for c in plan.comm}
+    grads = plan.grads_bytes
+    # gradients are summed over every rank (dp x sp = 4): an all-reduce sends 2 (n-1)/n of them
+    assert rows[("dp_sp", "all_reduce")]["bytes_sent"] == pytest.approx(2 * 3 / 4 * grads, rel=0.01)
+    assert rows[("ulysses", "all_to_all")]["count"] > 0 and all(c["link"] == "intra" for c in plan.comm)
+    split = run_step(cfg, gpu, world_size=4, net=parse_interconnect("gpus_per_node=1", "h100"))
+    assert all(c["link"] == "inter" for c in split.comm)
+    assert split.comm_s == pytest.approx(plan.comm_s * 450 / 50, rel=1e-6)
+    assert split.time_serial_s > plan.time_serial_s and plan.time_overlap_s <= plan.time_serial_s
+    assert plan.tokens_per_s == pytest.approx(plan.tokens * 2 / plan.time_s)  # dp = 2 replicas
+
+
+def test_sweep_ranks_fitting_layouts_by_speed(capsys):
+    from longtrain.plan.sweep import sweep
+
+    gpu = get_gpu("h100")
+    rows = sweep(_cfg([]), gpu, 2, zero_stages=(0,), progress=lambda msg: None)
+    assert len(rows) == 3 * 4  # (u, r) in (1,1) (1,2) (2,1), four memory features
+    speeds = [r.plan.tokens_per_s for r in rows if r.fits(gpu)]
+    assert speeds == sorted(speeds, reverse=True) and len(speeds) == 12
+    assert {(r.ulysses, r.ring, r.dp) for r in rows} == {(1, 1, 2), (1, 2, 1), (2, 1, 1)}
+    assert main([*SMALL, "--sweep", "--world-size", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["world_size"] == 2 and doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
