@@ -346,6 +346,15 @@ class ZeroEngine(StepEngine):
         return {n: safe_get_full_grad(p).detach().clone().view(getattr(p, "ds_shape", p.shape))
                 for n, p in self.model.named_parameters()}
 
+    def buffer_tensors(self):
+        # Gradients are staged in reduce buckets (reduce_bucket_size elements each): ZeRO-1/2 make
+        # a list of them at the start of each backward, ZeRO-3 keeps one flat tensor per bucket
+        out = []
+        for bucket in (getattr(self.ds.optimizer, "ipg_buckets", None) or {}).values():
+            held = getattr(bucket, "buffer", None)
+            out += [held] if isinstance(held, torch.Tensor) else list(held or [])
+        return out
+
     def memory_report(self, grads_device):
         zo = self.ds_config["zero_optimization"]
         num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: full size
