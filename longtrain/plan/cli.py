@@ -14,6 +14,7 @@ code 2, as in training.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -116,6 +117,7 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
             ("  parameters", _gib(plan.params_bytes)),
             ("  gradients", _gib(plan.grads_bytes)),
             ("  optimizer state", _gib(plan.optimizer_bytes)),
+            ("  engine and communication buffers at the peak", _gib(plan.buffers_bytes)),
             ("  activations and temporaries at the peak", _gib(plan.activations_at_peak)),
             ("activations kept after the forward", _gib(plan.activations_kept)),
             ("largest single transient tensor", _gib(plan.largest_transient)),
@@ -136,6 +138,10 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
                                                               f"{plan.mfu * 100:.1f}%")]
     if longest is not None:
         rows.append(("longest seq_len that fits (--max-seq)", str(longest)))
+    rows.append(("largest tensors alive at the peak", ""))
+    for t in plan.peak_tensors:
+        rows.append((f"  {_gib(t['bytes'])}", f"{t['kind']}: {t['op']} {tuple(t['shape'])} {t['dtype']} "
+                                              f"(made in the {t['made_in']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -159,15 +165,35 @@ def plan_main(argv: List[str]) -> int:
     if error is not None:
         raise ConfigError(error)
     cfg = compose_config(rest)
-    logging.getLogger("longtrain").setLevel(logging.WARNING)
+    with _quiet(), contextlib.redirect_stdout(sys.stderr):  # what libraries print while the step runs
+        text = _planned(own, cfg, gpu, world_size, net)
+    print(text)
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The step's own log lines (longtrain's, DeepSpeed's) at WARNING for the block: they would
+    interleave with the plan."""
+    loggers = [logging.getLogger(name) for name in ("longtrain", "DeepSpeed")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _planned(own: dict, cfg: Config, gpu: Gpu, world_size: int, net: Interconnect) -> str:
+    """The planner's answer to its flags ``own`` (a table, or JSON with ``--json``)."""
     if own["sweep"]:
         rows = sweep(cfg, gpu, world_size, net)
         if own["json"]:
-            print(json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
-                              "rows": [r.as_dict(gpu) for r in rows]}))
-        else:
-            print(format_sweep(rows, gpu))
-        return 0
+            return json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
+                               "rows": [r.as_dict(gpu) for r in rows]})
+        return format_sweep(rows, gpu)
     longest = best = None
     if own["max_seq"]:
         longest, best = max_seq(cfg, gpu, world_size, net)
@@ -175,16 +201,13 @@ def plan_main(argv: List[str]) -> int:
             raise ConfigError(f"not even data.seq_len={SEQ_MULTIPLE} fits {gpu.name} ({_gib(gpu.memory_bytes)}) "
                               f"with this layout; lower the model size or turn on memory features")
     plan = run_step(cfg, gpu, world_size=world_size, net=net)
-    if own["json"]:
-        out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan),
-               "fits": plan.peak_bytes <= gpu.memory_bytes}
-        if longest is not None:
-            out["max_seq"] = longest
-            out["max_seq_plan"] = dataclasses.asdict(best)
-        print(json.dumps(out))
-    else:
-        print(format_plan(cfg, gpu, plan, longest))
-    return 0
+    if not own["json"]:
+        return format_plan(cfg, gpu, plan, longest)
+    out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan), "fits": plan.peak_bytes <= gpu.memory_bytes}
+    if longest is not None:
+        out["max_seq"] = longest
+        out["max_seq_plan"] = dataclasses.asdict(best)
+    return json.dumps(out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
