@@ -114,9 +114,9 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
                        f"{gpu.hbm_bytes_per_s / 1e12:.2f} TB/s"),
             ("peak device memory", f"{_gib(plan.peak_bytes)} ({'fits' if plan.peak_bytes <= gpu.memory_bytes else 'does NOT fit'}; "
                                    f"peak during {plan.peak_phase})"),
-            ("  parameters", _gib(plan.params_bytes)),
+            ("  parameters", _gib(plan.params_bytes) + _on_host(cfg, cfg.zero.offload_params)),
             ("  gradients", _gib(plan.grads_bytes)),
-            ("  optimizer state", _gib(plan.optimizer_bytes)),
+            ("  optimizer state", _gib(plan.optimizer_bytes) + _on_host(cfg, cfg.zero.offload_optimizer)),
             ("  engine and communication buffers at the peak", _gib(plan.buffers_bytes)),
             ("  activations and temporaries at the peak", _gib(plan.activations_at_peak)),
             ("activations kept after the forward", _gib(plan.activations_kept)),
@@ -144,6 +144,10 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
                                               f"(made in the {t['made_in']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _on_host(cfg: Config, offload: str) -> str:
+    return " (in host memory: ZeRO-Offload)" if cfg.zero.stage > 0 and offload == "cpu" else ""
 
 
 def _features(cfg: Config, plan: StepPlan) -> str:

@@ -54,7 +54,7 @@ from longtrain.parallel.parallelize import parallelize
 from longtrain.parallel.sharding import shard_batch
 from longtrain.parallel.state_memory import state_tensors
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
-from longtrain.plan.fakes import convert_in_place, local_rank
+from longtrain.plan.fakes import convert_in_place, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
 from longtrain.plan.tracker import StepTracker
 from longtrain.plan.world import fake_world
@@ -226,6 +226,11 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
             stack.enter_context(convert_in_place())
             if gpu is not None:  # CUDA's attention kernels (flash varlen), as training on the GPU runs them
                 stack.enter_context(cuda_kernels_on("cpu"))
+            offloads = [name for name, on in (("offload_optimizer", cfg.zero.offload_optimizer),
+                                              ("offload_param", cfg.zero.offload_params)) if on == "cpu"]
+            if cfg.zero.stage > 0 and offloads:  # host memory only when the target has a device
+                mark = tracker.mark_host if gpu is not None else (lambda t: None)
+                cfg.zero.extra = stack.enter_context(zero_offload_on_host(cfg.zero.extra, offloads, mark))
         if cfg.memory.offload_checkpoints and gpu is not None:
             PlannedHostCopy.tracker = tracker
             stack.enter_context(mock.patch("longtrain.memory.streambp.HostCopy", PlannedHostCopy))
@@ -297,8 +302,9 @@ def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_vali
             _micro_batches(engine, balancer, batches[:1], num_valid, cfg, tracker)
             _optimizer_step(engine, balancer, tracker)
         params, optim = state_tensors(model, optimizer)
-        if on_gpu and cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu":
-            for t in optim + [t.grad for t in optim if t.grad is not None]:
+        if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)
+            for t in (optim if cfg.zero.offload_optimizer == "cpu" else []) + (
+                    params if cfg.zero.offload_params == "cpu" else []):
                 tracker.mark_host(t)
         tracker.phase = "forward"
         tracker.buffer_probe = engine.buffer_tensors

@@ -28,8 +28,9 @@ small integer bookkeeping of the step (token indices, masks derived from them, t
 kernels: an op none of whose tensor arguments is fake, and an integer or boolean factory, runs for
 real, so data-dependent decisions on indices (the block kernels' causal windows) are taken as in
 training. A scalar read of a fake floating tensor (a loss, a gradient norm) answers 1.0; one of a
-fake integer or boolean tensor in the optimizer step (an engine's overflow flag) answers 0 (no
-overflow, as in a steady state); elsewhere (a decision the planner cannot follow) it raises. In a fake process
+fake boolean or uint8 tensor (a flag computed from float values: an engine's inf/nan or overflow
+check) answers False / 0, as in a steady state; one of any other fake integer (a decision the
+planner cannot follow) raises. In a fake process
 world (:func:`~longtrain.plan.world.fake_world`) collectives move nothing, so a real (integer)
 tensor that a collective fills is filled as if every rank held what this rank holds: an all-gather
 repeats the input, an all-to-all returns it, a receive gets the tensor this rank last sent of the
@@ -251,8 +252,8 @@ class StepTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         self.buffer_serials |= self.serials(self.buffer_probe())
         if self.fake and func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
-            if self.phase == "optimizer" and not args[0].dtype.is_floating_point:
-                return False if args[0].dtype == torch.bool else 0  # an overflow flag: a steady state has none
+            if args[0].dtype in (torch.bool, torch.uint8):  # a flag on float values (inf/nan, overflow)
+                return False if args[0].dtype == torch.bool else 0  # a steady state raises none
             if not args[0].dtype.is_floating_point:
                 raise RuntimeError(f"a decision on the value of a fake {args[0].dtype} tensor of shape "
                                    f"{tuple(args[0].shape)}: the planner cannot follow it")
