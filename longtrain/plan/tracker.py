@@ -139,8 +139,8 @@ class StepTracker(TorchDispatchMode):
         return self._sizes[serial]
 
     def alive(self) -> Set[int]:
-        """Serials of every storage alive now."""
-        return {serial for serial, _, _ in self._live.values()}
+        """Serials of every storage alive in device memory now (host copies of an offload excluded)."""
+        return {serial for serial, _, where in self._live.values() if where == "device"}
 
     # -------------------------------------------------------------- storage bookkeeping
     def track(self, t: torch.Tensor) -> None:
