@@ -76,28 +76,57 @@ def _world_size(text: str) -> int:
 def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconnect] = None
             ) -> Tuple[int, Optional[StepPlan]]:
     """The longest multiple of :data:`SEQ_MULTIPLE` whose step fits ``gpu``'s memory, and its plan
-    ((0, None) when not even the shortest fits). Peak memory grows with the length, so a doubling
-    search brackets it and a bisection finds it."""
-    def fits(seq):
-        plan = run_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net)
-        return plan.peak_bytes <= gpu.memory_bytes, plan
+    ((0, None) when not even the shortest fits).
 
-    lo, best = 0, None
-    hi = SEQ_MULTIPLE
-    while hi <= MAX_SEQ_LIMIT:
-        ok, plan = fits(hi)
-        if not ok:
+    Peak memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows
+    almost linearly (what is kept per token is fixed), so the search plans two short lengths,
+    extrapolates their line to the GPU's memory, and then narrows the bracket [fits, does not fit]
+    by interpolating between its ends (regula falsi, with a bisection whenever the same end moved
+    twice running): a handful of plans, most of them short, instead of a doubling and a bisection.
+    """
+    limit = gpu.memory_bytes
+    seen = {}
+
+    def plan_at(seq):
+        if seq not in seen:
+            seen[seq] = run_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net)
+        return seen[seq]
+
+    def down(x: float) -> int:
+        return int(x) // SEQ_MULTIPLE * SEQ_MULTIPLE
+
+    lo, hi = 0, None  # longest length known to fit, shortest known not to
+    for seq in (SEQ_MULTIPLE * 16, SEQ_MULTIPLE * 32):
+        if plan_at(seq).peak_bytes > limit:
+            hi = seq
             break
-        lo, best, hi = hi, plan, hi * 2
-    hi = min(hi, MAX_SEQ_LIMIT + SEQ_MULTIPLE)
+        lo = seq
+    if hi is None:  # extrapolate the line through the two probes until a length does not fit
+        a, b = SEQ_MULTIPLE * 16, SEQ_MULTIPLE * 32
+        while hi is None and lo < MAX_SEQ_LIMIT:
+            slope = max(plan_at(b).peak_bytes - plan_at(a).peak_bytes, 1) / (b - a)
+            guess = min(MAX_SEQ_LIMIT, max(down(b + (limit - plan_at(b).peak_bytes) / slope), 2 * lo))
+            if plan_at(guess).peak_bytes > limit:
+                hi = guess
+            else:
+                a, b, lo = b, guess, guess
+        if hi is None:
+            return lo, plan_at(lo)
+    if lo == 0:  # below the first probe: bisect down to SEQ_MULTIPLE
+        lo = SEQ_MULTIPLE if plan_at(SEQ_MULTIPLE).peak_bytes <= limit else 0
+        if lo == 0:
+            return 0, None
+    moved = None
     while hi - lo > SEQ_MULTIPLE:
-        mid = (lo + hi) // 2 // SEQ_MULTIPLE * SEQ_MULTIPLE
-        ok, plan = fits(mid)
-        if ok:
-            lo, best = mid, plan
-        else:
-            hi = mid
-    return lo, best
+        p_lo, p_hi = plan_at(lo).peak_bytes, plan_at(hi).peak_bytes
+        mid = down(lo + (limit - p_lo) * (hi - lo) / max(p_hi - p_lo, 1))
+        if moved == "twice":
+            mid = down((lo + hi) // 2)
+        mid = min(max(mid, lo + SEQ_MULTIPLE), hi - SEQ_MULTIPLE)
+        side = "lo" if plan_at(mid).peak_bytes <= limit else "hi"
+        moved = "twice" if side == moved else side
+        lo, hi = (mid, hi) if side == "lo" else (lo, mid)
+    return lo, plan_at(lo)
 
 
 def _gib(x: float) -> str:
