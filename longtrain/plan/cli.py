@@ -79,7 +79,8 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
     ((0, None) when not even the shortest fits).
 
     Peak memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows
-    almost linearly (what is kept per token is fixed), so the search plans two short lengths,
+    almost linearly (what is kept per token is fixed), so the search plans two lengths past the
+    chunk (2x and 4x it; 4K and 8K tokens without StreamBP),
     extrapolates their line to the GPU's memory, and then narrows the bracket [fits, does not fit]
     by interpolating between its ends (regula falsi, with a bisection whenever the same end moved
     twice running): a handful of plans, most of them short, instead of a doubling and a bisection.
@@ -96,13 +97,17 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
         return int(x) // SEQ_MULTIPLE * SEQ_MULTIPLE
 
     lo, hi = 0, None  # longest length known to fit, shortest known not to
-    for seq in (SEQ_MULTIPLE * 16, SEQ_MULTIPLE * 32):
+    first = SEQ_MULTIPLE * 16
+    # below StreamBP's chunk the chunk grows with the length: probe past it, where the line holds
+    chunk = plan_at(first).streambp_chunk or 0
+    probes = (first, 2 * first) if chunk < first else (down(2 * chunk + SEQ_MULTIPLE - 1), down(4 * chunk))
+    for seq in (first, *probes):
         if plan_at(seq).peak_bytes > limit:
             hi = seq
             break
-        lo = seq
+        lo = max(lo, seq)
     if hi is None:  # extrapolate the line through the two probes until a length does not fit
-        a, b = SEQ_MULTIPLE * 16, SEQ_MULTIPLE * 32
+        a, b = probes
         while hi is None and lo < MAX_SEQ_LIMIT:
             slope = max(plan_at(b).peak_bytes - plan_at(a).peak_bytes, 1) / (b - a)
             guess = min(MAX_SEQ_LIMIT, max(down(b + (limit - plan_at(b).peak_bytes) / slope), 2 * lo))

@@ -19,7 +19,8 @@ partitions under ZeRO 1/2/3, which runs DeepSpeed's own code in the fake world).
 is a steady-state one: the optimizer state exists before it starts (AdamW creates it lazily in
 its first step): the engine primes it (``StepEngine.prime_optimizer``), or, where it cannot
 (DeepSpeed), one whole step runs first and the tracker's peak, FLOPs and collectives restart after
-it. Each row is one document (``doc_ids`` all 0).
+it (a short one, :data:`WARM_UP_TOKENS` per sequence, except under ring attention). Each row is
+one document (``doc_ids`` all 0).
 
 Precision and kernels: the tensors live on the CPU (this torch build cannot fake CUDA tensors: the
 first matmul on a fake CUDA tensor aborts in the CUDA device guard), so a GPU target is planned as
@@ -175,10 +176,23 @@ def _world(stack: ExitStack, fake: bool, world_size: int, zero: bool) -> int:
     return world_size
 
 
-def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int) -> Tuple[list, int]:
-    """This rank's micro-batches (whole sequences, one document per row, cut as training cuts them)
-    and the step's count of valid labels over every rank (as the trainer's all-reduce gives it)."""
-    seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
+WARM_UP_TOKENS = 1024
+"""Tokens per sequence of the warm-up step (module docstring); ring layouts take the whole length."""
+
+
+def _warm_up_len(cfg: Config, dims: ParallelDims) -> int:
+    """The warm-up step's sequence length: short (it only has to create the optimizer state and the
+    engine's buffers), except under ring attention, whose blocks are cut for ``data.seq_len``."""
+    if dims.ring > 1:
+        return cfg.data.seq_len
+    return min(cfg.data.seq_len, max(WARM_UP_TOKENS // dims.ulysses, 1) * dims.ulysses)
+
+
+def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int, seq: Optional[int] = None) -> Tuple[list, int]:
+    """This rank's micro-batches (whole sequences of ``seq`` tokens, default ``data.seq_len``, one
+    document per row, cut as training cuts them) and the step's count of valid labels over every
+    rank (as the trainer's all-reduce gives it)."""
+    seq, mb = seq or cfg.data.seq_len, cfg.data.micro_batch_size
     g = torch.Generator().manual_seed(cfg.trainer.seed)
     batches = []
     for _ in range(grad_accum):
@@ -219,6 +233,7 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         cfg = _config_for_target(cfg, args, gpu is not None, precision == "bf16", gpu.memory_bytes if gpu else None)
         tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake)
         batches, num_valid = _batches(cfg, args, dims, grad_accum)
+        warm_up = _batches(cfg, args, dims, 1, _warm_up_len(cfg, dims))
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -234,7 +249,8 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         if cfg.memory.offload_checkpoints and gpu is not None:
             PlannedHostCopy.tracker = tracker
             stack.enter_context(mock.patch("longtrain.memory.streambp.HostCopy", PlannedHostCopy))
-        plan = _tracked_step(cfg, args, dims, batches, num_valid, grad_accum, precision, tracker, gpu is not None)
+        plan = _tracked_step(cfg, args, dims, batches, num_valid, grad_accum, precision, tracker, gpu is not None,
+                             warm_up)
         _add_time(plan, tracker, dims, gpu, net)
         return plan
 
@@ -272,7 +288,7 @@ def _optimizer_step(engine, balancer, tracker: StepTracker) -> None:
 
 
 def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_valid: int, grad_accum: int, precision: str,
-                  tracker: StepTracker, on_gpu: bool) -> StepPlan:
+                  tracker: StepTracker, on_gpu: bool, warm_up: Tuple[list, int]) -> StepPlan:
     """Build the model, optimizer and engine as the trainer does and run one step under ``tracker``.
 
     Everything is built under the tracker, so every storage the step finds alive (parameters,
@@ -299,7 +315,7 @@ def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_vali
             balancer = Balancer(model, cfg.moe, dims, cfg.data.micro_batch_size, grad_accum, cfg.data.seq_len,
                                 loss_scale=engine.loss_scale)
         if not engine.prime_optimizer():  # steady state (docstring)
-            _micro_batches(engine, balancer, batches[:1], num_valid, cfg, tracker)
+            _micro_batches(engine, balancer, *warm_up, cfg, tracker)
             _optimizer_step(engine, balancer, tracker)
         params, optim = state_tensors(model, optimizer)
         if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)

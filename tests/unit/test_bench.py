@@ -46,3 +46,13 @@ def test_zero_memory_bench_prints_json():
     assert all(r["step_s"] > 0 and r["peak_mem_gib"] > 0 for r in trials)
     assert trials[1]["memory_report"]["stage"] == 2 and "memory_report" not in trials[0]
     assert [r["largest_shape_that_trains"] for r in rows if "largest_shape_that_trains" in r] == ["tiny", "tiny"]
+
+
+def test_plan_tables_dry_run_prints_a_row():
+    """bench/plan_tables.py (the docs/PLANNING.md tables) on the tiny model and a 24 MiB GPU."""
+    proc = subprocess.run([sys.executable, "bench/plan_tables.py", "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["max_seq"] > 0 and row["peak_gib"] * 2**30 <= 24 << 20
+    assert row["marginal_bytes_per_token"] > 0 and row["host_gib"] > 0
