@@ -56,3 +56,13 @@ def test_plan_tables_dry_run_prints_a_row():
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["max_seq"] > 0 and row["peak_gib"] * 2**30 <= 24 << 20
     assert row["marginal_bytes_per_token"] > 0 and row["host_gib"] > 0
+
+
+def test_plan_check_dry_run_plans_each_mode():
+    """bench/plan_check.py (planned vs measured peak on a GPU) plans each mode without a GPU."""
+    proc = subprocess.run([sys.executable, "bench/plan_check.py", "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["checkpointing", "streambp", "streambp_offload"]
+    assert all(r["planned_gib"] > 0 for r in rows)
