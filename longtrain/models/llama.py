@@ -23,12 +23,16 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from longtrain.models.args import ModelArgs
 from longtrain.models.moe import Experts, MoE
 from longtrain.kernels.attention import local_attention
 
 AttentionFn = Callable[..., torch.Tensor]
+
+NORM_CHUNK = 8192
+"""Tokens per chunk of the final norm's backward (:meth:`Transformer._final_norm`)."""
 
 
 def rope_inv_freq(args: ModelArgs, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -233,7 +237,16 @@ class Transformer(nn.Module):
         cos_bsd, sin_bsd = self.rope(position_ids, dtype)
         for layer in self.layers:  # memory wrappers (checkpointing, StreamBP) live in the layers' forward
             x_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)
-        return self.model.norm(x_bsh)
+        return self._final_norm(x_bsh)
+
+    def _final_norm(self, x_bsh: torch.Tensor) -> torch.Tensor:
+        """The final norm, recomputed in the backward in chunks of :data:`NORM_CHUNK` tokens: its
+        backward (fp32 under autocast, and unfused when the input is bf16 and the weight fp32) would
+        otherwise hold several fp32 copies of the whole sequence's states at once (docs/PLANNING.md)."""
+        if not torch.is_grad_enabled() or x_bsh.shape[1] <= NORM_CHUNK:
+            return self.model.norm(x_bsh)
+        parts = [checkpoint(self.model.norm, part, use_reentrant=False) for part in x_bsh.split(NORM_CHUNK, dim=1)]
+        return torch.cat(parts, dim=1)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -196,3 +196,26 @@ def test_memory_and_kernels_keep_to_their_layers():
         assert "ds_id" not in path.read_text(), path
     for path in (REPO / "longtrain" / "kernels").glob("*.py"):
         assert all(n.startswith("longtrain.kernels") for n in _imports(path) if n.startswith("longtrain")), path
+
+
+@pytest.mark.parametrize("chunk", [8, 10**9])
+def test_the_final_norm_is_recomputed_in_chunks(monkeypatch, chunk):
+    """The final norm's backward runs on chunks of llama.NORM_CHUNK tokens: the same states and
+    gradients, and under bf16 autocast (an unfused, fp32 norm) no op of its backward spans the whole
+    sequence (with one chunk, the check sees its whole-sequence ops)."""
+    import longtrain.models.llama as llama
+    from longtrain.plan.tracker import StepTracker
+
+    net = _model()
+    ids, labels = _inputs(net)
+    want_loss, want = _loss_and_grads(net, ids, labels)
+    monkeypatch.setattr(llama, "NORM_CHUNK", chunk)
+    got_loss, got = _loss_and_grads(net, ids, labels)
+    assert got_loss == pytest.approx(want_loss, rel=1e-12)
+    assert all(torch.allclose(got[n], g, rtol=1e-10, atol=1e-14) for n, g in want.items())
+    apply_streambp(net.float(), 13, offload=False)  # the layers' norms run on chunks of 13 tokens
+    with StepTracker() as tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+        net.hidden_states(ids, doc_ids=DOCS).float().square().sum().backward()
+    # The norm's backward divides by the rms: a whole-sequence [B, S, hidden] div unless chunked.
+    whole = [op for op, shape, _, _ in tracker.origin.values() if op == "div" and shape == (B, S, net.args.hidden_size)]
+    assert bool(whole) == (chunk >= S), whole
