@@ -47,6 +47,10 @@ class ModelConfig:
     """Per-head dimension; null means hidden_size // num_heads."""
     rope_theta: Optional[float] = None
     """RoPE base frequency."""
+    rope_scaling: Dict[str, Any] = field(default_factory=dict)
+    """RoPE scaling as in HF's rope_scaling, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 2048}
+    (types linear, yarn, llama3: longtrain/models/rope.py; {rope_type: default} removes it); empty keeps the
+    registry's value (none for tiny)."""
     max_position_embeddings: Optional[int] = None
     """Longest position the model is meant for (used by Llama-3 RoPE scaling)."""
     tie_embeddings: Optional[bool] = None

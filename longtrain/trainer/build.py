@@ -11,13 +11,14 @@ from longtrain.models import ModelArgs, Transformer, args_from_hf_config, get_mo
 from longtrain.models.hf import read_hf_config
 
 _MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "rope_theta", "max_position_embeddings", "tie_embeddings", "init_std")
+                    "head_dim", "rope_theta", "rope_scaling", "max_position_embeddings", "tie_embeddings", "init_std")
 
 
 def build_model_args(cfg: ModelConfig) -> ModelArgs:
     """Model geometry: the registry entry ``model.name`` with the geometry keys given in the config
     applied on top, or exactly the geometry of ``model.hf_path``'s config.json."""
-    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES if getattr(cfg, k) is not None}
+    # An empty model.rope_scaling (the default) keeps the registry's scaling, like a null geometry key.
+    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES if getattr(cfg, k) not in (None, {})}
     moe = cfg.moe.model_args()  # ModelArgs field names equal the model.moe keys
     overrides.update(moe)
     if cfg.hf_path is None:
