@@ -68,7 +68,7 @@ def test_run_directory_contents(tmp_path, monkeypatch):
     assert 0.0 <= metrics[-1]["passkey_digit_acc"] <= 1.0
     assert any(k.startswith("passkey_acc_depth_") for k in metrics[-1])
     run_dir = tmp_path / "r"
-    assert (run_dir / "loss_curve.png").stat().st_size > 0
+    assert {"loss.png", "passkey.png", "throughput.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert OmegaConf.load(run_dir / "config.yaml").trainer.max_steps == 2
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory"
