@@ -17,6 +17,8 @@ cos_bsd/sin_bsd [batch, seq, head_dim]; position_ids_bs/doc_ids_bs [batch, seq].
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Callable, Optional, Tuple
 
@@ -170,6 +172,19 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
                 nn.init.normal_(module.down_proj, mean=0.0, std=out_std)
         self.reset_rope()
+
+    @contextlib.contextmanager
+    def rope_scaling(self, scaling: Optional[dict]):
+        """Run the block with RoPE scaling ``scaling`` (a ``model.rope_scaling`` mapping, e.g. YaRN to
+        evaluate beyond the trained length; None: plain RoPE); the model's own is restored on exit."""
+        saved = self.args
+        self.args = dataclasses.replace(saved, rope_scaling=scaling)  # validated like model.rope_scaling
+        self.reset_rope()
+        try:
+            yield self
+        finally:
+            self.args = saved
+            self.reset_rope()
 
     def set_attention_fn(self, fn: AttentionFn) -> None:
         """Use ``fn(q_bshd, k_bshd, v_bshd, doc_ids=, scale=) -> out_bshd`` in every layer."""

@@ -93,7 +93,10 @@ def format_needle(grid: Dict[str, Any]) -> str:
     rows.append(["all"] + ["-" if v is None else f"{v:.2f}" for v in grid["overall"]])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows]
-    return f"needle in a haystack ({grid['samples']} keys per cell, whole-key accuracy):\n" + "\n".join(lines)
+    scaling = grid.get("rope_scaling")
+    beyond = f"; beyond 1x with {scaling['rope_type']} RoPE scaling x{scaling['factor']}" if scaling else ""
+    return (f"needle in a haystack ({grid['samples']} keys per cell, whole-key accuracy{beyond}):\n"
+            + "\n".join(lines))
 
 
 def _to_json(value: Any) -> Any:

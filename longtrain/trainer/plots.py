@@ -121,7 +121,9 @@ def plot_needle(grid: Dict, png_path: PathLike) -> Optional[Path]:
     ax.set_yticks(range(len(depths)), [f"{round(100 * d)}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(f"passkey retrieval, {grid.get('samples', '?')} keys per cell", fontsize=10)
+    scaling = grid.get("rope_scaling")
+    beyond = f"\nbeyond 1x: {scaling['rope_type']} RoPE scaling x{scaling['factor']}" if scaling else ""
+    ax.set_title(f"passkey retrieval, {grid.get('samples', '?')} keys per cell{beyond}", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
     fig.tight_layout()
     return save_figure(fig, png_path)
