@@ -1,5 +1,6 @@
-"""Evaluation of :class:`~longtrain.trainer.loop.Trainer`: eval loss, passkey accuracy by depth and,
-for MoE models on data with domains, the expert load by domain. Rows are split over the
+"""Evaluation of :class:`~longtrain.trainer.loop.Trainer`: eval loss, passkey accuracy by depth, the
+needle-in-a-haystack grid at the end of a run and, for MoE models on data with domains, the expert
+load by domain. Rows are split over the
 data-parallel ranks and each row over the sequence-parallel ranks, as in training; sums are
 reduced over dp x sp."""
 from __future__ import annotations
@@ -14,8 +15,8 @@ from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.parallel.distributed import all_gather_objects, all_reduce_sum
 from longtrain.parallel.sharding import shard_batch
 from longtrain.trainer.data import collate_domains
-from longtrain.trainer.needle import answer_hits, grid_table, needle_sets, scaled, score_passkey
 from longtrain.trainer.moe_report import add_domain_counts, summarise, write_expert_load
+from longtrain.trainer.needle import answer_hits, grid_table, needle_sets, scaled, score_passkey
 
 
 class EvalMixin:
@@ -56,15 +57,20 @@ class EvalMixin:
 
     def _eval_passkey(self) -> Dict[str, float]:
         pk = self.data.passkey_eval
-        results = score_passkey(pk, np.arange(pk.num_rows)[self.dp_rank::self.dp_size], self.cfg.data.micro_batch_size,
-                                self._passkey_hits, lambda counts: all_reduce_sum(counts, self.dims.group("sp")))
-        if self.dims.rank("sp") != 0:
-            results = []  # one copy per row: the sp-rank-0 of each data-parallel group reports it
-        gathered = [r for part in all_gather_objects(results, self.reduce_group) for r in part]
+        gathered = self._score_passkey(pk)
         out = pk.accuracy_by_depth([c for c, _, _ in gathered], [d for _, _, d in gathered])
         # Per-token accuracy on the key: moves before whole-key accuracy does.
         out["passkey_digit_acc"] = float(np.mean([f for _, f, _ in gathered])) if gathered else 0.0
         return out
+
+    def _score_passkey(self, pk) -> list:
+        """Every row of ``pk`` scored (:func:`score_passkey`), rows split over dp and each over sp, gathered
+        on every rank. Collective."""
+        results = score_passkey(pk, np.arange(pk.num_rows)[self.dp_rank::self.dp_size], self.cfg.data.micro_batch_size,
+                                self._passkey_hits, lambda counts: all_reduce_sum(counts, self.dims.group("sp")))
+        if self.dims.rank("sp") != 0:
+            results = []  # one copy per row: the sp-rank-0 of each data-parallel group reports it
+        return [r for part in all_gather_objects(results, self.reduce_group) for r in part]
 
     def _passkey_hits(self, full: Dict[str, torch.Tensor], answer_mask: torch.Tensor):
         """(argmax right [B, S_local], answer_mask [B, S_local]) of this rank's part of the rows ``full``."""
@@ -83,12 +89,7 @@ class EvalMixin:
         results = []
         for multiple, rows, scaling in needle_sets(self.cfg.data, self.data.tokenizer, self.cfg.trainer.seed):
             with scaled(self.model, scaling):
-                mine = score_passkey(rows, np.arange(rows.num_rows)[self.dp_rank::self.dp_size],
-                                     self.cfg.data.micro_batch_size, self._passkey_hits,
-                                     lambda counts: all_reduce_sum(counts, self.dims.group("sp")))
-            mine = mine if self.dims.rank("sp") == 0 else []
-            results.append((multiple, rows.seq_len,
-                            [r for part in all_gather_objects(mine, self.reduce_group) for r in part]))
+                results.append((multiple, rows.seq_len, self._score_passkey(rows)))
         self.engine.train(True)
         return grid_table(results, pk.grid_samples, dict(pk.grid_rope_scaling) or None)
 
