@@ -25,6 +25,9 @@ and ``<out>/gpu_suite.md`` is rewritten, so a run cut short still leaves what it
    DeepSpeed's CPU Adam is JIT-built (ninja and a C++ compiler, CPU code only) in a background
    process started with the suite, so the build overlaps the GPU stages.
 6. ``moe``: the MoE experts' grouped GEMM forward + backward against the per-expert loop.
+7. ``plan_check``: ``bench/plan_check.py``: the planner's peak (``longtrain-plan`` for this GPU) of
+   ``bench/train_step.py``'s configurations against their measured ``torch.cuda.max_memory_allocated()``
+   (target: within 5%).
 
 Budget: ``--budget`` seconds (default 480) for everything; each stage gets its share
 (:data:`SHARES`) plus what earlier stages left unused; a stage with less than its minimum left is
@@ -52,14 +55,14 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, for MFU
-SHARES = {"pytest_gpu": 0.08, "attention": 0.19, "sp_decomposition": 0.08, "train_ladder": 0.40,
-          "zero_offload": 0.20, "moe": 0.05}
+SHARES = {"pytest_gpu": 0.08, "attention": 0.17, "sp_decomposition": 0.07, "train_ladder": 0.36,
+          "zero_offload": 0.18, "moe": 0.05, "plan_check": 0.09}
 MIN_S = {"pytest_gpu": 20, "attention": 20, "sp_decomposition": 15, "train_ladder": 30, "zero_offload": 40,
-         "moe": 10}
+         "moe": 10, "plan_check": 30}
 LADDER_MODES = ["liger", "streambp", "checkpointing", "hf", "streambp_offload"]
 BASELINE_MODES = ("hf", "liger")
 TARGETS = {"max_seq_vs_liger": 4.0, "bytes_per_token_1b": 40 * 1024, "tokens_per_s_vs_liger": 1.4,
-           "decomposition_ratio": 0.9}
+           "decomposition_ratio": 0.9, "plan_vs_measured": 0.05}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -248,6 +251,16 @@ def stage_moe(a, timeout: float, log) -> dict:
     return dict(row, rc=res["rc"], timed_out=res["timed_out"], tail=res["tail"] if res["rc"] else None)
 
 
+def stage_plan_check(a, timeout: float, log) -> dict:
+    """The planner's peak against ``torch.cuda.max_memory_allocated()`` (``bench/plan_check.py``)."""
+    args = ["--dry-run"] if a.dry_run else ["--shape", "llama1b", "--seqs", "16384", "65536"]
+    res = run_lines([sys.executable, str(BENCH / "plan_check.py"), *args], timeout, log=log)
+    ratios = [r["planned_over_measured"] for r in res["rows"] if r.get("planned_over_measured")]
+    return dict(ok=res["rc"] == 0 and bool(res["rows"]), rows=res["rows"], rc=res["rc"], timed_out=res["timed_out"],
+                within_5pct=all(abs(x - 1) <= TARGETS["plan_vs_measured"] for x in ratios) if ratios else None,
+                tail=res["tail"] if res["rc"] else None)
+
+
 PREBUILD: dict = {}
 
 
@@ -263,7 +276,8 @@ def prebuild_cpu_adam(log_path: Path) -> None:
 
 
 STAGES = {"pytest_gpu": stage_pytest_gpu, "attention": stage_attention, "sp_decomposition": stage_sp_decomposition,
-          "train_ladder": stage_train_ladder, "zero_offload": stage_zero_offload, "moe": stage_moe}
+          "train_ladder": stage_train_ladder, "zero_offload": stage_zero_offload, "moe": stage_moe,
+          "plan_check": stage_plan_check}
 
 
 # ---------------------------------------------------------------------------- ladder (child process)
@@ -523,6 +537,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r.get('shape')} | {r.get('mode')} | {r.get('seq')} | {r.get('ok')} | "
                          f"{_fmt(r.get('step_s'))} | {_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('peak_mem_gib'))} |")
         lines += ["", f"Largest shape that trains with offload: {st.get('largest_shape_that_trains') or '-'}"]
+    st = result["stages"].get("plan_check", {})
+    if st.get("rows"):
+        lines += ["", "## Planned against measured peak memory (`bench/plan_check.py`)", "",
+                  "| shape | mode | seq | planned GiB | measured GiB | planned / measured |", "|---|---|---|---|---|---|"]
+        for r in st["rows"]:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['seq']} | {_fmt(r['planned_gib'])} | "
+                         f"{_fmt(r.get('measured_gib'))} | {_fmt(r.get('planned_over_measured'))} |")
     st = result["stages"].get("moe", {})
     if "reference_ms" in st:
         lines += ["", "## MoE experts: grouped GEMM against the per-expert loop (forward + backward)", "",

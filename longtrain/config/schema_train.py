@@ -72,6 +72,10 @@ class TrainerConfig:
     """`auto` (cuda when available, else cpu), `cpu` or `cuda`."""
     precision: str = "auto"
     """`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`. Master weights stay fp32."""
+    fp32_residual: bool = False
+    """Under bf16 autocast, keep the residual stream (each layer's input and output) in fp32;
+    false keeps it in bf16 (Megatron's default, and what DeepSpeed's bf16 weights give), which
+    halves what checkpointing and StreamBP keep per layer and token."""
     eval_every: int = 0
     """Evaluate every N steps (and at the end); 0 disables evaluation."""
     eval_rows: int = 64

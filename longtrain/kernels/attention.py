@@ -131,7 +131,7 @@ def _local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.T
     if doc_ids is None or bool((doc_ids == doc_ids[:, :1]).all()):
         return _causal_sdpa(q_bhsd, k_bhsd, v_bhsd, scale).transpose(1, 2)
     assert doc_ids.shape == (batch, seq_len), f"doc_ids must be [B, S], got {tuple(doc_ids.shape)}"
-    if q_bshd.is_cuda and fused_supported(q_bshd):  # every document of every row in one varlen flash call
+    if fused_supported(q_bshd):  # CUDA: every document of every row in one varlen flash call
         return fused_local_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale)
     rows = []
     for b in range(batch):

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from longtrain.kernels.blocks import (check_docs, check_shapes, reference_block_backward, reference_block_forward,
-                                      register_block_kernels)
+from longtrain.kernels.blocks import (check_docs, check_shapes, get_block_kernels, reference_block_backward,
+                                      reference_block_forward, register_block_kernels)
 
 
 @dataclass
@@ -168,9 +169,15 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _RNG_STATE: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+_VARLEN_DEVICE_TYPES = {"cuda"}
+"""Device types whose half-precision blocks run the varlen executor (:func:`cuda_kernels_on` adds one)."""
+
+
 def _varlen_supported(q_bshd: torch.Tensor) -> bool:
-    return (q_bshd.is_cuda and q_bshd.dtype in _FLASH_DTYPES and q_bshd.shape[-1] % 8 == 0
-            and q_bshd.shape[-1] <= 256 and torch.backends.cuda.is_flash_attention_available())
+    if not (q_bshd.device.type in _VARLEN_DEVICE_TYPES and q_bshd.dtype in _FLASH_DTYPES
+            and q_bshd.shape[-1] % 8 == 0 and q_bshd.shape[-1] <= 256):
+        return False
+    return not q_bshd.is_cuda or torch.backends.cuda.is_flash_attention_available()
 
 
 def _rng_state(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -377,3 +384,24 @@ def fused_supported(q_bshd: torch.Tensor) -> bool:
 
 
 register_block_kernels("cuda", fused_block_forward, fused_block_backward)
+
+
+@contextmanager
+def cuda_kernels_on(device_type: str) -> Iterator[None]:
+    """Within the block, half-precision attention on ``device_type`` takes CUDA's flash-attention
+    path: local attention over documents, StreamBP's chunks and ring attention's blocks run the
+    varlen executor (``aten._flash_attention_forward`` / ``_backward``). For running CUDA's code
+    path on fake tensors of another device (the planner): those ops have shape functions on every
+    device but kernels only on CUDA, so real tensors would fail."""
+    before = get_block_kernels(torch.device(device_type))
+    added = device_type not in _VARLEN_DEVICE_TYPES
+    _VARLEN_DEVICE_TYPES.add(device_type)
+    register_block_kernels(device_type, fused_block_forward, fused_block_backward)
+    try:
+        yield
+    finally:
+        if added:
+            _VARLEN_DEVICE_TYPES.discard(device_type)
+        register_block_kernels(device_type, *before)
+        for device in [d for d in _RNG_STATE if d.type == device_type]:  # made under the block's tensors
+            del _RNG_STATE[device]

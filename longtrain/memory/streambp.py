@@ -146,11 +146,9 @@ def _chunk_keys(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
     return keys
 
 
-def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k_bshd: torch.Tensor,
-                  v_bshd: torch.Tensor, cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int,
-                  routing_bck: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see
-    (and, for an MoE layer in the backward, the experts the forward chose for them)."""
+def _attention_half(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k_bshd: torch.Tensor,
+                    v_bshd: torch.Tensor, cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int) -> torch.Tensor:
+    """``x + attn(norm(x))`` for the tokens ``[start, start + chunk)`` given the keys they may see."""
     attn = layer.self_attn
     b, c, _ = x_bch.shape
     q_bchd = _run(attn.q_proj, _run(layer.input_layernorm, x_bch)).view(b, c, attn.num_heads, attn.head_dim)
@@ -158,8 +156,31 @@ def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k_b
         q_bchd = _run(attn.q_norm, q_bchd)
     q_bchd = apply_rope(q_bchd, cos_bcd, sin_bcd)
     out_bchd = keys.attend(q_bchd, start, start + c, k_bshd, v_bshd)
-    h_bch = x_bch + _run(attn.o_proj, out_bchd.reshape(b, c, -1))
+    return x_bch + _run(attn.o_proj, out_bchd.reshape(b, c, -1))
+
+
+def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k_bshd: torch.Tensor,
+                  v_bshd: torch.Tensor, cos_bcd: torch.Tensor, sin_bcd: torch.Tensor, start: int,
+                  routing_bck: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see
+    (and, for an MoE layer in the backward, the experts the forward chose for them)."""
+    h_bch = _attention_half(layer, x_bch, keys, k_bshd, v_bshd, cos_bcd, sin_bcd, start)
     return h_bch + _mlp(layer, h_bch, routing_bck)
+
+
+def _mlp_in_chunks(layer: DecoderLayer, h_bsh: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``h + mlp(norm(h))`` of a streamed layer's forward (no autograd), ``chunk`` tokens at a time
+    for a dense MLP, so its ``[S, intermediate]`` working set never exists for the whole sequence
+    (the MLP acts on each token alone: the result is the same). An MoE block runs whole: its
+    routing, kept for the backward, and its load statistics are the whole sequence's."""
+    seq = h_bsh.shape[1]
+    if isinstance(layer.mlp, MoE) or chunk >= seq:
+        return h_bsh + _mlp(layer, h_bsh)
+    out_bsh = torch.empty_like(h_bsh)
+    for start in range(0, seq, chunk):
+        end = min(start + chunk, seq)
+        out_bsh[:, start:end] = h_bsh[:, start:end] + _mlp(layer, h_bsh[:, start:end])
+    return out_bsh
 
 
 def _routing(layer: DecoderLayer, x_bsh: torch.Tensor) -> Optional[torch.Tensor]:
@@ -183,11 +204,13 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.host_copy = HostCopy(x_bsh) if offload else None
         ctx.save_for_backward(None if offload else x_bsh, cos_bsd, sin_bsd, doc_ids)
-        if held is None:  # the layer's own forward, past any wrapper (memory.wrappers swaps the class)
-            out_bsh = getattr(layer, "plain_forward", layer)(x_bsh, cos_bsd, sin_bsd, doc_ids)
+        if held is None:  # the attention half as the layer's own forward runs it
+            h_bsh = x_bsh + layer.self_attn(layer.input_layernorm(x_bsh), cos_bsd, sin_bsd, doc_ids)
         else:  # gathered by streamed_layer: compute without the module hooks
             keys = _chunk_keys(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
-            out_bsh = _chunk_output(layer, x_bsh, keys, keys.k_bshd, keys.v_bshd, cos_bsd, sin_bsd, 0)
+            h_bsh = _attention_half(layer, x_bsh, keys, keys.k_bshd, keys.v_bshd, cos_bsd, sin_bsd, 0)
+            del keys
+        out_bsh = _mlp_in_chunks(layer, h_bsh, chunk_size)
         ctx.routing_bsk = _routing(layer, x_bsh)
         return out_bsh
 

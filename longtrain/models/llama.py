@@ -117,9 +117,16 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     """Causal decoder; ``forward`` returns logits, ``hidden_states`` the normed final states.
 
+    Under autocast the residual stream (the embeddings, each layer's input and output) is kept in
+    the autocast dtype, as with half-precision weights, unless :attr:`fp32_residual` is set (then
+    the fp32 embedding output and the residual additions stay fp32).
+
     Args:
         args: the model geometry.
     """
+
+    fp32_residual: bool = False
+    """Keep the residual stream in fp32 under autocast (``trainer.fp32_residual``)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -219,6 +226,8 @@ class Transformer(nn.Module):
         x_bsh = self.model.embed_tokens(input_ids)
         dtype = torch.get_autocast_dtype(x_bsh.device.type) if torch.is_autocast_enabled(x_bsh.device.type) \
             else x_bsh.dtype
+        if not self.fp32_residual:  # the residual stream in the compute dtype (class docstring)
+            x_bsh = x_bsh.to(dtype)
         cos_bsd, sin_bsd = self.rope(position_ids, dtype)
         for layer in self.layers:  # memory wrappers (checkpointing, StreamBP) live in the layers' forward
             x_bsh = layer(x_bsh, cos_bsd, sin_bsd, doc_ids)

@@ -24,7 +24,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -113,6 +113,17 @@ class StepEngine:
         """Drop the accumulated gradients."""
         raise NotImplementedError
 
+    def prime_optimizer(self) -> bool:
+        """Create the optimizer state a steady-state step holds (AdamW makes it lazily in its first
+        step) without taking a step; False when the engine cannot, and one training step must run
+        first instead. For planning a steady-state step."""
+        return False
+
+    def buffer_tensors(self) -> List[torch.Tensor]:
+        """The engine's own working buffers alive now (communication buckets): neither parameters,
+        gradients nor optimizer state. For memory reports."""
+        return []
+
     def memory_report(self, grads_device: Optional[int]) -> Optional[dict]:
         """Expected and measured model-state bytes of this rank (None where there is nothing to
         compare against a formula)."""
@@ -180,6 +191,14 @@ class PlainEngine(StepEngine):
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
+
+    def prime_optimizer(self):
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.zero_grad()
+        return True
 
     def save(self, ckpt_dir, is_writer):
         # Looked up at the call, so a test can make longtrain.io's writers fail (a full disk).

@@ -119,8 +119,10 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paral
                                           load_universal=load_universal)
         return zero.ZeroEngine(model, optimizer, dims, ds_config)  # logs its own line
     engine = PlainEngine(model, optimizer, dims.group("dp_sp"), cfg.optim.clip_grad_norm, autocast_dtype)
+    model.fp32_residual = cfg.trainer.fp32_residual
     log.info("step engine: plain torch, gradients summed over dp x sp = %d ranks%s", dims.size("dp_sp"),
-             f", autocast {autocast_dtype}" if autocast_dtype is not None else "")
+             f", autocast {autocast_dtype} (residual stream in "
+             f"{'fp32' if model.fp32_residual else autocast_dtype})" if autocast_dtype is not None else "")
     return engine
 
 

@@ -5,10 +5,11 @@ Both engines report through these (:meth:`longtrain.parallel.engine.StepEngine.m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+
 
 @dataclass
 class MemoryFigures:
@@ -55,29 +56,23 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def measured_memory(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    device: torch.device) -> MemoryFigures:
-    """Parameter and optimizer-state bytes this rank holds, found by walking the tensors.
+def state_tensors(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
+                  ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """(parameters, optimizer tensors) this rank holds, found by walking the tensors.
 
     Parameters: the local storage of each module parameter (the shard ``ds_tensor`` under ZeRO-3).
     Optimizer: the master partitions the (inner) optimizer steps when they are not the module's
-    parameters, plus every tensor in its state. Gradients are not walked (DeepSpeed keeps
-    them in internal buffers); the trainer measures them with the CUDA allocator. A tensor counts
-    as "device" when it sits on the training ``device`` (so everything does in a CPU run).
+    parameters, plus every tensor in its state. Gradients are not walked (DeepSpeed keeps them in
+    internal buffers).
     """
-    out = MemoryFigures()
-    module_ids = set()
+    params, module_ids = [], set()
     for p in model.parameters():  # parameters() yields a tied weight once
         module_ids.add(id(p))
         t = getattr(p, "ds_tensor", None)
-        t = p if t is None else t
-        if t.device.type == device.type:
-            out.params_device += _bytes(t)
-        else:
-            out.params_host += _bytes(t)
+        params.append(p if t is None else t)
     inner = getattr(optimizer, "optimizer", optimizer)
     if inner is None:
-        return out
+        return params, []
     # Master partitions: in the param groups, or only the state's keys (ZeRO-3 empties the groups
     # between steps).
     masters = {id(p): p for group in inner.param_groups for p in group["params"]}
@@ -85,7 +80,22 @@ def measured_memory(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     tensors = [p for i, p in masters.items() if i not in module_ids]
     for state in inner.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
-    for t in tensors:
+    return params, tensors
+
+
+def measured_memory(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    device: torch.device) -> MemoryFigures:
+    """Parameter and optimizer-state bytes this rank holds (:func:`state_tensors`); the trainer
+    measures gradients with the CUDA allocator. A tensor counts as "device" when it sits on the
+    training ``device`` (so everything does in a CPU run)."""
+    out = MemoryFigures()
+    params, optim = state_tensors(model, optimizer)
+    for t in params:
+        if t.device.type == device.type:
+            out.params_device += _bytes(t)
+        else:
+            out.params_host += _bytes(t)
+    for t in optim:
         if t.device.type == device.type:
             out.optimizer_device += _bytes(t)
         else:

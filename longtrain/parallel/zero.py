@@ -204,6 +204,11 @@ def apply_zero(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paralle
         # Partition over dp x sp ourselves: left to the engine, DeepSpeed (0.19) partitions ZeRO-3
         # parameters over mpu.get_data_parallel_group(), the dp group alone, and its gradient
         # reduce-scatter then never sums over the sequence-parallel ranks.
+        if ds_config.get("bf16", {}).get("enabled"):
+            # zero.Init partitions an existing module in the dtype it finds, and the engine casts
+            # only unpartitioned modules to bf16 (ZeRO-1/2): without this, ZeRO-3 would train
+            # bf16 runs with fp32 weights, activations and all-gathers.
+            wrapper.to(torch.bfloat16)
         deepspeed.zero.Init(module=wrapper, data_parallel_group=mpu.get_sequence_data_parallel_group(),
                             config_dict_or_path=ds_config, mpu=mpu)
         deepspeed.zero.register_external_parameter(wrapper, model.output_weight)
@@ -345,6 +350,15 @@ class ZeroEngine(StepEngine):
 
         return {n: safe_get_full_grad(p).detach().clone().view(getattr(p, "ds_shape", p.shape))
                 for n, p in self.model.named_parameters()}
+
+    def buffer_tensors(self):
+        # Gradients are staged in reduce buckets (reduce_bucket_size elements each): ZeRO-1/2 make
+        # a list of them at the start of each backward, ZeRO-3 keeps one flat tensor per bucket
+        out = []
+        for bucket in (getattr(self.ds.optimizer, "ipg_buckets", None) or {}).values():
+            held = getattr(bucket, "buffer", None)
+            out += [held] if isinstance(held, torch.Tensor) else list(held or [])
+        return out
 
     def memory_report(self, grads_device):
         zo = self.ds_config["zero_optimization"]

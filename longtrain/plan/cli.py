@@ -14,6 +14,7 @@ code 2, as in training.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -75,28 +76,62 @@ def _world_size(text: str) -> int:
 def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconnect] = None
             ) -> Tuple[int, Optional[StepPlan]]:
     """The longest multiple of :data:`SEQ_MULTIPLE` whose step fits ``gpu``'s memory, and its plan
-    ((0, None) when not even the shortest fits). Peak memory grows with the length, so a doubling
-    search brackets it and a bisection finds it."""
-    def fits(seq):
-        plan = run_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net)
-        return plan.peak_bytes <= gpu.memory_bytes, plan
+    ((0, None) when not even the shortest fits).
 
-    lo, best = 0, None
-    hi = SEQ_MULTIPLE
-    while hi <= MAX_SEQ_LIMIT:
-        ok, plan = fits(hi)
-        if not ok:
+    Peak memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows
+    almost linearly (what is kept per token is fixed), so the search plans two lengths past the
+    chunk (2x and 4x it; 4K and 8K tokens without StreamBP),
+    extrapolates their line to the GPU's memory, and then narrows the bracket [fits, does not fit]
+    by interpolating between its ends (regula falsi, with a bisection whenever the same end moved
+    twice running): a handful of plans, most of them short, instead of a doubling and a bisection.
+    """
+    limit = gpu.memory_bytes
+    seen = {}
+
+    def plan_at(seq):
+        if seq not in seen:
+            seen[seq] = run_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net)
+        return seen[seq]
+
+    def down(x: float) -> int:
+        return int(x) // SEQ_MULTIPLE * SEQ_MULTIPLE
+
+    lo, hi = 0, None  # longest length known to fit, shortest known not to
+    first = SEQ_MULTIPLE * 16
+    # below StreamBP's chunk the chunk grows with the length: probe past it, where the line holds
+    chunk = plan_at(first).streambp_chunk or 0
+    probes = (first, 2 * first) if chunk < first else (down(2 * chunk + SEQ_MULTIPLE - 1), down(4 * chunk))
+    for seq in (first, *probes):
+        if plan_at(seq).peak_bytes > limit:
+            hi = seq
             break
-        lo, best, hi = hi, plan, hi * 2
-    hi = min(hi, MAX_SEQ_LIMIT + SEQ_MULTIPLE)
+        lo = max(lo, seq)
+    if hi is None:  # extrapolate the line through the two probes until a length does not fit
+        a, b = probes
+        while hi is None and lo < MAX_SEQ_LIMIT:
+            slope = max(plan_at(b).peak_bytes - plan_at(a).peak_bytes, 1) / (b - a)
+            guess = min(MAX_SEQ_LIMIT, max(down(b + (limit - plan_at(b).peak_bytes) / slope), 2 * lo))
+            if plan_at(guess).peak_bytes > limit:
+                hi = guess
+            else:
+                a, b, lo = b, guess, guess
+        if hi is None:
+            return lo, plan_at(lo)
+    if lo == 0:  # below the first probe: bisect down to SEQ_MULTIPLE
+        lo = SEQ_MULTIPLE if plan_at(SEQ_MULTIPLE).peak_bytes <= limit else 0
+        if lo == 0:
+            return 0, None
+    moved = None
     while hi - lo > SEQ_MULTIPLE:
-        mid = (lo + hi) // 2 // SEQ_MULTIPLE * SEQ_MULTIPLE
-        ok, plan = fits(mid)
-        if ok:
-            lo, best = mid, plan
-        else:
-            hi = mid
-    return lo, best
+        p_lo, p_hi = plan_at(lo).peak_bytes, plan_at(hi).peak_bytes
+        mid = down(lo + (limit - p_lo) * (hi - lo) / max(p_hi - p_lo, 1))
+        if moved == "twice":
+            mid = down((lo + hi) // 2)
+        mid = min(max(mid, lo + SEQ_MULTIPLE), hi - SEQ_MULTIPLE)
+        side = "lo" if plan_at(mid).peak_bytes <= limit else "hi"
+        moved = "twice" if side == moved else side
+        lo, hi = (mid, hi) if side == "lo" else (lo, mid)
+    return lo, plan_at(lo)
 
 
 def _gib(x: float) -> str:
@@ -113,9 +148,10 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
                        f"{gpu.hbm_bytes_per_s / 1e12:.2f} TB/s"),
             ("peak device memory", f"{_gib(plan.peak_bytes)} ({'fits' if plan.peak_bytes <= gpu.memory_bytes else 'does NOT fit'}; "
                                    f"peak during {plan.peak_phase})"),
-            ("  parameters", _gib(plan.params_bytes)),
+            ("  parameters", _gib(plan.params_bytes) + _on_host(cfg, cfg.zero.offload_params)),
             ("  gradients", _gib(plan.grads_bytes)),
-            ("  optimizer state", _gib(plan.optimizer_bytes)),
+            ("  optimizer state", _gib(plan.optimizer_bytes) + _on_host(cfg, cfg.zero.offload_optimizer)),
+            ("  engine and communication buffers at the peak", _gib(plan.buffers_bytes)),
             ("  activations and temporaries at the peak", _gib(plan.activations_at_peak)),
             ("activations kept after the forward", _gib(plan.activations_kept)),
             ("largest single transient tensor", _gib(plan.largest_transient)),
@@ -136,8 +172,16 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
                                                               f"{plan.mfu * 100:.1f}%")]
     if longest is not None:
         rows.append(("longest seq_len that fits (--max-seq)", str(longest)))
+    rows.append(("largest tensors alive at the peak", ""))
+    for t in plan.peak_tensors:
+        rows.append((f"  {_gib(t['bytes'])}", f"{t['kind']}: {t['op']} {tuple(t['shape'])} {t['dtype']} "
+                                              f"(made in the {t['made_in']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _on_host(cfg: Config, offload: str) -> str:
+    return " (in host memory: ZeRO-Offload)" if cfg.zero.stage > 0 and offload == "cpu" else ""
 
 
 def _features(cfg: Config, plan: StepPlan) -> str:
@@ -159,15 +203,35 @@ def plan_main(argv: List[str]) -> int:
     if error is not None:
         raise ConfigError(error)
     cfg = compose_config(rest)
-    logging.getLogger("longtrain").setLevel(logging.WARNING)
+    with _quiet(), contextlib.redirect_stdout(sys.stderr):  # what libraries print while the step runs
+        text = _planned(own, cfg, gpu, world_size, net)
+    print(text)
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The step's own log lines (longtrain's, DeepSpeed's) at WARNING for the block: they would
+    interleave with the plan."""
+    loggers = [logging.getLogger(name) for name in ("longtrain", "DeepSpeed")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _planned(own: dict, cfg: Config, gpu: Gpu, world_size: int, net: Interconnect) -> str:
+    """The planner's answer to its flags ``own`` (a table, or JSON with ``--json``)."""
     if own["sweep"]:
         rows = sweep(cfg, gpu, world_size, net)
         if own["json"]:
-            print(json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
-                              "rows": [r.as_dict(gpu) for r in rows]}))
-        else:
-            print(format_sweep(rows, gpu))
-        return 0
+            return json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
+                               "rows": [r.as_dict(gpu) for r in rows]})
+        return format_sweep(rows, gpu)
     longest = best = None
     if own["max_seq"]:
         longest, best = max_seq(cfg, gpu, world_size, net)
@@ -175,16 +239,13 @@ def plan_main(argv: List[str]) -> int:
             raise ConfigError(f"not even data.seq_len={SEQ_MULTIPLE} fits {gpu.name} ({_gib(gpu.memory_bytes)}) "
                               f"with this layout; lower the model size or turn on memory features")
     plan = run_step(cfg, gpu, world_size=world_size, net=net)
-    if own["json"]:
-        out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan),
-               "fits": plan.peak_bytes <= gpu.memory_bytes}
-        if longest is not None:
-            out["max_seq"] = longest
-            out["max_seq_plan"] = dataclasses.asdict(best)
-        print(json.dumps(out))
-    else:
-        print(format_plan(cfg, gpu, plan, longest))
-    return 0
+    if not own["json"]:
+        return format_plan(cfg, gpu, plan, longest)
+    out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan), "fits": plan.peak_bytes <= gpu.memory_bytes}
+    if longest is not None:
+        out["max_seq"] = longest
+        out["max_seq_plan"] = dataclasses.asdict(best)
+    return json.dumps(out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

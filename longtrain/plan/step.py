@@ -13,16 +13,26 @@ world (:mod:`longtrain.plan.world`): the process groups are the real ones, the c
 nothing and are counted (:mod:`longtrain.plan.comm`); the batch is cut to rank 0's part of each
 sequence as training cuts it.
 
-The step measured is a steady-state one: the optimizer state exists before it starts (torch's
-AdamW creates it lazily in the first ``optimizer.step()``, which is run once on zero gradients
-before tracking begins). Each row is one document (``doc_ids`` all 0).
+Everything is built under the tracker, so every storage alive in the step is counted: the model,
+the optimizer, and the engine's own buffers (DeepSpeed's flat parameter groups, reduce buckets and
+partitions under ZeRO 1/2/3, which runs DeepSpeed's own code in the fake world). The step measured
+is a steady-state one: the optimizer state exists before it starts (AdamW creates it lazily in
+its first step): the engine primes it (``StepEngine.prime_optimizer``), or, where it cannot
+(DeepSpeed), one whole step runs first and the tracker's peak, FLOPs and collectives restart after
+it (a short one, :data:`WARM_UP_TOKENS` per sequence, except under ring attention). Each row is
+one document (``doc_ids`` all 0).
 
-Precision: the tensors live on the CPU (this torch build cannot fake CUDA tensors: the first
-matmul on a fake CUDA tensor aborts in the CUDA device guard), so a GPU target is planned as
+Precision and kernels: the tensors live on the CPU (this torch build cannot fake CUDA tensors: the
+first matmul on a fake CUDA tensor aborts in the CUDA device guard), so a GPU target is planned as
 training on CUDA would run, in ``trainer.precision`` resolved for CUDA (``auto``: bf16 autocast on
-the plain engine), but through CPU autocast and the CPU kernels (SDPA's CPU flash kernel, the
-reference block kernels under StreamBP). Offload to host memory under a GPU target is modelled by
-:class:`PlannedHostCopy`; without a target (CPU) the real ``HostCopy`` keeps the tensor as is.
+the plain engine, DeepSpeed's bf16 mode under ZeRO), through CPU autocast, with CUDA's attention
+kernels where it matters: :func:`~longtrain.kernels.fused.cuda_kernels_on` sends StreamBP's
+chunks, ring blocks and packed documents through the flash varlen ops (their shape functions run
+on any device), and whole-sequence attention runs SDPA's CPU flash kernel, which returns the same
+output and log-sum-exp as CUDA's; the tracker adds the CUDA backward's workspace. Offload to host
+memory under a GPU target is modelled by :class:`PlannedHostCopy` (layer inputs) and by marking
+ZeRO's offloaded optimizer partitions as host memory; without a target (CPU) the real ``HostCopy``
+keeps the tensor as is.
 """
 from __future__ import annotations
 
@@ -36,18 +46,25 @@ from unittest import mock
 import torch
 
 from longtrain.config import Config
+from longtrain.kernels.fused import cuda_kernels_on
 from longtrain.memory import auto_chunk_size
 from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.optim.optimizer import build_optimizer
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.parallelize import parallelize
 from longtrain.parallel.sharding import shard_batch
+from longtrain.parallel.state_memory import state_tensors
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
+from longtrain.plan.fakes import convert_in_place, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
 from longtrain.plan.tracker import StepTracker
 from longtrain.plan.world import fake_world
 from longtrain.models import Transformer
 from longtrain.trainer.build import build_model_args, resolve_batch_layout, resolve_precision
+
+
+PEAK_TENSORS = 12
+"""How many of the largest storages alive at the peak a plan lists."""
 
 
 @dataclass
@@ -70,6 +87,7 @@ class StepPlan:
     activations_kept: int
     largest_transient: int
     host_bytes: int
+    """Peak of host memory under offload (layer inputs, ZeRO's optimizer partitions)."""
     peak_phase: str
     flops: int
     formula_flops: float
@@ -97,6 +115,14 @@ class StepPlan:
     tokens_per_s_serial: float = 0.0
     mfu: float = 0.0
     streambp_chunk: Optional[int] = None
+    buffers_bytes: int = 0
+    """At the peak: engine and communication buffers, i.e. storages that are not parameters,
+    gradients or optimizer state and either were alive before the step (the engine's buckets,
+    model buffers such as RoPE tables) or were read or written by a collective (reduce buckets,
+    Ulysses' all-to-all receive buffers)."""
+    peak_tensors: List[dict] = field(default_factory=list)
+    """The largest storages alive at the peak (:data:`PEAK_TENSORS`): bytes, kind (params, grads,
+    optimizer, buffers, other), the op that made them, shape, dtype and the phase it ran in."""
     extra: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -136,22 +162,37 @@ def _config_for_target(cfg: Config, args, on_gpu: bool, bf16: bool, memory_bytes
     return cfg
 
 
-def _world(stack: ExitStack, fake: bool, world_size: int) -> int:
-    """Enter the process world of the plan; returns its size. A fake plan of several ranks runs in
-    a :func:`~longtrain.plan.world.fake_world`; a real one uses the initialised process group."""
+def _world(stack: ExitStack, fake: bool, world_size: int, zero: bool) -> int:
+    """Enter the process world of the plan; returns its size. A fake plan of several ranks (or of
+    one under ZeRO, whose engine needs a process group) runs in a
+    :func:`~longtrain.plan.world.fake_world`; a real one uses the initialised process group."""
     import torch.distributed as dist
 
     if not fake:
         return dist.get_world_size() if dist.is_initialized() else 1
-    if world_size > 1:
+    if world_size > 1 or zero:
         stack.enter_context(fake_world(world_size))
+        stack.enter_context(local_rank(0))
     return world_size
 
 
-def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int) -> Tuple[list, int]:
-    """This rank's micro-batches (whole sequences, one document per row, cut as training cuts them)
-    and the step's count of valid labels over every rank (as the trainer's all-reduce gives it)."""
-    seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
+WARM_UP_TOKENS = 1024
+"""Tokens per sequence of the warm-up step (module docstring); ring layouts take the whole length."""
+
+
+def _warm_up_len(cfg: Config, dims: ParallelDims) -> int:
+    """The warm-up step's sequence length: short (it only has to create the optimizer state and the
+    engine's buffers), except under ring attention, whose blocks are cut for ``data.seq_len``."""
+    if dims.ring > 1:
+        return cfg.data.seq_len
+    return min(cfg.data.seq_len, max(WARM_UP_TOKENS // dims.ulysses, 1) * dims.ulysses)
+
+
+def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int, seq: Optional[int] = None) -> Tuple[list, int]:
+    """This rank's micro-batches (whole sequences of ``seq`` tokens, default ``data.seq_len``, one
+    document per row, cut as training cuts them) and the step's count of valid labels over every
+    rank (as the trainer's all-reduce gives it)."""
+    seq, mb = seq or cfg.data.seq_len, cfg.data.micro_batch_size
     g = torch.Generator().manual_seed(cfg.trainer.seed)
     batches = []
     for _ in range(grad_accum):
@@ -177,10 +218,8 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         world_size: ranks of the layout (``dp x parallel.sp.ulysses x parallel.sp.ring``).
         net: the cluster's links (None: the GPU's defaults, :data:`~longtrain.plan.comm.DEFAULT_INTERCONNECT`).
     """
-    if cfg.zero.stage != 0:
-        raise ValueError(f"zero.stage={cfg.zero.stage}: the planner covers ZeRO stage 0 so far; set zero.stage=0")
     with ExitStack() as stack:
-        world_size = _world(stack, fake, world_size)
+        world_size = _world(stack, fake, world_size, cfg.zero.stage > 0)
         sp = cfg.parallel.sp
         dims = ParallelDims(world_size=world_size, ulysses=sp.ulysses, ring=sp.ring)
         dims.validate_seq_len(cfg.data.seq_len)
@@ -194,97 +233,137 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         cfg = _config_for_target(cfg, args, gpu is not None, precision == "bf16", gpu.memory_bytes if gpu else None)
         tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake)
         batches, num_valid = _batches(cfg, args, dims, grad_accum)
+        warm_up = _batches(cfg, args, dims, 1, _warm_up_len(cfg, dims))
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(convert_in_place())
+            if gpu is not None:  # CUDA's attention kernels (flash varlen), as training on the GPU runs them
+                stack.enter_context(cuda_kernels_on("cpu"))
+            offloads = [name for name, on in (("offload_optimizer", cfg.zero.offload_optimizer),
+                                              ("offload_param", cfg.zero.offload_params)) if on == "cpu"]
+            if cfg.zero.stage > 0 and offloads:  # host memory only when the target has a device
+                mark = tracker.mark_host if gpu is not None else (lambda t: None)
+                cfg.zero.extra = stack.enter_context(zero_offload_on_host(cfg.zero.extra, offloads, mark))
         if cfg.memory.offload_checkpoints and gpu is not None:
             PlannedHostCopy.tracker = tracker
             stack.enter_context(mock.patch("longtrain.memory.streambp.HostCopy", PlannedHostCopy))
-        plan = _tracked_step(cfg, args, dims, batches, num_valid, grad_accum, precision, tracker)
+        plan = _tracked_step(cfg, args, dims, batches, num_valid, grad_accum, precision, tracker, gpu is not None,
+                             warm_up)
         _add_time(plan, tracker, dims, gpu, net)
         return plan
 
 
-def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_valid: int, grad_accum: int, precision: str,
-                  tracker: StepTracker) -> StepPlan:
-    """Build the model, optimizer and engine as the trainer does and run one step under ``tracker``."""
-    device = torch.device("cpu")
-    # build_model without its final .to(device) (the tensors are made on the CPU already; moving
-    # fake parameters in place is refused) and without model.hf_path's weights (values do not matter)
-    torch.manual_seed(cfg.trainer.seed)
-    model = Transformer(args)
-    model.init_weights()
-    optimizer = build_optimizer(model, cfg.optim, torch.device("cuda") if tracker.peak_flops else device)
-    engine = parallelize(model, dims, cfg, optimizer, grad_accum=grad_accum, device=device, bf16=precision == "bf16")
-    engine.train(True)
-    balancer = None
-    if args.moe_layers:
-        from longtrain.optim.balance import Balancer
+def _micro_batches(engine, balancer, batches: list, num_valid: int, cfg: Config, tracker: StepTracker) -> int:
+    """Forward and backward of every micro-batch as :mod:`longtrain.trainer.step` runs them; returns
+    the bytes the first forward made that are still alive after it (kept for its backward; not
+    the engine's buffers)."""
+    kept = None
+    if balancer is not None:
+        balancer.begin_step()
+    for i, batch in enumerate(batches):
+        tracker.phase = "forward"
+        before = tracker.serial
+        labels = batch["labels"]
+        weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
+        head = functools.partial(chunked_lm_loss, labels=labels, weights=weights,
+                                 chunk_size=cfg.trainer.loss_chunk_size)
+        loss = engine.forward(batch, head, last=i == len(batches) - 1)
+        if kept is None:
+            kept = sum(tracker.size_of(k) for k in tracker.alive() - tracker.buffer_serials if k > before)
+        if balancer is not None:
+            balancer.after_forward()
+        tracker.phase = "backward"
+        engine.backward(loss)
+        del loss
+    return kept or 0
 
-        balancer = Balancer(model, cfg.moe, dims, cfg.data.micro_batch_size, grad_accum, cfg.data.seq_len,
-                            loss_scale=engine.loss_scale)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # steady state: the optimizer state exists before the step (module docstring)
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+
+def _optimizer_step(engine, balancer, tracker: StepTracker) -> None:
+    tracker.phase = "optimizer"
+    engine.step(1.0)
+    if balancer is not None:
+        balancer.end_step()
+
+
+def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_valid: int, grad_accum: int, precision: str,
+                  tracker: StepTracker, on_gpu: bool, warm_up: Tuple[list, int]) -> StepPlan:
+    """Build the model, optimizer and engine as the trainer does and run one step under ``tracker``.
+
+    Everything is built under the tracker, so every storage the step finds alive (parameters,
+    optimizer state, the engine's buffers) is counted. The optimizer state of a steady-state step
+    exists before it: the engine primes it, or (ZeRO) one whole step runs first; then the
+    tracker's peak, FLOPs and collectives restart and the measured step runs.
+    """
+    device = torch.device("cpu")
     with tracker:
-        for t in [*model.parameters(), *model.buffers()]:
-            tracker.track(t)
-        state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        for t in state:
-            tracker.track(t)
-        before = tracker.live_bytes()
-        kept = None
-        if balancer is not None:
-            balancer.begin_step()
-        for i, batch in enumerate(batches):
-            tracker.phase = "forward"
-            labels = batch["labels"]
-            weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
-            head = functools.partial(chunked_lm_loss, labels=labels, weights=weights,
-                                     chunk_size=cfg.trainer.loss_chunk_size)
-            loss = engine.forward(batch, head, last=i == len(batches) - 1)
-            if kept is None:
-                kept = tracker.live_bytes() - before
-            if balancer is not None:
-                balancer.after_forward()
-            tracker.phase = "backward"
-            engine.backward(loss)
-            del loss
-        grads = [p.grad for p in params]
-        grad_keys = tracker.serials(grads)
-        grads_bytes = sum(t.untyped_storage().nbytes() for t in grads if t is not None)
-        del grads
-        tracker.phase = "optimizer"
-        engine.step(1.0)
-        if balancer is not None:
-            balancer.end_step()
-    param_keys = tracker.serials_of_storages(model.parameters())
-    state_keys = tracker.serials_of_storages(state)
-    cats = {"params": 0, "grads": 0, "optimizer": 0, "other": 0}
+        # build_model without its final .to(device) (the tensors are made on the CPU already) and
+        # without model.hf_path's weights (values do not matter)
+        torch.manual_seed(cfg.trainer.seed)
+        model = Transformer(args)
+        model.init_weights()
+        optimizer = build_optimizer(model, cfg.optim, torch.device("cuda") if on_gpu else device,
+                                    offload=cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu")
+        engine = parallelize(model, dims, cfg, optimizer, grad_accum=grad_accum, device=device,
+                             bf16=precision == "bf16")
+        engine.train(True)
+        balancer = None
+        if args.moe_layers:
+            from longtrain.optim.balance import Balancer
+
+            balancer = Balancer(model, cfg.moe, dims, cfg.data.micro_batch_size, grad_accum, cfg.data.seq_len,
+                                loss_scale=engine.loss_scale)
+        if not engine.prime_optimizer():  # steady state (docstring)
+            _micro_batches(engine, balancer, *warm_up, cfg, tracker)
+            _optimizer_step(engine, balancer, tracker)
+        params, optim = state_tensors(model, optimizer)
+        if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)
+            for t in (optim if cfg.zero.offload_optimizer == "cpu" else []) + (
+                    params if cfg.zero.offload_params == "cpu" else []):
+                tracker.mark_host(t)
+        tracker.phase = "forward"
+        tracker.buffer_probe = engine.buffer_tensors
+        tracker.start_step()
+        kept = _micro_batches(engine, balancer, batches, num_valid, cfg, tracker)
+        buffer_keys = tracker.buffer_serials
+        states = tracker.serials(params) | tracker.serials(optim) | buffer_keys
+        grad_keys = {s for s in tracker.alive() if s > tracker.step_start} - states
+        grads_bytes = sum(tracker.size_of(s) for s in grad_keys)
+        _optimizer_step(engine, balancer, tracker)
+        param_keys, state_keys = tracker.serials(params), tracker.serials(optim)
+        params_bytes = sum(tracker.size_of(s) for s in param_keys)
+        optimizer_bytes = sum(tracker.size_of(s) for s in state_keys)
+    cats = {"params": 0, "grads": 0, "optimizer": 0, "buffers": 0, "other": 0}
+    top = []
     for serial, (size, where) in tracker.peak_snapshot.items():
         if where == "host":
             continue
         cat = ("params" if serial in param_keys else "grads" if serial in grad_keys
-               else "optimizer" if serial in state_keys else "other")
+               else "optimizer" if serial in state_keys
+               else "buffers" if (0 < serial <= tracker.step_start or serial in tracker.comm_serials
+                                  or serial in buffer_keys) else "other")
         cats[cat] += size
-    states = param_keys | grad_keys | state_keys
-    largest = max((size for serial, size in tracker.allocations if serial not in states), default=0)
+        top.append((size, serial, cat))
+    largest = max([size for serial, size in tracker.allocations if serial not in grad_keys | buffer_keys]
+                  + [tracker.workspace_peak])
     seq = cfg.data.seq_len
     tokens = cfg.data.micro_batch_size * seq * grad_accum
     plan = StepPlan(seq_len=seq, tokens=tokens, precision=precision, peak_bytes=tracker.peak,
-                    params_bytes=sum(p.untyped_storage().nbytes() for p in model.parameters()),
-                    grads_bytes=grads_bytes,
-                    optimizer_bytes=sum(t.untyped_storage().nbytes() for t in state),
-                    activations_at_peak=cats["other"], activations_kept=kept or 0, largest_transient=largest,
+                    params_bytes=params_bytes, grads_bytes=grads_bytes, optimizer_bytes=optimizer_bytes,
+                    activations_at_peak=cats["other"], activations_kept=kept, largest_transient=largest,
                     host_bytes=tracker.host_peak, peak_phase=tracker.peak_phase, flops=tracker.flops,
                     formula_flops=args.flops_per_token(seq) * tokens, world_size=dims.world_size,
-                    layout=dims.describe(), sp=dims.sp,
+                    layout=dims.describe(), sp=dims.sp, buffers_bytes=cats["buffers"],
                     streambp_chunk=cfg.memory.streambp.chunk_size if cfg.memory.streambp.enabled else None)
     plan.extra = {f"peak_{k}": v for k, v in cats.items()}
+    plan.peak_tensors = [_described(tracker, serial, size, cat) for size, serial, cat in sorted(top, reverse=True)[:PEAK_TENSORS]]
     return plan
+
+
+def _described(tracker: StepTracker, serial: int, size: int, cat: str) -> dict:
+    op, shape, dtype, phase = tracker.origin.get(serial, ("workspace of the running op", (), "", tracker.peak_phase))
+    return {"bytes": size, "kind": cat, "op": op, "shape": list(shape), "dtype": dtype, "made_in": phase}
 
 
 def axis_namer(dims: ParallelDims, rank: int = 0):

@@ -4,8 +4,9 @@ A layout is a choice of Ulysses and ring degrees (data parallelism takes the res
 a ZeRO stage, and a memory feature (none, activation checkpointing, StreamBP, StreamBP with the
 layer inputs offloaded). Every layout the model and the sequence admit is planned with
 :func:`~longtrain.plan.step.run_step`; one the code refuses (a head count Ulysses cannot split, a
-sequence length the ring cannot cut, a ZeRO stage the planner does not cover) is listed with the
-reason. Rows that fit the GPU come first, fastest first (estimated tokens/s with communication
+sequence length the ring cannot cut) is listed with the
+reason (ZeRO stages run DeepSpeed's own step in the fake world, two steps each: see
+:mod:`longtrain.plan.step`). Rows that fit the GPU come first, fastest first (estimated tokens/s with communication
 overlapped), then the rest by peak memory.
 """
 from __future__ import annotations

@@ -9,9 +9,16 @@ roofline time, op by op.
   and on fake tensors, which is what makes the plan checkable against a real step;
 - counts FLOPs with :data:`torch.utils.flop_counter.flop_registry` (matmuls, SDPA) plus the CPU
   flash-attention ops the registry lacks; causal attention (``is_causal`` with square scores)
-  counts half the score matrix, as the kernels skip the masked blocks;
+  counts half the score matrix, as the kernels skip the masked blocks; the flash varlen ops
+  (``aten._flash_attention_forward`` / ``_backward``) count the visible (query, key) pairs of
+  every sequence;
 - adds a roofline time ``max(flops / peak_flops, bytes / bandwidth)`` with ``bytes`` the tensors
-  the op reads and writes (views move nothing).
+  the op reads and writes (views move nothing);
+- with a GPU target, adds the workspace flash attention's backward allocates inside the op on
+  CUDA (:func:`~longtrain.plan.flops.flash_backward_workspace`) to the live bytes while the op runs;
+- remembers which op made each storage (:attr:`StepTracker.origin`), which storages a collective
+  read or wrote, and which the step's engine names as its buffers (:attr:`StepTracker.buffer_probe`),
+  so a plan can say what is alive at its peak.
 
 Collectives (``c10d`` ops) are recorded as :class:`~longtrain.plan.comm.Collective` with the bytes
 this rank sends (:attr:`StepTracker.collectives`).
@@ -21,7 +28,9 @@ small integer bookkeeping of the step (token indices, masks derived from them, t
 kernels: an op none of whose tensor arguments is fake, and an integer or boolean factory, runs for
 real, so data-dependent decisions on indices (the block kernels' causal windows) are taken as in
 training. A scalar read of a fake floating tensor (a loss, a gradient norm) answers 1.0; one of a
-fake integer or boolean tensor (a decision the planner cannot follow) raises. In a fake process
+fake boolean or uint8 tensor (a flag computed from float values: an engine's inf/nan or overflow
+check) answers False / 0, as in a steady state; one of any other fake integer (a decision the
+planner cannot follow) raises. In a fake process
 world (:func:`~longtrain.plan.world.fake_world`) collectives move nothing, so a real (integer)
 tensor that a collective fills is filled as if every rank held what this rank holds: an all-gather
 repeats the input, an all-to-all returns it, a receive gets the tensor this rank last sent of the
@@ -32,58 +41,21 @@ which for the load-balanced zigzag layout is the same causal work per rank in to
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
 
 from longtrain.plan.comm import Collective, collective_of
+from longtrain.plan.flops import op_flops, workspace_bytes
 
 aten = torch.ops.aten
 
 
-def _cpu_flash_flops(q, k, v, is_causal: bool, backward: bool) -> int:
-    """[B, H, S, D] SDPA: 2 matmuls forward (scores, weighted sum), 4 backward; causal halves."""
-    b, h, s_q, d = q.shape
-    s_k = k.shape[-2]
-    flops = 4 * b * h * s_q * s_k * d * (2 if backward else 1)
-    return flops // 2 if is_causal and s_q == s_k else flops
-
-
-_IN_PLACE = {aten.addmm_: aten.addmm, aten.baddbmm_: aten.baddbmm}
-"""In-place matmuls the registry knows only out of place (same FLOPs)."""
-
-
-def _sdpa_causal(func, args, kwargs) -> bool:
-    names = [a.name for a in func._schema.arguments]
-    if "is_causal" in kwargs:
-        return bool(kwargs["is_causal"])
-    if "is_causal" not in names:
-        return False
-    i = names.index("is_causal")
-    return bool(args[i]) if i < len(args) else False
-
-
-def op_flops(func, args, kwargs, out) -> int:
-    """FLOPs of one dispatched op (0 for ops that are not matmuls or attention)."""
-    packet = func._overloadpacket
-    if packet is aten._scaled_dot_product_flash_attention_for_cpu:
-        return _cpu_flash_flops(args[0], args[1], args[2], _sdpa_causal(func, args, kwargs), False)
-    if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        return _cpu_flash_flops(args[1], args[2], args[3], _sdpa_causal(func, args, kwargs), True)
-    formula = flop_registry.get(_IN_PLACE.get(packet, packet))
-    if formula is None:
-        return 0
-    flops = int(formula(*args, **kwargs, out_val=out))
-    if "attention" in packet.__name__ and _sdpa_causal(func, args, kwargs):
-        q, k = (args[1], args[2]) if "backward" in packet.__name__ else (args[0], args[1])
-        if q.shape[-2] == k.shape[-2]:  # the registry counts the whole score matrix
-            flops //= 2
-    return flops
-
+WORKSPACE = 0
+"""The serial of an op's internal workspace in :attr:`StepTracker.peak_snapshot` (storages start at 1)."""
 
 def _tensors(tree) -> List[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
@@ -130,6 +102,45 @@ class StepTracker(TorchDispatchMode):
         self.collectives: List[Collective] = []
         """Every collective of the step, in order."""
         self._sent: List[torch.Tensor] = []  # real tensors sent in a fake world, for the echo
+        self.workspace_peak = 0
+        """The largest internal workspace of an op (CUDA attention backward)."""
+        self._sizes: Dict[int, int] = {}  # serial -> bytes of every storage ever counted
+        self.origin: Dict[int, Tuple[str, tuple, str, str]] = {}
+        """serial -> (op that made it, shape, dtype, phase) of every storage counted."""
+        self._op = "setup"
+        self.step_start = 0
+        self.comm_serials: Set[int] = set()
+        """Storages a collective read or wrote (communication buffers)."""
+        self.buffer_probe: Callable[[], List[torch.Tensor]] = list
+        """Asked before every op for the working buffers of the step's engine (set by the caller)."""
+        self.buffer_serials: Set[int] = set()
+        """Serials of every storage :attr:`buffer_probe` answered."""
+        """Serial of the last storage made before :meth:`start_step`."""
+
+    def start_step(self) -> None:
+        """Start measuring the step proper: what is alive now (model, optimizer and engine state
+        after the warm-up step) stays counted; the peak, FLOPs, time and collectives restart."""
+        self.peak, self.peak_phase = self.live, self.phase
+        self.host_peak = self.host_live
+        self._snapshot()
+        self.allocations = []
+        self.workspace_peak = 0
+        self.flops, self.time_s, self.compute_s, self.memory_s = 0, 0.0, 0.0, 0.0
+        self.collectives = []
+        self.step_start = self._serial
+
+    @property
+    def serial(self) -> int:
+        """Serial of the latest storage counted (later ones have larger serials)."""
+        return self._serial
+
+    def size_of(self, serial: int) -> int:
+        """Bytes of the storage ``serial``."""
+        return self._sizes[serial]
+
+    def alive(self) -> Set[int]:
+        """Serials of every storage alive in device memory now (host copies of an offload excluded)."""
+        return {serial for serial, _, where in self._live.values() if where == "device"}
 
     # -------------------------------------------------------------- storage bookkeeping
     def track(self, t: torch.Tensor) -> None:
@@ -141,6 +152,8 @@ class StepTracker(TorchDispatchMode):
         size = st.nbytes()
         self._serial += 1
         self._live[key] = (self._serial, size, "device")
+        self._sizes[self._serial] = size
+        self.origin[self._serial] = (self._op, tuple(t.shape), str(t.dtype).replace("torch.", ""), self.phase)
         self.allocations.append((self._serial, size))
         self.live += size
         weakref.finalize(st, self._free, key, self._serial)
@@ -237,7 +250,10 @@ class StepTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.buffer_serials |= self.serials(self.buffer_probe())
         if self.fake and func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            if args[0].dtype in (torch.bool, torch.uint8):  # a flag on float values (inf/nan, overflow)
+                return False if args[0].dtype == torch.bool else 0  # a steady state raises none
             if not args[0].dtype.is_floating_point:
                 raise RuntimeError(f"a decision on the value of a fake {args[0].dtype} tensor of shape "
                                    f"{tuple(args[0].shape)}: the planner cannot follow it")
@@ -258,6 +274,7 @@ class StepTracker(TorchDispatchMode):
         if moved:  # not a view: the op reads its inputs and writes its outputs
             moved += sum(_nbytes(t) for t in ins)
         if func.namespace in ("c10d", "_c10d_functional"):
+            self.comm_serials |= self.serials(ins)
             found = collective_of(func, args, self.phase)
             if found is not None:
                 self.collectives.append(found)
@@ -270,6 +287,22 @@ class StepTracker(TorchDispatchMode):
             self.compute_s += c
             self.memory_s += m
             self.time_s += max(c, m)
+        self._op = func._opname
         for t in outs:
             self.track(t)
+        self._op = "tracked"
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.comm_serials |= self.serials(outs)
+        if self.peak_flops:
+            self._transient(workspace_bytes(func, args))
         return out
+
+    def _transient(self, nbytes: int) -> None:
+        """A workspace of ``nbytes`` an op allocates and frees inside itself, alive with its outputs."""
+        self.workspace_peak = max(self.workspace_peak, nbytes)
+        if nbytes and self.live + nbytes > self.peak:
+            self.live += nbytes
+            self.peak, self.peak_phase = self.live, self.phase
+            self._snapshot()
+            self.peak_snapshot[WORKSPACE] = (nbytes, "device")
+            self.live -= nbytes

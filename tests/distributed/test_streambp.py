@@ -63,7 +63,8 @@ def test_streamed_gradients_equal_backprop(model, docs, chunk, dtype, tol, atten
     want = _grads(layer, x_ref, layer(x_ref, cos, sin, doc_ids), dout)
     x_got = x.clone().requires_grad_()
     out = streamed_layer(layer, x_got, cos, sin, doc_ids, chunk)
-    torch.testing.assert_close(out, layer(x, cos, sin, doc_ids), rtol=0, atol=0)
+    # the forward runs the MLP chunk by chunk too: the same function, rounded per chunk's matmuls
+    assert ((out - layer(x, cos, sin, doc_ids)).abs().max() / out.abs().max()).item() < tol
     got = _grads(layer, x_got, out, dout)
     for name, g in want.items():
         err = ((got[name] - g).abs().max() / g.abs().max()).item()

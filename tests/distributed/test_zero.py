@@ -181,3 +181,40 @@ def test_expected_memory_is_the_zero_paper():
     assert (off.optimizer_host, off.grads_host) == (96e9, 32e9)
     p3 = expected_memory(70e9, 3, 16, bf16=True, offload_optimizer=True, offload_params=True)
     assert p3.params_device == 0 and p3.params_host == pytest.approx(2 * 70e9 / 16)
+
+
+def _bf16_step(rank, world, stage):
+    from longtrain.config import register_configs
+    from longtrain.models import Transformer, get_model_args
+    from longtrain.optim.loss import chunked_lm_loss
+    from longtrain.optim.optimizer import build_optimizer
+    from longtrain.parallel.dims import ParallelDims
+    from longtrain.parallel.parallelize import parallelize
+    from longtrain.precheck import compose_config
+
+    register_configs()
+    cfg = compose_config(["data.seq_len=64", f"zero.stage={stage}"])
+    dims = ParallelDims(world_size=world, ulysses=1, ring=1)
+    dims.build_groups()
+    torch.manual_seed(0)
+    model = Transformer(get_model_args("tiny", num_layers=2))
+    model.init_weights()
+    engine = parallelize(model, dims, cfg, build_optimizer(model, cfg.optim, torch.device("cpu")), grad_accum=1,
+                         device=torch.device("cpu"), bf16=True)
+    held = {str(getattr(p, "ds_tensor", p).dtype) for p in model.parameters()}
+    ids = torch.randint(0, 384, (1, 64))
+    batch = {"input_ids": ids, "position_ids": torch.arange(64)[None], "doc_ids": torch.zeros_like(ids)}
+    loss = engine.forward(batch, lambda h, w: chunked_lm_loss(h, w, ids, chunk_size=32))
+    engine.backward(loss)
+    result = engine.step(float(loss))
+    return held, str(loss.dtype), result.applied
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_trains_bf16_weights_at_every_stage(stage):
+    """DeepSpeed's bf16 mode holds bf16 weights (fp32 masters in the optimizer) at every stage; ZeRO-3
+    partitions the module it is given in the dtype it finds, so the engine casts it first."""
+    from support.harness import run_ranks
+
+    held, _, applied = run_ranks(_bf16_step, 1, stage, timeout=120)[0]
+    assert held == {"torch.bfloat16"} and applied

@@ -58,3 +58,23 @@ def test_passkey_learning_bench_dry_run(tmp_path):
     assert set(result["passkey_acc_by_depth"]) == {"0-20", "20-40", "40-60", "60-80", "80-100"}
     assert result["needle"]["lengths"] == [512, 1024] and len(result["load_before"]) == 3
     assert (tmp_path / "run" / "plots" / "needle.png").is_file()
+
+
+def test_plan_tables_dry_run_prints_a_row():
+    """bench/plan_tables.py (the docs/PLANNING.md tables) on the tiny model and a 24 MiB GPU."""
+    proc = subprocess.run([sys.executable, "bench/plan_tables.py", "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["max_seq"] > 0 and row["peak_gib"] * 2**30 <= 24 << 20
+    assert row["marginal_bytes_per_token"] > 0 and row["host_gib"] > 0
+
+
+def test_plan_check_dry_run_plans_each_mode():
+    """bench/plan_check.py (planned vs measured peak on a GPU) plans each mode without a GPU."""
+    proc = subprocess.run([sys.executable, "bench/plan_check.py", "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["checkpointing", "streambp", "streambp_offload"]
+    assert all(r["planned_gib"] > 0 for r in rows)

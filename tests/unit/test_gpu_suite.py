@@ -198,6 +198,7 @@ def test_dry_run_writes_every_stage_to_json_and_markdown(tmp_path):
         assert ladder["runs"][mode]["skipped"] == "the baseline runs on CUDA only"
     assert any(r.get("ok") for r in stages["zero_offload"]["rows"])
     assert stages["moe"]["reference_ms"] > 0 and "grouped_skipped" in stages["moe"]
+    assert [r["mode"] for r in stages["plan_check"]["rows"]] == ["checkpointing", "streambp", "streambp_offload"]
     assert set(result["targets"]) == {"decomposition_ratio_ring", "decomposition_ratio_ulysses"}
     md = (tmp_path / "gpu_suite.md").read_text()
     for heading in ("# GPU suite: cpu", "| stage | status | seconds | note |", "## Attention forward + backward",

@@ -120,6 +120,26 @@ def test_a_param_gather_is_used_once_for_the_forward_and_once_for_the_backward()
         assert ((got[name] - g).abs().max() / g.abs().max()).item() < 1e-10, name
 
 
+@pytest.mark.parametrize("gathered", [False, True])
+def test_the_streamed_forward_never_holds_the_whole_mlp_working_set(gathered):
+    """A streamed layer's forward runs its MLP chunk by chunk too: no tensor of the forward has the
+    whole sequence's [S, intermediate] shape (the backward's chunks are checked by the gradients)."""
+    from longtrain.plan.tracker import StepTracker
+
+    net = _model()
+    ids, _ = _inputs(net)
+    apply_streambp(net, 13, offload=False)
+    if gathered:  # the ZeRO-3 path computes the forward from the chunk functions
+        for layer in net.layers:
+            layer.set_param_gather(lambda params: contextlib.nullcontext())
+    with StepTracker() as tracker:
+        net.hidden_states(ids, doc_ids=DOCS).sum()
+    shapes = [shape for _, shape, _, _ in tracker.origin.values()]
+    inner = net.args.intermediate_size
+    assert any(s[-1:] == (inner,) and 13 in s for s in shapes)  # the chunks ran
+    assert not any(s[-1:] == (inner,) and S in s for s in shapes)
+
+
 def test_a_param_gather_is_refused_where_attention_cannot_stream():
     net = _model()
     net.set_attention_fn(RingAttention(None, S))

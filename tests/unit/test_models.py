@@ -323,3 +323,22 @@ def test_get_model_args_overrides_and_errors():
     assert _tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0}).rope_scaling["original_max_position_embeddings"] == 512
     with pytest.raises(ValueError, match="model.arch"):
         _tiny(arch="gpt2")
+
+
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_residual_stream_dtype_under_autocast(fp32_residual):
+    """Under bf16 autocast each layer's input is bf16 (the default) or fp32 (trainer.fp32_residual);
+    the logits of both stay close (bf16 rounding)."""
+    torch.manual_seed(0)
+    model = Transformer(get_model_args("tiny", num_layers=2))
+    model.init_weights()
+    model.fp32_residual = fp32_residual
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype)) for layer in model.layers]
+    ids = torch.randint(0, model.args.vocab_size, (1, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.hidden_states(ids)
+    for h in hooks:
+        h.remove()
+    assert seen == [torch.float32 if fp32_residual else torch.bfloat16] * 2
+    torch.testing.assert_close(hidden.float(), model.hidden_states(ids), rtol=0.1, atol=0.1)

@@ -142,3 +142,59 @@ def test_sweep_ranks_fitting_layouts_by_speed(capsys):
     assert main([*SMALL, "--sweep", "--world-size", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["world_size"] == 2 and doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
+
+
+def test_flash_flops_count_the_visible_pairs():
+    """The varlen flash ops count 4 x heads x head_dim FLOPs per visible (query, key) pair forward and
+    twice that backward; bottom-right causal alignment hides the upper triangle of the last queries."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from longtrain.plan.flops import _visible_pairs
+    from longtrain.plan.tracker import StepTracker
+
+    assert _visible_pairs(4, 6, causal=True) == 4 * 6 - 6  # query i sees keys 0 .. i + 2
+    assert _visible_pairs(4, 4, causal=True) == 10 and _visible_pairs(4, 6, causal=False) == 24
+    assert _visible_pairs(6, 4, causal=True) == 10  # the first two queries see nothing
+    cu_q, cu_k = torch.tensor([0, 4, 8], dtype=torch.int32), torch.tensor([0, 6, 10], dtype=torch.int32)
+    with FakeTensorMode(allow_non_fake_inputs=True), StepTracker(989e12, 3.35e12, fake=True) as tracker:
+        q = torch.empty(8, 4, 64, dtype=torch.bfloat16)
+        k = torch.empty(10, 2, 64, dtype=torch.bfloat16)
+        out = torch.ops.aten._flash_attention_forward(q, k, k, cu_q, cu_k, 4, 6, 0.0, True, False, scale=0.125)
+        forward = tracker.flops
+        torch.ops.aten._flash_attention_backward(q, q, k, k, out[0], out[1], cu_q, cu_k, 4, 6, 0.0, True,
+                                                 out[2], out[3], scale=0.125)
+    assert forward == 4 * 4 * 64 * (18 + 10)
+    assert tracker.flops == 3 * forward
+    # the backward's workspace (fp32 dQ accumulator, GQA-expanded dK/dV) counts at the peak
+    assert tracker.workspace_peak > 2 * 10 * 4 * 64 * 2
+
+
+def test_gpu_target_streams_attention_through_the_fused_kernels():
+    """Under a GPU target StreamBP's chunks attend through the flash varlen stand-in (as CUDA
+    training does), never through the reference kernels' dense score tile."""
+    from longtrain.kernels.fused import FUSED_STATS
+
+    seq, chunk = 4096, 512
+    cfg = _cfg(["data.seq_len=4096", "memory.streambp.enabled=true", f"memory.streambp.chunk_size={chunk}"])
+    before = (FUSED_STATS.fused, FUSED_STATS.fallback)
+    plan = run_step(cfg, get_gpu("h100"))
+    assert FUSED_STATS.fused > before[0] and FUSED_STATS.fallback == before[1]
+    args = get_model_args("tiny")
+    score_tile = chunk * seq * args.num_heads * 4
+    assert plan.largest_transient < score_tile
+    assert plan.flops > 0 and plan.precision == "bf16"
+    checkpointing = run_step(_cfg(["data.seq_len=4096", "memory.checkpointing=true"]), get_gpu("h100"))
+    assert plan.peak_bytes < checkpointing.peak_bytes
+
+
+def test_peak_breakdown_lists_the_largest_tensors(capsys):
+    plan = run_step(_cfg(FEATURES["checkpointing"]))
+    sizes = [t["bytes"] for t in plan.peak_tensors]
+    assert sizes == sorted(sizes, reverse=True) and len(sizes) > 3
+    assert {t["kind"] for t in plan.peak_tensors} <= {"params", "grads", "optimizer", "buffers", "other"}
+    parts = plan.params_bytes + plan.optimizer_bytes
+    assert plan.extra["peak_params"] + plan.extra["peak_optimizer"] == parts  # both alive all along
+    assert main([*SMALL, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["plan"]["peak_tensors"][0]["op"] and "buffers_bytes" in doc["plan"]
