@@ -138,6 +138,10 @@ def check_model(cfg: Config, world_size: int) -> None:
     from longtrain.trainer.build import build_model_args
 
     args = build_model_args(cfg.model)
+    if cfg.model.init_from is not None:
+        from longtrain.trainer.init_from import check_geometry, find_checkpoint
+
+        check_geometry(find_checkpoint(cfg.model.init_from, "model.init_from"), args, "model.init_from")
     dims = ParallelDims(world_size=world_size, ulysses=cfg.parallel.sp.ulysses, ring=cfg.parallel.sp.ring)
     dims.validate_model(args.num_heads, args.num_kv_heads)
     dims.validate_seq_len(cfg.data.seq_len)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from longtrain.config.errors import require
+
 
 @dataclass
 class MoEConfig:
@@ -31,6 +33,10 @@ class ModelConfig:
     """Entry of the size registry (longtrain.models.registry): tiny, llama1b, llama8b, qwen3_0_6b, ..."""
     hf_path: Optional[str] = None
     """Local Hugging Face directory to initialise weights and geometry from (overrides `name`)."""
+    init_from: Optional[str] = None
+    """A longtrain checkpoint (or run directory: its newest) whose model weights start this run, with a fresh
+    optimizer and step count; the geometry must match the checkpoint's, except rope_scaling and
+    max_position_embeddings (e.g. to extend a trained model's context; recipes/tiny_sp.yaml)."""
     vocab_size: Optional[int] = None
     """Vocabulary size; null keeps the registry's value (must cover the tokenizer's ids)."""
     hidden_size: Optional[int] = None
@@ -60,3 +66,6 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts keys (null keeps the registry's value)."""
 
+    def __post_init__(self) -> None:
+        require(self.hf_path is None or self.init_from is None, "model.init_from",
+                "give either model.hf_path (Hugging Face weights) or model.init_from (a longtrain checkpoint), not both")

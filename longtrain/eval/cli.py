@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from longtrain.config import Config, ConfigError, register_configs
 from longtrain.errors import FULL_ERROR_ENV, error_boundary
-from longtrain.io import atomic_write_text, load_model
+from longtrain.io import atomic_write_text
 from longtrain.models import Transformer, from_hf
 from longtrain.models.args import ModelArgs
 from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.precheck import compose_config, compose_saved_config, precheck
-from longtrain.trainer.checkpoint import CheckpointManager
 from longtrain.trainer.data import collate, load_records, load_tokenizer, pack_cached, tokenize
+from longtrain.trainer.init_from import find_checkpoint, load_weights, saved_model_args
 from longtrain.trainer.metrics import format_needle
 from longtrain.trainer.needle import answer_hits, grid_table, needle_sets, scaled, score_passkey
 from longtrain.trainer.plots import plot_needle
@@ -74,24 +74,6 @@ def parse_args(argv: List[str]) -> Tuple[Dict, List[str]]:
     return own, rest
 
 
-def find_checkpoint(spec: str) -> Path:
-    """The checkpoint ``--checkpoint`` names (a checkpoint, a checkpoints folder or a run directory).
-
-    Raises:
-        ValueError: no such path, or no complete checkpoint there.
-    """
-    if not Path(spec).expanduser().exists():
-        raise ConfigError(f"--checkpoint: '{spec}' does not exist; give a checkpoint directory, a run's "
-                          "checkpoints/ folder or a run directory")
-    try:
-        found = CheckpointManager(Path(spec).expanduser(), keep=1).resolve_resume(str(Path(spec).expanduser()))
-    except ValueError as err:
-        raise ConfigError(str(err).replace("checkpoint.resume:", "--checkpoint:", 1)) from None
-    if found is None:
-        raise ConfigError(f"--checkpoint: no complete checkpoint in '{spec}'")
-    return found
-
-
 def run_config(checkpoint: Path, overrides: List[str]) -> Config:
     """The config of the run ``checkpoint`` belongs to (its ``config.yaml``) with ``overrides`` applied."""
     run_dir = checkpoint.parent.parent
@@ -103,18 +85,11 @@ def run_config(checkpoint: Path, overrides: List[str]) -> Config:
 
 def load_checkpoint_model(checkpoint: Path, cfg: Config) -> Transformer:
     """The model of a checkpoint (its saved geometry; ``model.rope_scaling`` from the config when set)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    args = ModelArgs(**state["model_args"])
+    args = ModelArgs(**saved_model_args(checkpoint))
     if cfg.model.rope_scaling:
         args = dataclasses.replace(args, rope_scaling=cfg.model.rope_scaling)
     model = Transformer(args)
-    if (checkpoint / "model.safetensors").is_file():
-        load_model(model, checkpoint / "model.safetensors")
-    else:  # a ZeRO checkpoint: gather its fp32 shards
-        from longtrain.parallel.zero_checkpoint import consolidated_fp32
-
-        model.load_state_dict(consolidated_fp32(checkpoint), strict=False)
-    model.reset_rope()
+    load_weights(model, checkpoint)
     return model
 
 
@@ -170,7 +145,7 @@ def perplexity(model: Transformer, cfg: Config, tokenizer, path: str, device: to
 def eval_main(argv: List[str]) -> int:
     """Run the command line ``argv``; returns the exit code."""
     own, rest = parse_args(argv)
-    checkpoint = find_checkpoint(own["checkpoint"]) if own["checkpoint"] else None
+    checkpoint = find_checkpoint(own["checkpoint"], "--checkpoint") if own["checkpoint"] else None
     named = any(a.split("=")[0] in ("--config-name", "-cn", "--config-dir", "-cd") for a in rest)
     if checkpoint is not None and not named:
         cfg = run_config(checkpoint, rest)

@@ -63,12 +63,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def build_model(args: ModelArgs, hf_path: Optional[str], seed: int, device: torch.device) -> Transformer:
+def build_model(args: ModelArgs, hf_path: Optional[str], seed: int, device: torch.device,
+                init_from: Optional[str] = None) -> Transformer:
     """The Transformer of ``args`` on ``device``: random weights drawn from ``seed`` (the same on
-    every rank), then ``hf_path``'s weights when given."""
+    every rank), then ``hf_path``'s weights, or those of the longtrain checkpoint ``init_from``, when given."""
     torch.manual_seed(seed)
     model = Transformer(args)
     model.init_weights()
     if hf_path is not None:
         load_hf_weights(model, hf_path)
+    if init_from is not None:
+        from longtrain.trainer.init_from import check_geometry, find_checkpoint, load_weights
+
+        checkpoint = find_checkpoint(init_from, "model.init_from")
+        check_geometry(checkpoint, args, "model.init_from")
+        load_weights(model, checkpoint)
     return model.to(device)

@@ -68,7 +68,7 @@ class Trainer(StepMixin, EvalMixin, CheckpointMixin):
                                    barrier=barrier, log=self._info)
         self.sampler = GlobalBatchSampler(self.data.train.num_rows, self.global_batch_size, tc.seed)
 
-        self.model = build_model(self.model_args, cfg.model.hf_path, tc.seed, self.device)
+        self.model = build_model(self.model_args, cfg.model.hf_path, tc.seed, self.device, cfg.model.init_from)
         self.step, self.tokens_seen, self.skipped_in_a_row = 0, 0, 0
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=dist_info.rank,
                                       world_size=dist_info.world_size, barrier=barrier, all_gather=all_gather_objects)

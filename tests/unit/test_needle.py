@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from longtrain.eval.cli import main
 from longtrain.trainer.metrics import format_needle
@@ -80,3 +81,28 @@ def test_eval_cli_errors_are_one_line(run_dir, args, line, capsys):
     assert main([str(run_dir) if a == "RUN" else a for a in args]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("longtrain: error: ") and line in last, last
+
+
+def test_init_from_starts_a_longer_run_from_a_checkpoints_weights(run_dir, tmp_path):
+    """model.init_from: the weights of the run's checkpoint (a fresh optimizer and step count), at twice
+    the length with YaRN; the geometry is checked before any work."""
+    from safetensors.torch import load_file
+
+    from longtrain.precheck import precheck
+    from longtrain.trainer.build import build_model, build_model_args
+    from longtrain.trainer.init_from import find_checkpoint
+    from support.helpers import SMALL, compose_cfg
+
+    yarn = "+model.rope_scaling={rope_type:yarn,factor:2,original_max_position_embeddings:256}"
+    cfg = compose_cfg(SMALL + [f"model.init_from={run_dir}", yarn, "data.seq_len=512"])
+    model = build_model(build_model_args(cfg.model), None, 123, torch.device("cpu"), cfg.model.init_from)
+    saved = load_file(str(find_checkpoint(str(run_dir), "model.init_from") / "model.safetensors"))
+    assert saved and all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert model.args.rope_scaling["rope_type"] == "yarn"
+    metrics = train_in_process(tmp_path, "ext", [f"model.init_from={run_dir}", yarn, "data.seq_len=512",
+                                                 "trainer.max_steps=1", "trainer.eval_every=0"])
+    assert metrics[-1]["step"] == 1
+    problem = precheck(SMALL + [f"run.dir={tmp_path / 'x'}", f"model.init_from={run_dir}", "model.num_layers=3"], 1)
+    assert problem.startswith("model.init_from: the checkpoint") and "num_layers: 2 there, 3 here" in problem
+    problem = precheck(SMALL + [f"run.dir={tmp_path / 'x'}", f"model.init_from={tmp_path / 'nothing'}"], 1)
+    assert problem.startswith("model.init_from:") and "does not exist" in problem
