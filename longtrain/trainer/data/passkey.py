@@ -24,7 +24,7 @@ Generation is deterministic in ``(seed, split)``; the train and eval splits draw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
