@@ -40,7 +40,9 @@ def check_rope_scaling(rs: Optional[Dict[str, Any]], max_position_embeddings: Op
                        ) -> Optional[Dict[str, Any]]:
     """The normalised scaling mapping ``{rope_type, <its keys>}``, or None for plain RoPE.
 
-    ``type`` is accepted for ``rope_type`` (older HF configs); ``rope_type: default`` means none.
+    ``type`` is accepted for ``rope_type`` (older HF configs); ``rope_type: default`` means none, its
+    other keys ignored as HF ignores them (so ``model.rope_scaling.rope_type=default`` turns a recipe's
+    scaling off from the command line, where ``{}`` would merge into it).
     A yarn mapping without ``original_max_position_embeddings`` takes ``max_position_embeddings``.
 
     Raises:
@@ -51,7 +53,7 @@ def check_rope_scaling(rs: Optional[Dict[str, Any]], max_position_embeddings: Op
     if not isinstance(rs, dict):
         raise _fail(f"must be null or a mapping, got {rs!r}")
     rope_type = rs.get("rope_type", rs.get("type"))
-    if rope_type in (None, "default") and not {k for k in rs if k not in ("rope_type", "type", "rope_theta")}:
+    if rope_type == "default" or (rope_type is None and not {k for k in rs if k not in ("type", "rope_theta")}):
         return None
     if rope_type not in ROPE_TYPES:
         raise _fail(f"rope_type {rope_type!r} is not supported; use one of {', '.join(ROPE_TYPES)} "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from longtrain.config import DataConfig
+from longtrain.models.rope import check_rope_scaling
 from longtrain.trainer.data import PasskeyEval, passkey_eval_set
 
 RowResult = Tuple[bool, float, float]
@@ -99,4 +100,4 @@ def grid_table(results: Sequence[Tuple[int, int, Sequence[RowResult]]], samples:
         overall_digit.append(float(np.mean([f for _, f, _ in rows])) if rows else None)
     return {"lengths": [n for _, n, _ in results], "multiples": [m for m, _, _ in results], "depths": depths,
             "samples": samples, "acc": acc, "digit_acc": digit, "overall": overall, "overall_digit": overall_digit,
-            "rope_scaling": rope_scaling}
+            "rope_scaling": check_rope_scaling(rope_scaling)}  # rope_type default: None

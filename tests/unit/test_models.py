@@ -319,6 +319,8 @@ def test_get_model_args_overrides_and_errors():
         _tiny(rope_scaling={**YARN_ROPE, "low_freq_factor": 1.0})
     with pytest.raises(ValueError, match="model.rope_scaling: factor must be >= 1"):
         _tiny(rope_scaling={"rope_type": "linear", "factor": 0.5})
+    # rope_type default is plain RoPE whatever else the mapping holds (a recipe's scaling turned off by override)
+    assert _tiny(rope_scaling={**YARN_ROPE, "rope_type": "default"}).rope_scaling is None
     # yarn without original_max_position_embeddings takes max_position_embeddings, as transformers does
     assert _tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0}).rope_scaling["original_max_position_embeddings"] == 512
     with pytest.raises(ValueError, match="model.arch"):
