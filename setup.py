@@ -29,5 +29,6 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "import-linter>=2.0"],
         "megatron": ["megatron-core>=0.9"],
     },
-    entry_points={"console_scripts": ["longtrain-train=longtrain.train:main", "longtrain-plan=longtrain.plan.cli:main"]},
+    entry_points={"console_scripts": ["longtrain-train=longtrain.train:main", "longtrain-plan=longtrain.plan.cli:main",
+                                      "longtrain-eval=longtrain.eval.cli:main"]},
 )

@@ -45,7 +45,7 @@ def trial(shape: str, mode: str, seq: int, steps: int, device: str) -> dict:
     row = {"shape": shape, "mode": mode, "seq": seq, "device": device, "ok": True}
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"model.name={shape}", f"data.seq_len={seq}", "data.micro_batch_size=1",
-                     "data.global_batch_size=1", "data.passkey.num_train=8", "data.passkey.num_eval=0",
+                     "data.global_batch_size=1", "data.mode=pretrain", "data.passkey.num_train=8", "data.passkey.num_eval=0",
                      f"data.passkey.min_chars={seq // 2}", f"data.passkey.max_chars={seq}",
                      f"data.cache_dir={tmp}/cache", f"run.dir={tmp}/run", f"trainer.max_steps={steps}",
                      f"trainer.device={device}", "trainer.eval_every=0", "checkpoint.save_final=false",

@@ -138,6 +138,10 @@ def check_model(cfg: Config, world_size: int) -> None:
     from longtrain.trainer.build import build_model_args
 
     args = build_model_args(cfg.model)
+    if cfg.model.init_from is not None:
+        from longtrain.trainer.init_from import check_geometry, find_checkpoint
+
+        check_geometry(find_checkpoint(cfg.model.init_from, "model.init_from"), args, "model.init_from")
     dims = ParallelDims(world_size=world_size, ulysses=cfg.parallel.sp.ulysses, ring=cfg.parallel.sp.ring)
     dims.validate_model(args.num_heads, args.num_kv_heads)
     dims.validate_seq_len(cfg.data.seq_len)
@@ -222,6 +226,36 @@ def compose_config(argv: List[str]) -> Config:
     name, config_dir, overrides, _ = recipe_args(argv)
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return to_config(compose(config_name=name, overrides=overrides))
+
+
+def compose_saved_config(path: Path, overrides: List[str]) -> Config:
+    """The config a run saved (its resolved ``config.yaml``) with command-line ``overrides`` applied,
+    checked like a recipe (``longtrain-eval`` evaluates a run with the config it trained with).
+
+    Raises:
+        ConfigError: a malformed override, an unknown key or a bad value, in one line naming the key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in overrides:
+        problem = _override_problem(override)
+        if problem is not None:
+            raise ConfigError(problem)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        for override in OverridesParser.create().parse_overrides(overrides):
+            key = override.get_key_element().lstrip("+~")
+            if override.is_delete():
+                OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.structured(Config), key), merge=False)
+            else:
+                OmegaConf.update(cfg, key, override.value(), merge=True)
+        return to_config(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every composition error becomes one line
+        if isinstance(err, ValueError) and not hasattr(err, "full_key"):
+            raise ConfigError(" ".join(line.strip() for line in str(err).strip().splitlines())) from None
+        raise ConfigError(_one_line(err)) from None
 
 
 def precheck(argv: List[str], world_size: Optional[int] = None) -> Optional[str]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from longtrain.config.domains import DOMAIN_NAMES, domain_probabilities
 from longtrain.config.errors import ConfigError, require
@@ -13,13 +13,31 @@ class PasskeyConfig:
     num_train: int = 512
     """Number of synthetic training documents."""
     num_eval: int = 64
-    """Number of synthetic evaluation documents (each evaluated for passkey accuracy)."""
+    """Rows of the passkey evaluation at data.seq_len (spread evenly over the depths); also the number of
+    documents of the eval-loss split."""
     min_chars: int = 256
     """Shortest document, in characters of filler text."""
     max_chars: int = 1024
     """Longest document, in characters of filler text."""
+    length_power: float = 1.0
+    """Skew of the document lengths: min_chars * (max_chars / min_chars) ** (u ** length_power), u uniform;
+    1 is log-uniform, larger values make short documents (many keys per token) more common."""
     digits: int = 5
-    """Number of digits of the passkey."""
+    """Number of digits of the passkey (distinct digits, so at most 10)."""
+    key_order: str = "random"
+    """Order of the key's digits: `random` (the classic passkey: reading it back needs a copy of what
+    follows the marker) or `sorted` (increasing: the key is which digits the needle holds, found by
+    content at any depth; a 2-layer model learns it in minutes)."""
+    depths: int = 5
+    """Needle depths evaluated, evenly spaced from 0% to 100% of the filler (5: 0, 25, 50, 75, 100%)."""
+    grid_lengths: List[int] = field(default_factory=lambda: [1])
+    """Context lengths of the needle grid evaluated at the end of a run that evaluates, as multiples of
+    data.seq_len, e.g. [1, 2, 4] ([] for none)."""
+    grid_samples: int = 4
+    """Keys per cell (depth x length) of the needle grid."""
+    grid_rope_scaling: Dict[str, Any] = field(default_factory=dict)
+    """RoPE scaling the grid evaluates lengths beyond 1x with, as model.rope_scaling, e.g. {rope_type: yarn,
+    factor: 4, original_max_position_embeddings: 2048}; empty: the model's own RoPE at every length."""
 
 
 @dataclass
@@ -99,7 +117,17 @@ class DataConfig:
                  f"need 0 < min_chars <= max_chars, got {pk.min_chars} and {pk.max_chars}")
         require(pk.num_train >= 1 and pk.num_eval >= 0, "data.passkey.num_train",
                  "num_train must be >= 1 and num_eval >= 0")
-        require(1 <= pk.digits <= 18, "data.passkey.digits", f"must be in 1..18, got {pk.digits}")
+        require(1 <= pk.digits <= 10, "data.passkey.digits",
+                 f"must be in 1..10 (the digits of a key are distinct), got {pk.digits}")
+        require(pk.key_order in ("random", "sorted"), "data.passkey.key_order",
+                 f"must be random or sorted, got {pk.key_order!r}")
+        require(pk.key_order == "random" or pk.digits <= 9, "data.passkey.digits",
+                 f"a sorted key has at most 9 digits (1-9, no leading zero), got {pk.digits}")
+        require(pk.length_power > 0, "data.passkey.length_power", f"must be positive, got {pk.length_power}")
+        require(pk.depths >= 1, "data.passkey.depths", f"must be at least 1, got {pk.depths}")
+        require(pk.grid_samples >= 1, "data.passkey.grid_samples", f"must be at least 1, got {pk.grid_samples}")
+        require(all(isinstance(m, int) and m >= 1 for m in pk.grid_lengths), "data.passkey.grid_lengths",
+                 f"must be whole multiples of data.seq_len (1, 2, 4, ...), got {list(pk.grid_lengths)}")
         used = {self.source, self.eval_source or self.source}  # a null eval_source means the source's eval split
         if "domains" in used:
             require(self.domain_field in (None, "domain"), "data.domain_field",

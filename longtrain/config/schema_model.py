@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from longtrain.config.errors import require
+
 
 @dataclass
 class MoEConfig:
@@ -31,6 +33,10 @@ class ModelConfig:
     """Entry of the size registry (longtrain.models.registry): tiny, llama1b, llama8b, qwen3_0_6b, ..."""
     hf_path: Optional[str] = None
     """Local Hugging Face directory to initialise weights and geometry from (overrides `name`)."""
+    init_from: Optional[str] = None
+    """A longtrain checkpoint (or run directory: its newest) whose model weights start this run, with a fresh
+    optimizer and step count; the geometry must match the checkpoint's, except rope_scaling and
+    max_position_embeddings (e.g. to extend a trained model's context; recipes/tiny_sp.yaml)."""
     vocab_size: Optional[int] = None
     """Vocabulary size; null keeps the registry's value (must cover the tokenizer's ids)."""
     hidden_size: Optional[int] = None
@@ -47,6 +53,10 @@ class ModelConfig:
     """Per-head dimension; null means hidden_size // num_heads."""
     rope_theta: Optional[float] = None
     """RoPE base frequency."""
+    rope_scaling: Dict[str, Any] = field(default_factory=dict)
+    """RoPE scaling as in HF's rope_scaling, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 2048}
+    (types linear, yarn, llama3: longtrain/models/rope.py; {rope_type: default} removes it); empty keeps the
+    registry's value (none for tiny)."""
     max_position_embeddings: Optional[int] = None
     """Longest position the model is meant for (used by Llama-3 RoPE scaling)."""
     tie_embeddings: Optional[bool] = None
@@ -56,3 +66,6 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts keys (null keeps the registry's value)."""
 
+    def __post_init__(self) -> None:
+        require(self.hf_path is None or self.init_from is None, "model.init_from",
+                "give either model.hf_path (Hugging Face weights) or model.init_from (a longtrain checkpoint), not both")

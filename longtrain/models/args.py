@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from longtrain.models.rope import check_rope_scaling
+
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
-_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def divisors(n: int) -> list:
@@ -43,8 +44,8 @@ class ModelArgs:
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     rope_scaling: Optional[dict] = None
-    """Llama-3 RoPE scaling: {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings}; None means plain RoPE."""
+    """RoPE scaling as in HF's rope_scaling: {rope_type: linear | yarn | llama3, factor, ...}
+    (:mod:`longtrain.models.rope`); None means plain RoPE."""
     max_position_embeddings: int = 8192
     """Longest position the model is meant for."""
     rms_norm_eps: float = 1e-5
@@ -103,8 +104,7 @@ class ModelArgs:
         _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         _require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
         _require(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.rope_scaling is not None:
-            self._check_rope_scaling()
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         self._check_moe()
 
     def _check_moe(self) -> None:
@@ -151,19 +151,6 @@ class ModelArgs:
             return ()
         return tuple(i for i in range(self.num_layers)
                      if i not in self.dense_layers and (i + 1) % self.moe_layer_step == 0)
-
-    def _check_rope_scaling(self) -> None:
-        rs = self.rope_scaling
-        _require(isinstance(rs, dict), "rope_scaling", f"must be null or a mapping, got {rs!r}")
-        rope_type = rs.get("rope_type", rs.get("type"))
-        _require(rope_type == "llama3", "rope_scaling",
-                 f"only rope_type 'llama3' is supported, got {rope_type!r}; set model.rope_scaling to null or llama3")
-        missing = [k for k in _LLAMA3_ROPE_KEYS if rs.get(k) is None]
-        _require(not missing, "rope_scaling", f"llama3 scaling needs {', '.join(missing)}")
-        _require(rs["factor"] >= 1, "rope_scaling", f"factor must be >= 1, got {rs['factor']}")
-        _require(rs["high_freq_factor"] > rs["low_freq_factor"], "rope_scaling",
-                 "high_freq_factor must be greater than low_freq_factor")
-        self.rope_scaling = {"rope_type": "llama3", **{k: rs[k] for k in _LLAMA3_ROPE_KEYS}}
 
     @property
     def head_groups(self) -> int:

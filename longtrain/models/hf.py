@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from longtrain.models.args import MOE_ARCHS, ModelArgs
 from longtrain.models.llama import Transformer
+from longtrain.models.rope import ROPE_TYPES
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
@@ -48,12 +49,13 @@ def _rope_from_hf(cfg: Dict[str, Any]):
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
-    if rope_type != "llama3":
-        raise _unsupported(f"rope_type {rope_type!r} (supported: default, llama3)")
-    scaling = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
-    scaling["original_max_position_embeddings"] = params.get("original_max_position_embeddings",
-                                                             cfg.get("max_position_embeddings"))
-    return theta, {"rope_type": "llama3", **scaling}
+    if rope_type not in ROPE_TYPES:
+        raise _unsupported(f"rope_type {rope_type!r} (supported: default, {', '.join(ROPE_TYPES)})")
+    spec = ROPE_TYPES[rope_type]
+    scaling = {k: params[k] for k in (*spec["required"], *spec["optional"]) if params.get(k) is not None}
+    if "original_max_position_embeddings" in spec["required"]:
+        scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    return theta, {"rope_type": rope_type, **scaling}
 
 
 def args_from_hf_config(cfg: Dict[str, Any]) -> ModelArgs:
@@ -61,7 +63,7 @@ def args_from_hf_config(cfg: Dict[str, Any]) -> ModelArgs:
 
     Raises:
         ValueError: unsupported model_type or feature (sliding window, MLP/output biases, non-SiLU
-            activation, RoPE other than default/llama3), or a missing required key.
+            activation, RoPE other than default/linear/yarn/llama3), or a missing required key.
     """
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:

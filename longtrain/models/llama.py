@@ -17,6 +17,8 @@ cos_bsd/sin_bsd [batch, seq, head_dim]; position_ids_bs/doc_ids_bs [batch, seq].
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Callable, Optional, Tuple
 
@@ -27,35 +29,13 @@ from torch.utils.checkpoint import checkpoint
 
 from longtrain.models.args import ModelArgs
 from longtrain.models.moe import Experts, MoE
+from longtrain.models.rope import rope_frequencies
 from longtrain.kernels.attention import local_attention
 
 AttentionFn = Callable[..., torch.Tensor]
 
 NORM_CHUNK = 8192
 """Tokens per chunk of the final norm's backward (:meth:`Transformer._final_norm`)."""
-
-
-def rope_inv_freq(args: ModelArgs, device: Optional[torch.device] = None) -> torch.Tensor:
-    """RoPE inverse frequencies [head_dim // 2] in fp32, with Llama-3 scaling when configured.
-
-    Llama-3 scaling (Llama 3.1 release): wavelengths shorter than ``orig / high_freq_factor`` are
-    kept, those longer than ``orig / low_freq_factor`` are divided by ``factor``, and the band in
-    between is interpolated linearly in ``orig / wavelength``.
-    """
-    dim = args.head_dim
-    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (args.rope_theta ** exponent)
-    rs = args.rope_scaling
-    if rs is None:
-        return inv_freq
-    orig, factor = rs["original_max_position_embeddings"], rs["factor"]
-    low, high = rs["low_freq_factor"], rs["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
-    smooth = (orig / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    in_band = (wavelen >= orig / high) & (wavelen <= orig / low)
-    return torch.where(in_band, blended, scaled)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +138,8 @@ class Transformer(nn.Module):
         self.model = Decoder(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        inv_freq, self.rope_attention_factor = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -178,7 +159,8 @@ class Transformer(nn.Module):
 
     def reset_rope(self) -> None:
         """Recompute the RoPE buffer in fp32 (after ``to_empty`` or a cast of the whole module)."""
-        self.inv_freq = rope_inv_freq(self.args, device=self.inv_freq.device)
+        self.inv_freq, self.rope_attention_factor = rope_frequencies(
+            self.args.head_dim, self.args.rope_theta, self.args.rope_scaling, device=self.inv_freq.device)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -202,6 +184,19 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.down_proj, mean=0.0, std=out_std)
         self.reset_rope()
 
+    @contextlib.contextmanager
+    def rope_scaling(self, scaling: Optional[dict]):
+        """Run the block with RoPE scaling ``scaling`` (a ``model.rope_scaling`` mapping, e.g. YaRN to
+        evaluate beyond the trained length; None: plain RoPE); the model's own is restored on exit."""
+        saved = self.args
+        self.args = dataclasses.replace(saved, rope_scaling=scaling)  # validated like model.rope_scaling
+        self.reset_rope()
+        try:
+            yield self
+        finally:
+            self.args = saved
+            self.reset_rope()
+
     def set_attention_fn(self, fn: AttentionFn) -> None:
         """Use ``fn(q_bshd, k_bshd, v_bshd, doc_ids=, scale=) -> out_bshd`` in every layer."""
         for layer in self.layers:
@@ -213,7 +208,10 @@ class Transformer(nn.Module):
             self.reset_rope()
         angles_bsk = position_ids[..., None].float() * self.inv_freq
         angles_bsd = torch.cat((angles_bsk, angles_bsk), dim=-1)
-        return angles_bsd.cos().to(dtype), angles_bsd.sin().to(dtype)
+        cos, sin = angles_bsd.cos(), angles_bsd.sin()
+        if self.rope_attention_factor != 1.0:  # YaRN's attention temperature, folded into cos/sin as HF does
+            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                       doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

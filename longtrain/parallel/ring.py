@@ -249,6 +249,8 @@ def zigzag_ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: to
 class RingAttention:
     """:func:`zigzag_ring_attention` over ``group`` for sequences of ``seq_len`` tokens, as an
     attention function (``fn(q_bshd, k_bshd, v_bshd, doc_ids=None, scale=None) -> out_bshd``).
+    Rows of a whole multiple of ``seq_len`` (evaluation beyond the training length) are taken as
+    zigzag shards of that longer sequence.
 
     It does not stream (:mod:`longtrain.kernels.attention`): a chunk's keys live on every rank of
     the ring, so StreamBP recomputes ring attention whole (one ring pass, as under checkpointing).
@@ -264,8 +266,10 @@ class RingAttention:
 
     def __call__(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                  doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+        full = q_bshd.shape[1] * _Ring(self.group).size
+        seq_len = full if full % self.seq_len == 0 else self.seq_len  # any other length is refused below
         return zigzag_ring_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale, group=self.group,
-                                     seq_len=self.seq_len, stats=self.stats)
+                                     seq_len=seq_len, stats=self.stats)
 
     def chunk_keys(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor, doc_ids: Optional[torch.Tensor],
                    scale: float, num_heads: int) -> None:

@@ -11,13 +11,14 @@ from longtrain.models import ModelArgs, Transformer, args_from_hf_config, get_mo
 from longtrain.models.hf import read_hf_config
 
 _MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "rope_theta", "max_position_embeddings", "tie_embeddings", "init_std")
+                    "head_dim", "rope_theta", "rope_scaling", "max_position_embeddings", "tie_embeddings", "init_std")
 
 
 def build_model_args(cfg: ModelConfig) -> ModelArgs:
     """Model geometry: the registry entry ``model.name`` with the geometry keys given in the config
     applied on top, or exactly the geometry of ``model.hf_path``'s config.json."""
-    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES if getattr(cfg, k) is not None}
+    # An empty model.rope_scaling (the default) keeps the registry's scaling, like a null geometry key.
+    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES if getattr(cfg, k) not in (None, {})}
     moe = cfg.moe.model_args()  # ModelArgs field names equal the model.moe keys
     overrides.update(moe)
     if cfg.hf_path is None:
@@ -62,12 +63,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def build_model(args: ModelArgs, hf_path: Optional[str], seed: int, device: torch.device) -> Transformer:
+def build_model(args: ModelArgs, hf_path: Optional[str], seed: int, device: torch.device,
+                init_from: Optional[str] = None) -> Transformer:
     """The Transformer of ``args`` on ``device``: random weights drawn from ``seed`` (the same on
-    every rank), then ``hf_path``'s weights when given."""
+    every rank), then ``hf_path``'s weights, or those of the longtrain checkpoint ``init_from``, when given."""
     torch.manual_seed(seed)
     model = Transformer(args)
     model.init_weights()
     if hf_path is not None:
         load_hf_weights(model, hf_path)
+    if init_from is not None:
+        from longtrain.trainer.init_from import check_geometry, find_checkpoint, load_weights
+
+        checkpoint = find_checkpoint(init_from, "model.init_from")
+        check_geometry(checkpoint, args, "model.init_from")
+        load_weights(model, checkpoint)
     return model.to(device)

@@ -1,5 +1,6 @@
-"""Evaluation of :class:`~longtrain.trainer.loop.Trainer`: eval loss, passkey accuracy by depth and,
-for MoE models on data with domains, the expert load by domain. Rows are split over the
+"""Evaluation of :class:`~longtrain.trainer.loop.Trainer`: eval loss, passkey accuracy by depth, the
+needle-in-a-haystack grid at the end of a run and, for MoE models on data with domains, the expert
+load by domain. Rows are split over the
 data-parallel ranks and each row over the sequence-parallel ranks, as in training; sums are
 reduced over dp x sp."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ from longtrain.parallel.distributed import all_gather_objects, all_reduce_sum
 from longtrain.parallel.sharding import shard_batch
 from longtrain.trainer.data import collate_domains
 from longtrain.trainer.moe_report import add_domain_counts, summarise, write_expert_load
+from longtrain.trainer.needle import answer_hits, grid_table, needle_sets, scaled, score_passkey
 
 
 class EvalMixin:
@@ -54,28 +56,42 @@ class EvalMixin:
         return out
 
     def _eval_passkey(self) -> Dict[str, float]:
-        pk, mbs = self.data.passkey_eval, self.cfg.data.micro_batch_size
-        mine = np.arange(pk.num_rows)[self.dp_rank::self.dp_size]
-        results = []
-        for i in range(0, len(mine), mbs):
-            full, answer_mask, depth = pk.batch(mine[i:i + mbs])
-            batch = self._to_device(shard_batch({**full, "answer_mask": answer_mask}, self.dims))
-            answer_mask = batch.pop("answer_mask").bool()
-            logits = self.engine.forward(batch, lambda hidden, weight: hidden[answer_mask].float() @ weight.float().t())
-            hit = torch.zeros_like(answer_mask)
-            hit[answer_mask] = logits.argmax(-1) == batch["labels"][answer_mask]
-            # Each sequence-parallel rank holds part of every row: sum hits and answers over sp.
-            counts = all_reduce_sum(torch.stack([hit.sum(1), answer_mask.sum(1)]).double(), self.dims.group("sp"))
-            whole = (counts[0] == counts[1]).tolist()
-            digits = (counts[0] / counts[1].clamp(min=1)).tolist()
-            results += list(zip(whole, digits, depth.tolist()))
-        if self.dims.rank("sp") != 0:
-            results = []  # one copy per row: the sp-rank-0 of each data-parallel group reports it
-        gathered = [r for part in all_gather_objects(results, self.reduce_group) for r in part]
+        pk = self.data.passkey_eval
+        gathered = self._score_passkey(pk)
         out = pk.accuracy_by_depth([c for c, _, _ in gathered], [d for _, _, d in gathered])
         # Per-token accuracy on the key: moves before whole-key accuracy does.
         out["passkey_digit_acc"] = float(np.mean([f for _, f, _ in gathered])) if gathered else 0.0
         return out
+
+    def _score_passkey(self, pk) -> list:
+        """Every row of ``pk`` scored (:func:`score_passkey`), rows split over dp and each over sp, gathered
+        on every rank. Collective."""
+        results = score_passkey(pk, np.arange(pk.num_rows)[self.dp_rank::self.dp_size], self.cfg.data.micro_batch_size,
+                                self._passkey_hits, lambda counts: all_reduce_sum(counts, self.dims.group("sp")))
+        if self.dims.rank("sp") != 0:
+            results = []  # one copy per row: the sp-rank-0 of each data-parallel group reports it
+        return [r for part in all_gather_objects(results, self.reduce_group) for r in part]
+
+    def _passkey_hits(self, full: Dict[str, torch.Tensor], answer_mask: torch.Tensor):
+        """(argmax right [B, S_local], answer_mask [B, S_local]) of this rank's part of the rows ``full``."""
+        batch = self._to_device(shard_batch({**full, "answer_mask": answer_mask}, self.dims))
+        answer_mask = batch.pop("answer_mask").bool()
+        return answer_hits(lambda head: self.engine.forward(batch, head), batch["labels"], answer_mask), answer_mask
+
+    @torch.no_grad()
+    def needle_grid(self) -> Optional[Dict]:
+        """Passkey accuracy by depth and length (``data.passkey.grid_lengths`` x ``data.seq_len``), or
+        None when the run has no passkey evaluation or no grid lengths. Collective."""
+        pk = self.cfg.data.passkey
+        if self.data.passkey_eval is None or not pk.grid_lengths:
+            return None
+        self.engine.train(False)
+        results = []
+        for multiple, rows, scaling in needle_sets(self.cfg.data, self.data.tokenizer, self.cfg.trainer.seed):
+            with scaled(self.model, scaling):
+                results.append((multiple, rows.seq_len, self._score_passkey(rows)))
+        self.engine.train(True)
+        return grid_table(results, pk.grid_samples, dict(pk.grid_rope_scaling) or None)
 
     def _domain_counts(self) -> Optional[torch.Tensor]:
         """Zero [domains, MoE layers, experts] counts when the eval data has domains and the model

@@ -68,7 +68,7 @@ class Trainer(StepMixin, EvalMixin, CheckpointMixin):
                                    barrier=barrier, log=self._info)
         self.sampler = GlobalBatchSampler(self.data.train.num_rows, self.global_batch_size, tc.seed)
 
-        self.model = build_model(self.model_args, cfg.model.hf_path, tc.seed, self.device)
+        self.model = build_model(self.model_args, cfg.model.hf_path, tc.seed, self.device, cfg.model.init_from)
         self.step, self.tokens_seen, self.skipped_in_a_row = 0, 0, 0
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=dist_info.rank,
                                       world_size=dist_info.world_size, barrier=barrier, all_gather=all_gather_objects)
@@ -141,7 +141,7 @@ class Trainer(StepMixin, EvalMixin, CheckpointMixin):
         tc, cc = self.cfg.trainer, self.cfg.checkpoint
         stop = min(tc.max_steps, tc.stop_at_step) if tc.stop_at_step else tc.max_steps
         last: Optional[Dict[str, float]] = None
-        saved_at = -1
+        saved_at, reason = -1, None
         if self.step >= stop:
             self._info(f"already at step {self.step} (stop {stop}): nothing to train")
         while self.step < stop:
@@ -166,5 +166,10 @@ class Trainer(StepMixin, EvalMixin, CheckpointMixin):
                 break
         if cc.save_final and saved_at != self.step and self.step > 0:
             self.save_checkpoint()
+        # The needle grid ends a run that evaluates and finished here (a stopped run has no time to spare).
+        if tc.eval_every and last is not None and self.step >= tc.max_steps and reason is None:
+            grid = self.needle_grid()
+            if grid is not None:
+                self.metrics.needle(self.step, grid)
         self.metrics.close()
         return last

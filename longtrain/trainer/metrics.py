@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import secrets
 import string
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from longtrain.config import WandbConfig
-from longtrain.io import atomic_write_text, save_figure
+from longtrain.io import atomic_write_text
+from longtrain.trainer.plots import metric_lines, write_plots
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
+NEEDLE_FILE = "needle.json"
+"""The needle-in-a-haystack grid of the run's last evaluation (:meth:`MetricsLogger.needle`)."""
 
 # Trainer key -> W&B name. Every name has a group (the part before the first `/`), which W&B shows
 # as a panel section: loss/, perf/, memory/, optim/, eval/, moe/. metrics.jsonl keeps the plain keys.
@@ -82,6 +84,21 @@ def _wandb_value(value: Any) -> Any:
     return value
 
 
+def format_needle(grid: Dict[str, Any]) -> str:
+    """The needle grid as a table: one row per depth, one column per length, accuracy in each cell."""
+    head = ["depth"] + [f"{n} ({m}x)" if m else str(n) for n, m in
+                        zip(grid["lengths"], grid.get("multiples") or [None] * len(grid["lengths"]))]
+    rows = [[f"{round(100 * d)}%"] + ["-" if v is None else f"{v:.2f}" for v in accs]
+            for d, accs in zip(grid["depths"], grid["acc"])]
+    rows.append(["all"] + ["-" if v is None else f"{v:.2f}" for v in grid["overall"]])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows]
+    scaling = grid.get("rope_scaling")
+    beyond = f"; beyond 1x with {scaling['rope_type']} RoPE scaling x{scaling['factor']}" if scaling else ""
+    return (f"needle in a haystack ({grid['samples']} keys per cell, whole-key accuracy{beyond}):\n"
+            + "\n".join(lines))
+
+
 def _to_json(value: Any) -> Any:
     # json.dumps hook: tensors and numpy values become Python numbers or lists (full precision).
     if isinstance(value, torch.Tensor):
@@ -91,26 +108,11 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"metric value of type {type(value).__name__} is not JSON-serialisable")
 
 
-def _read_records(path: Path) -> Tuple[List[str], int]:
-    """Lines of a metrics file that parse as JSON objects with a step, and how many did not."""
-    kept, bad = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            int(rec["step"])
-            kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            bad += 1  # e.g. a line torn by a crash mid-write
-    return kept, bad
-
-
 class MetricsLogger:
     """Writes ``metrics.jsonl``, a tqdm bar and W&B from the writing rank; no-op elsewhere.
 
     Args:
-        run_dir: run directory; ``metrics.jsonl``, ``loss_curve.png`` and ``wandb/`` go here.
+        run_dir: run directory; ``metrics.jsonl``, ``needle.json``, ``plots/`` and ``wandb/`` go here.
         enabled: True on the writing rank only.
         wandb_cfg: W&B settings (``disabled`` never imports wandb).
         run_name: W&B run name.
@@ -129,6 +131,8 @@ class MetricsLogger:
         self._bar = None
         self._wandb_run = None
         self._closed = False
+        self._needle: Optional[Dict[str, Any]] = None
+        self._last_step = start_step
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,7 @@ class MetricsLogger:
 
     def _prepare_file(self, start_step: int) -> None:
         if start_step > 0 and self.path.exists():
-            lines, bad = _read_records(self.path)
+            lines, bad = metric_lines(self.path)
             kept = [line for line in lines if int(json.loads(line)["step"]) <= start_step]
             if bad or len(kept) < len(lines):
                 log.info("metrics: resuming at step %d; dropping %d later and %d unreadable lines of %s",
@@ -169,6 +173,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = json.loads(json.dumps({"step": int(step), **metrics}, default=_to_json))
+        self._last_step = max(self._last_step, int(step))
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._bar is not None:
@@ -197,55 +202,36 @@ class MetricsLogger:
         if self.enabled:
             tqdm.write(msg)
 
+    def needle(self, step: int, grid: Dict[str, Any]) -> None:
+        """Keep the needle-in-a-haystack grid of step ``step`` (``run.dir/needle.json``; its heat map is
+        drawn at :meth:`close`) and print its table."""
+        if not self.enabled:
+            return
+        self._needle = {"step": int(step), **grid}
+        atomic_write_text(self.run_dir / NEEDLE_FILE, json.dumps(self._needle, indent=1) + "\n")
+        self.info(format_needle(grid))
+
     def close(self) -> None:
-        """Close the bar, finish W&B and plot ``loss_curve.png``; safe to call twice."""
+        """Close the bar, draw ``plots/`` (sent to W&B as images), finish W&B; safe to call twice."""
         if not self.enabled or self._closed:
             return
         self._closed = True
         if self._bar is not None:
             self._bar.close()
         self._file.close()
+        try:
+            for name, png in write_plots(self.run_dir / "plots", self.path, self._needle).items():
+                self.image(self._last_step, f"plots/{name}", png)
+        except Exception as e:  # a failed plot must not fail a finished run
+            log.warning("metrics: could not draw the plots: %s", e)
         if self._wandb_run is not None:
             self._wandb_run.finish()
-        try:
-            plot_loss_curve(self.path, self.run_dir / "loss_curve.png")
-        except Exception as e:  # a failed plot must not fail a finished run
-            log.warning("metrics: could not plot the loss curve: %s", e)
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def plot_loss_curve(jsonl_path: Union[str, Path], png_path: Union[str, Path]) -> Optional[Path]:
-    """Plot training loss (and ``eval_loss`` points) against step; returns the png or None if no loss."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    lines, _ = _read_records(Path(jsonl_path))
-    train, evals = [], []
-    for rec in map(json.loads, lines):
-        for key, points in (("loss", train), ("eval_loss", evals)):
-            if isinstance(rec.get(key), (int, float)) and math.isfinite(rec[key]):
-                points.append((rec["step"], rec[key]))
-    if not train and not evals:
-        return None
-    # Figure + Agg canvas directly: no pyplot, so no global backend switch and no open windows.
-    fig = Figure(figsize=(8, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, png_path)
 
 
 # Dense (no sparsity) bf16 tensor-core peaks per device, FLOP/s, from vendor datasheets.

@@ -25,7 +25,8 @@ from longtrain.train import cli_main
 REPO = Path(__file__).resolve().parents[2]
 
 MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2"]
-REST = ["data.seq_len=256", "data.global_batch_size=4", "data.passkey.num_train=24", "data.passkey.num_eval=2",
+REST = ["data.seq_len=256", "data.mode=pretrain", "data.global_batch_size=4", "data.passkey.num_train=24",
+        "data.passkey.num_eval=2",
         "data.passkey.min_chars=60", "data.passkey.max_chars=150", "trainer.eval_every=0", "trainer.max_steps=2",
         "optim.warmup_steps=1", "logging.progress=false", "trainer.device=cpu"]
 
@@ -198,6 +199,12 @@ CASES = [
     ("cfg-float-for-int", "", "trainer.max_steps=1.5", ["trainer.max_steps: must be a whole number, got '1.5'"]),
     ("cfg-str-for-float", "", "optim.lr=fast", ["optim.lr: must be a number, got 'fast'"]),
     ("cfg-bad-bool", "", "logging.progress=maybe", ["logging.progress", "true or false"]),
+    ("cfg-key-order", "", "data.passkey.key_order=shuffled", ["data.passkey.key_order: must be random or sorted"]),
+    ("cfg-grid-lengths", "", "data.passkey.grid_lengths=[1,0.5]", ["data.passkey.grid_lengths"]),
+    ("cfg-rope-type", "", "+model.rope_scaling={{rope_type:dynamic,factor:2}}",
+     ["model.rope_scaling: rope_type 'dynamic' is not supported", "yarn"]),
+    ("cfg-rope-key", "", "+model.rope_scaling={{rope_type:linear,factor:2,beta_fast:4}}",
+     ["model.rope_scaling: beta_fast is not a key of linear scaling"]),
     ("cfg-unbalanced", "", "data.seq_len=[1024", ["data.seq_len: cannot parse the override 'data.seq_len=[1024'",
                                                    "brackets"]),
     ("cfg-no-equals", "", "trainer.max_steps", ["'trainer.max_steps': an override needs the form key=value"]),

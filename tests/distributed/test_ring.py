@@ -20,7 +20,7 @@ from longtrain.kernels import blocks
 from longtrain.kernels.attention import local_attention
 from longtrain.kernels.blocks import (block_attention_backward, block_attention_forward, get_block_kernels,
                                       has_visible_keys, merge_partials, reference_block_forward)
-from longtrain.parallel.ring import RingStats, ring_attention, zigzag_ring_attention
+from longtrain.parallel.ring import RingAttention, RingStats, ring_attention, zigzag_ring_attention
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
 from support.harness import run_ranks
 
@@ -224,8 +224,10 @@ def test_bfloat16_runs_in_fp32():
 
 
 
-def _run_case(group, docs: bool, hkv: int, dtype: torch.dtype, zigzag: bool = True) -> dict:
-    """Ring forward/backward on zigzag (or contiguous) shards vs. local_attention on the full sequence."""
+def _run_case(group, docs: bool, hkv: int, dtype: torch.dtype, zigzag: bool = True, trained_len: int = S) -> dict:
+    """Ring forward/backward on zigzag (or contiguous) shards vs. local_attention on the full sequence;
+    ``trained_len < S``: through :class:`RingAttention` built for ``trained_len`` (rows of a multiple of
+    the training length, as evaluation beyond it runs them)."""
     ring_size, ring_rank = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, dout = _inputs(hkv, dtype)
     doc = _packed_doc_ids(B, S) if docs else None
@@ -239,7 +241,9 @@ def _run_case(group, docs: bool, hkv: int, dtype: torch.dtype, zigzag: bool = Tr
     local = [shard(t).requires_grad_() for t in (q, k, v)]
     doc_local = None if doc is None else shard(doc)
     stats = RingStats()
-    if zigzag:
+    if trained_len != S:
+        out = RingAttention(group, trained_len, stats)(*local, doc_ids=doc_local)
+    elif zigzag:
         out = zigzag_ring_attention(*local, doc_ids=doc_local, group=group, seq_len=S, stats=stats)
     else:
         out = ring_attention(*local, doc_ids=doc_local, group=group, seq_idx=shard(torch.arange(S)[None])[0],
@@ -267,6 +271,8 @@ def _worker(rank: int, world: int) -> dict:
         for hkv in (HQ, 1):
             results[f"docs={docs} hkv={hkv} fp64"] = _run_case(dist.group.WORLD, docs, hkv, torch.float64)
     results["docs=True hkv=1 fp32"] = _run_case(dist.group.WORLD, True, 1, torch.float32)
+    results["4x the training length docs=True hkv=1 fp64"] = _run_case(dist.group.WORLD, True, 1, torch.float64,
+                                                                       trained_len=S // 4)
     for docs in (False, True):
         results[f"contiguous docs={docs} hkv=1 fp64"] = _run_case(dist.group.WORLD, docs, 1, torch.float64,
                                                                   zigzag=False)
@@ -293,6 +299,8 @@ def test_ring_attention_matches_local(world):
         assert results["contiguous docs=False hkv=1 fp64"]["skipped"] == world - 1 - rank
         assert results["contiguous docs=True hkv=1 fp64"]["skipped"] >= world - 1 - rank
         assert results["docs=True hkv=1 fp64"]["skipped"] == 0
+        with pytest.raises(ValueError, match="local sequence length"):  # not a multiple of the training length
+            RingAttention(None, 48)(*(torch.zeros(1, 40, 1, 8),) * 3)
         assert broken["errs"]["out"] > 1e-2, "a dropped ring block went unnoticed"
         for name, case in results.items():
             for tensor, err in case["errs"].items():

@@ -68,7 +68,7 @@ def test_run_directory_contents(tmp_path, monkeypatch):
     assert 0.0 <= metrics[-1]["passkey_digit_acc"] <= 1.0
     assert any(k.startswith("passkey_acc_depth_") for k in metrics[-1])
     run_dir = tmp_path / "r"
-    assert (run_dir / "loss_curve.png").stat().st_size > 0
+    assert {"loss.png", "passkey.png", "throughput.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert OmegaConf.load(run_dir / "config.yaml").trainer.max_steps == 2
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory"
@@ -91,8 +91,12 @@ def test_wandb_gets_the_resolved_config_and_a_restart_resumes_its_run(tmp_path, 
     assert config["run"]["name"] == "seq256" and config["run"]["dir"] == str(tmp_path / "w")
     assert config["data"]["seq_len"] == 256 and config["trainer"]["stop_at_step"] == 1
     assert second["config"]["trainer"]["stop_at_step"] == 0
-    assert [step for step, _ in fake.logged] == [1, 2]
+    metric_logs = [(step, data) for step, data in fake.logged if not any(k.startswith("plots/") for k in data)]
+    assert [step for step, _ in metric_logs] == [1, 2]
     assert all("/" in name for _, data in fake.logged for name in data)  # every W&B name is grouped
+    # Each attempt ends by sending its plots as images, at its last step.
+    images = [(step, sorted(data)) for step, data in fake.logged if (step, data) not in metric_logs]
+    assert images == [(1, ["plots/loss"]), (1, ["plots/throughput"]), (2, ["plots/loss"]), (2, ["plots/throughput"])]
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in Path(RECIPES_DIR).glob("*.yaml")))

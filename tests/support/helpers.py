@@ -21,8 +21,8 @@ from longtrain.train import RECIPES_DIR, run
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = Path(__file__).resolve().parent  # scripts the tests execute (fault_worker.py)
 
-# A small, fast variant of the default recipe: 4 sequences of 256 tokens per step.
-SMALL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
+# A small, fast variant of the default recipe: 4 sequences of 256 tokens per step, loss on every token.
+SMALL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2", "data.mode=pretrain",
          "data.seq_len=256", "data.global_batch_size=4", "data.passkey.num_train=48", "data.passkey.num_eval=4",
          "data.passkey.min_chars=60", "data.passkey.max_chars=150", "trainer.eval_every=0", "trainer.max_steps=4",
          "optim.warmup_steps=2", "checkpoint.every=0", "logging.progress=false", "trainer.device=cpu"]

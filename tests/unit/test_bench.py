@@ -48,6 +48,18 @@ def test_zero_memory_bench_prints_json():
     assert [r["largest_shape_that_trains"] for r in rows if "largest_shape_that_trains" in r] == ["tiny", "tiny"]
 
 
+def test_passkey_learning_bench_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/passkey_learning.py", "--dry-run", "--nproc", "1",
+                           "--run-dir", str(tmp_path / "run"), f"data.cache_dir={tmp_path / 'cache'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["steps"] == 4 and 0.0 <= result["passkey_acc"] <= 1.0 and result["wall_s"] > 0
+    assert set(result["passkey_acc_by_depth"]) == {"0-20", "20-40", "40-60", "60-80", "80-100"}
+    assert result["needle"]["lengths"] == [512, 1024] and len(result["load_before"]) == 3
+    assert (tmp_path / "run" / "plots" / "needle.png").is_file()
+
+
 def test_plan_tables_dry_run_prints_a_row():
     """bench/plan_tables.py (the docs/PLANNING.md tables) on the tiny model and a 24 MiB GPU."""
     proc = subprocess.run([sys.executable, "bench/plan_tables.py", "--dry-run"], cwd=REPO, capture_output=True,

@@ -13,8 +13,8 @@ import torch
 from longtrain.config import ConfigError, DataConfig, DomainsConfig, PasskeyConfig
 from longtrain.trainer.data import (DOMAIN_NAMES, ROW_ARRAYS, ByteTokenizer, GlobalBatchSampler, PackedData,
                                     PasskeyEval, build_datasets, cache_key, collate, collate_domains,
-                                    domain_records, load_records, load_tokenizer, pack, pack_cached, passkey_records,
-                                    passkey_text, tokenize)
+                                    domain_records, load_records, load_tokenizer, needle_records, pack, pack_cached,
+                                    passkey_records, passkey_text, tokenize)
 from longtrain.trainer.data.domains import _DNA_PERCENT, _WORDS
 from longtrain.trainer.data.packing import _CACHE_VERSION
 
@@ -388,16 +388,34 @@ def test_passkey_records():
     assert a == passkey_records(200, 7, 200, 600, 5)
     assert a != passkey_records(200, 8, 200, 600, 5) and a != passkey_records(200, 7, 200, 600, 5, split="eval")
     for r in a:
-        key = r["response"].strip()
-        assert len(key) == 5 and key.isdigit() and r["response"] == " " + key
-        assert f"The pass key is {key}. Remember it. {key} is the pass key." in r["prompt"]
-        assert r["prompt"].endswith("What is the pass key? The pass key is")
-        filler = len(r["prompt"]) - len(key) * 2 - 100
-        assert 150 <= filler <= 650
+        key = r["response"]
+        assert len(key) == 5 and key.isdigit() and key[0] != "0" and len(set(key)) == 5  # distinct digits
+        assert r["prompt"].count(f"<<KEY={key}>>") == 1 and r["prompt"].endswith("What is the key? <<KEY=")
+        filler = r["prompt"].replace(f"<<KEY={key}>>", "").replace("What is the key? <<KEY=", "")
+        assert 190 <= len(filler) <= 700 and not any(c.isdigit() or c in "<=>" for c in filler)
         assert passkey_text(r) == r["prompt"] + r["response"]
     depths = np.array([r["depth"] for r in a])
     assert depths.min() < 0.05 and depths.max() > 0.95
     assert np.histogram(depths, bins=5, range=(0, 1))[0].min() >= 20  # roughly uniform
+    sorted_keys = [r["response"] for r in passkey_records(50, 7, 20, 60, 5, key_order="sorted")]
+    assert all(list(k) == sorted(set(k)) and "0" not in k for k in sorted_keys) and len(set(sorted_keys)) > 30
+    # The filler never repeats across documents (nothing to memorise).
+    sentences = [s for r in a for s in r["prompt"].split(". ")[:-1]]
+    assert len(set(sentences)) > 0.95 * len(sentences)
+
+
+def test_needle_records_fill_the_length():
+    tok = ByteTokenizer()
+    recs = needle_records([0.0, 0.5, 1.0], 3, 1024, tok, seed=0, digits=4)
+    assert len(recs) == 9 and [r["depth"] for r in recs] == [0.0] * 3 + [0.5] * 3 + [1.0] * 3
+    for r in recs:
+        n = len(tok.encode(passkey_text(r))) + 2  # bos, eos
+        assert 900 <= n <= 1024 and len(r["response"]) == 4
+    assert recs[0]["prompt"].startswith("<<KEY=") and recs[-1]["prompt"].endswith(f"<<KEY={recs[-1]['response']}>> "
+                                                                                 "What is the key? <<KEY=")
+    assert needle_records([0.5], 3, 1024, tok, seed=0, digits=4) != needle_records([0.5], 3, 2048, tok, 0, 4)[:3]
+    with pytest.raises(ValueError, match="data.seq_len: 30 tokens cannot hold a passkey record"):
+        needle_records([0.5], 1, 30, tok, seed=0, digits=5)
 
 
 def test_passkey_eval_and_accuracy():

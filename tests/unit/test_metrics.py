@@ -11,8 +11,8 @@ import torch
 
 from longtrain.config import WandbConfig
 from longtrain.trainer import metrics as M
-from longtrain.trainer.metrics import (MetricsLogger, peak_flops_per_device, plot_loss_curve,
-                                       save_resolved_config, wandb_name)
+from longtrain.trainer.metrics import MetricsLogger, peak_flops_per_device, save_resolved_config, wandb_name
+from longtrain.trainer.plots import plot_loss_curve
 from support.helpers import FakeWandb
 
 
@@ -41,7 +41,8 @@ def test_jsonl_content_and_types(tmp_path):
         m.log(3, {"bad": object()})
     m.close()
     m.close()  # idempotent
-    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "throughput.png").stat().st_size > 1000
 
 
 def test_fresh_start_truncates_and_resume_drops_later_steps(tmp_path):
@@ -134,9 +135,11 @@ def test_wandb_gets_grouped_names_jsonl_plain_keys(tmp_path, fake_wandb):
     m.log(1, record)
     m.close()
     assert _records(tmp_path) == [{"step": 1, **record}]  # the parity record keeps the trainer's keys
-    ((step, data),) = fake_wandb.logged
+    (step, data), *images = fake_wandb.logged
     assert step == 1 and sorted(data) == ["eval/moe_specialisation/code", "loss/train", "misc/odd",
                                           "moe/layer0/expert_frac", "optim/lr"]
+    # The plots of plots/ follow as images, at the last step, before W&B finishes.
+    assert images == [(1, {"plots/loss": ("image", str(tmp_path / "plots" / "loss.png"))})]
     assert data["moe/layer0/expert_frac"].np_histogram == ([0.25, 0.75], [0, 1, 2])
     assert fake_wandb.finished == 1
 

@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0}
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def _tiny(**overrides) -> ModelArgs:
@@ -57,6 +59,8 @@ HF_CASES = {
     "llama_gqa_tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "llama_mha_untied": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "llama3_rope_mqa": ("LlamaConfig", dict(num_key_value_heads=1, rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5})),
+    "linear_rope": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters={**LINEAR_ROPE, "rope_theta": 1e4})),
+    "yarn_rope": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters={**YARN_ROPE, "rope_theta": 1e4})),
     "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3_qknorm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
 }
@@ -74,7 +78,7 @@ def test_logits_match_transformers(case, tmp_path):
     hf.save_pretrained(tmp_path)
     ours = from_hf(tmp_path).eval()
     assert ours.args.arch == config.model_type
-    assert (ours.args.rope_scaling is not None) == (case == "llama3_rope_mqa")
+    assert (ours.args.rope_scaling is not None) == ("rope" in case)
     ids = _ids(96, seq=200)  # > original_max_position_embeddings, so every llama3 band is exercised
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, **FP32_TOL)
@@ -91,6 +95,8 @@ def test_legacy_config_format_reads_like_v5():
 EXPORT_CASES = {
     "llama_tied": _tiny(tie_embeddings=True),
     "llama3_rope_untied": _tiny(rope_theta=5e5, rope_scaling=LLAMA3_ROPE),
+    "linear_rope": _tiny(rope_scaling=LINEAR_ROPE),
+    "yarn_rope": _tiny(rope_scaling=YARN_ROPE),
     "qwen2": _tiny(arch="qwen2", qkv_bias=True, tie_embeddings=True),
     "qwen3": _tiny(arch="qwen3", qk_norm=True, head_dim=32, rms_norm_eps=1e-6),
 }
@@ -305,8 +311,18 @@ def test_get_model_args_overrides_and_errors():
         get_model_args("tiny", num_routers=4)
     with pytest.raises(ValueError, match="model.num_kv_heads"):
         get_model_args("tiny", num_kv_heads=3)
-    with pytest.raises(ValueError, match="model.rope_scaling"):
-        _tiny(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="model.rope_scaling: rope_type 'dynamic' is not supported"):
+        _tiny(rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    with pytest.raises(ValueError, match="model.rope_scaling: linear scaling needs factor"):
+        _tiny(rope_scaling={"rope_type": "linear"})
+    with pytest.raises(ValueError, match="model.rope_scaling: low_freq_factor is not a key of yarn scaling"):
+        _tiny(rope_scaling={**YARN_ROPE, "low_freq_factor": 1.0})
+    with pytest.raises(ValueError, match="model.rope_scaling: factor must be >= 1"):
+        _tiny(rope_scaling={"rope_type": "linear", "factor": 0.5})
+    # rope_type default is plain RoPE whatever else the mapping holds (a recipe's scaling turned off by override)
+    assert _tiny(rope_scaling={**YARN_ROPE, "rope_type": "default"}).rope_scaling is None
+    # yarn without original_max_position_embeddings takes max_position_embeddings, as transformers does
+    assert _tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0}).rope_scaling["original_max_position_embeddings"] == 512
     with pytest.raises(ValueError, match="model.arch"):
         _tiny(arch="gpt2")
 

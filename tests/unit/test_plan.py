@@ -17,10 +17,10 @@ import json
 import pytest
 
 from longtrain.config import register_configs
-from longtrain.models import get_model_args
 from longtrain.plan import get_gpu, run_step
 from longtrain.plan.cli import SEQ_MULTIPLE, main, max_seq
 from longtrain.precheck import compose_config
+from longtrain.trainer.build import build_model_args
 
 SMALL = ["data.seq_len=256", "data.micro_batch_size=1", "data.global_batch_size=2"]
 FEATURES = {
@@ -59,7 +59,7 @@ def test_memory_features_lower_the_peak():
 def test_counted_flops_equal_formula_without_recomputation():
     cfg = _cfg([])
     plan = run_step(cfg)
-    args = get_model_args("tiny")
+    args = build_model_args(cfg.model)  # the recipe's geometry (the tiny recipe has its own layer count)
     norm_weights = args.num_layers * 2 * args.hidden_size + args.hidden_size
     assert plan.flops == plan.formula_flops - 6 * norm_weights * plan.tokens
     # checkpointing recomputes each layer's forward: more FLOPs counted than the model's

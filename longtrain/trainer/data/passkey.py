@@ -1,8 +1,25 @@
-"""Synthetic long-context passkey retrieval: records and the evaluation set.
+"""Synthetic long-context passkey retrieval: records, the evaluation rows and the needle grid.
 
-A record is filler text with one sentence giving a random number (the pass key) hidden at a random
-depth, followed by a question; the response is the key. Retrieval accuracy as a function of depth
-shows whether a model uses its whole context. Generation is deterministic in ``(seed, split)``.
+A record is filler text with one marked needle, ``<<KEY=31452>>``, at a random depth, followed by
+the question ``What is the key? <<KEY=``; the response is the key. Retrieval accuracy by depth and
+length (the needle-in-a-haystack grid) shows whether a model uses its whole context.
+
+The data is built so that a small model can learn the task from scratch:
+
+- The filler cannot be memorised: sentences of words drawn at random (Zipf frequencies) from a
+  fixed lexicon of pseudo-words (consonant-vowel syllables), new in every document.
+- The key is marked by bytes the filler never uses (``<``, ``=``, ``>``, digits), and the question
+  ends with the same ``<<KEY=`` marker.
+- The digits of a key are distinct (``31452``, never ``31415``). In ``random`` order (the classic
+  passkey) reading the key back means copying what follows the marker, one digit after another:
+  a two-layer model needs an induction circuit for that, which forms slowly from scratch. In
+  ``sorted`` order (``13457``) the key is fully given by *which* digits the needle holds: the model
+  must still find them, wherever they are in the context, but not remember their order; a two-layer
+  model learns that in minutes on a CPU.
+- Documents are long or short (``length_power``): short ones give many keys per token, long ones
+  teach the far depths; packing puts several in one sequence.
+
+Generation is deterministic in ``(seed, split)``; the train and eval splits draw separate streams.
 """
 from __future__ import annotations
 
@@ -12,48 +29,142 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-QUESTION = "What is the pass key? The pass key is"
-_SPLITS = {"train": 0, "eval": 1}
+NEEDLE = "<<KEY={key}>>"
+QUESTION = "What is the key? <<KEY="
+_SPLITS = {"train": 0, "eval": 1, "grid": 2}
+_CONSONANTS = "bcdfghjklmnprstvwz"
+_VOWELS = "aeiou"
+LEXICON_SIZE = 2048
+"""Pseudo-words of the filler lexicon."""
+
+
+def _lexicon() -> Tuple[List[str], np.ndarray]:
+    """The filler's words (1-3 consonant-vowel syllables, sometimes a closing consonant) and their
+    Zipf probabilities; the same for every run (seeded)."""
+    rng = np.random.default_rng(20261205)
+    words: Dict[str, None] = {}
+    while len(words) < LEXICON_SIZE:
+        syllables = int(rng.integers(1, 4))
+        word = "".join(_CONSONANTS[int(rng.integers(len(_CONSONANTS)))] + _VOWELS[int(rng.integers(len(_VOWELS)))]
+                       for _ in range(syllables))
+        if rng.random() < 0.3:
+            word += _CONSONANTS[int(rng.integers(len(_CONSONANTS)))]
+        words[word] = None
+    rank = np.arange(1, LEXICON_SIZE + 1, dtype=np.float64)
+    return list(words), (1.0 / rank) / (1.0 / rank).sum()
+
+
+_WORDS, _WORD_P = _lexicon()
+
+
+def filler_sentences(rng: np.random.Generator, num_chars: int, at_most: bool = False) -> List[str]:
+    """Random sentences of lexicon words, ``num_chars`` characters together with their separating spaces.
+
+    Args:
+        rng: the generator to draw from.
+        num_chars: target length.
+        at_most: stop before exceeding ``num_chars`` (else stop once it is reached).
+    """
+    sentences: List[str] = []
+    length = -1
+    while length < num_chars:
+        words = rng.choice(LEXICON_SIZE, size=int(rng.integers(4, 13)), p=_WORD_P)
+        sentence = " ".join(_WORDS[i] for i in words.tolist()).capitalize() + "."
+        if at_most and length + 1 + len(sentence) > num_chars:
+            break
+        sentences.append(sentence)
+        length += len(sentence) + 1
+    return sentences
+
+
+KEY_ORDERS = ("random", "sorted")
+"""How the distinct digits of a key are ordered (module docstring)."""
+
+
+def draw_key(rng: np.random.Generator, digits: int, order: str = "random") -> str:
+    """A key of ``digits`` distinct digits, the first not zero, in random or increasing order."""
+    if order == "sorted":
+        return "".join(str(d) for d in sorted((rng.permutation(9)[:digits] + 1).tolist()))
+    first = int(rng.integers(1, 10))
+    rest = rng.permutation([d for d in range(10) if d != first])[:digits - 1]
+    return "".join(str(d) for d in [first, *rest.tolist()])
+
+
+def make_record(sentences: Sequence[str], cut: int, key: str) -> Dict:
+    """The record of filler ``sentences`` with the needle for ``key`` before sentence ``cut``."""
+    before, after = " ".join(sentences[:cut]), " ".join(sentences[cut:])
+    prompt = " ".join(part for part in (before, NEEDLE.format(key=key), after, QUESTION) if part)
+    depth = len(before) / max(len(before) + len(after), 1)
+    return {"prompt": prompt, "response": key, "depth": depth}
 
 
 def passkey_records(num: int, seed: int, min_chars: int, max_chars: int, digits: int,
-                    split: str = "train") -> List[Dict]:
-    """Generate ``num`` passkey records.
+                    split: str = "train", length_power: float = 1.0, key_order: str = "random") -> List[Dict]:
+    """Generate ``num`` passkey records with uniform depths.
 
     Args:
         num: number of records.
         seed: base seed; each split draws from its own stream, so train and eval never coincide.
         min_chars, max_chars: range of the filler length in characters (rounded up to a sentence).
-        digits: number of digits of the key (no leading zero).
+        digits: number of digits of the key (at most 10: they are distinct).
         split: ``"train"`` or ``"eval"``.
+        length_power: the filler length is ``min_chars * (max_chars / min_chars) ** (u ** length_power)``
+            for u uniform in [0, 1]: 1 is log-uniform, larger values make short documents more common.
+        key_order: ``random`` or ``sorted`` (:func:`draw_key`).
 
     Returns:
-        Dicts with ``prompt`` (filler with the key sentence, then the question), ``response``
-        (``" <key>"``) and ``depth`` (position of the key sentence as a fraction of the filler).
+        Dicts with ``prompt`` (filler with the needle, then the question), ``response`` (the key)
+        and ``depth`` (position of the needle as a fraction of the filler).
     """
     rng = np.random.default_rng([_SPLITS[split], abs(int(seed))])
     records = []
     for _ in range(num):
-        target = int(rng.integers(min_chars, max_chars + 1))
-        sentences: List[str] = []
-        length = -1
-        while length < target:
-            sentences.append(FILLER[int(rng.integers(len(FILLER)))])
-            length += len(sentences[-1]) + 1
+        target = int(round(min_chars * (max_chars / min_chars) ** (float(rng.random()) ** length_power)))
+        sentences = filler_sentences(rng, target)
         cut = int(round(float(rng.random()) * len(sentences)))
-        before, after = " ".join(sentences[:cut]), " ".join(sentences[cut:])
-        key = int(rng.integers(10 ** (digits - 1), 10 ** digits))
-        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        prompt = " ".join(part for part in (before, needle, after, QUESTION) if part)
-        depth = len(before) / max(len(before) + len(after), 1)
-        records.append({"prompt": prompt, "response": f" {key}", "depth": depth})
+        records.append(make_record(sentences, cut, draw_key(rng, digits, key_order)))
     return records
 
 
 def passkey_text(record: Dict) -> str:
     """The whole document of a record (pretraining text)."""
     return record["prompt"] + record["response"]
+
+
+def needle_records(depths: Sequence[float], samples: int, num_tokens: int, tokenizer, seed: int, digits: int,
+                   add_bos: bool = True, add_eos: bool = True, key_order: str = "random") -> List[Dict]:
+    """``samples`` records at each depth of ``depths``, each as long as fits ``num_tokens`` tokens.
+
+    The filler is filled up to the length (in characters estimated from the tokenizer's characters
+    per token on filler text, then shortened sentence by sentence until the record fits), so a
+    needle at depth 0.5 sits in the middle of a full context. Deterministic in ``(seed,
+    num_tokens)``; every length draws its own keys and filler.
+
+    Raises:
+        ValueError: ``num_tokens`` is too short to hold even the needle and the question.
+    """
+    rng = np.random.default_rng([_SPLITS["grid"], abs(int(seed)), int(num_tokens)])
+    special = int(add_bos and tokenizer.bos_id is not None) + int(add_eos and tokenizer.eos_id is not None)
+    sample = " ".join(filler_sentences(np.random.default_rng(0), 4000))
+    chars_per_token = len(sample) / max(len(tokenizer.encode(sample)), 1)
+    overhead = len(tokenizer.encode(make_record([], 0, "9" * digits)["prompt"] + "9" * digits)) + special + 1
+    if num_tokens <= overhead:
+        raise ValueError(f"data.seq_len: {num_tokens} tokens cannot hold a passkey record (the needle and the "
+                         f"question alone take {overhead}); raise data.seq_len")
+    records = []
+    for depth in depths:
+        for _ in range(samples):
+            sentences = filler_sentences(rng, int((num_tokens - overhead) * chars_per_token), at_most=True)
+            key = draw_key(rng, digits, key_order)
+            while True:
+                cut = int(round(float(depth) * len(sentences)))
+                rec = make_record(sentences, cut, key)
+                if len(tokenizer.encode(passkey_text(rec))) + special <= num_tokens or not sentences:
+                    break
+                sentences = sentences[:-1]
+            rec["depth"] = float(depth)  # the grid's depth, exact to the sentence
+            records.append(rec)
+    return records
 
 
 @dataclass
@@ -109,6 +220,10 @@ class PasskeyEval:
     @property
     def num_rows(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
 
     def batch(self, rows: np.ndarray) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Rows ``rows`` as (batch dict like ``collate``, answer_mask [B, S] bool, depth [B] float)."""

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from longtrain.config import DataConfig
 from longtrain.trainer.data.packing import PackedData, PackStats, check_token_ids, pack_cached
-from longtrain.trainer.data.passkey import PasskeyEval, passkey_records
+from longtrain.trainer.data.passkey import PasskeyEval, needle_records
 from longtrain.trainer.data.sources import BUILTIN_SOURCES, domain_labels, split_records
 from longtrain.trainer.data.tokenizer import load_tokenizer, tokenize
 
@@ -93,8 +93,7 @@ def _build(cfg: DataConfig, vocab_size: int, seed: int, log: Callable[[str], Non
     train, evaluation = packed["train"], packed.get("eval")
     passkey_eval = None
     if eval_source == "passkey" and evaluation is not None:
-        recs = passkey_records(pk.num_eval, seed, pk.min_chars, pk.max_chars, pk.digits, split="eval")
-        passkey_eval = PasskeyEval.from_records(recs, tok, cfg.seq_len, cfg.add_bos, cfg.add_eos)
+        passkey_eval = passkey_eval_set(cfg, tok, seed, cfg.seq_len, -(-pk.num_eval // pk.depths), pk.num_eval)
         check_token_ids(passkey_eval.input_ids, vocab_size, "data.eval_source", tok.vocab_size)
     stats = {split: p.stats for split, p in packed.items()}
     s = train.stats
@@ -108,3 +107,16 @@ def _build(cfg: DataConfig, vocab_size: int, seed: int, log: Callable[[str], Non
         line += f"; domains {', '.join(names)}"
     log(line)
     return DataBundle(train, evaluation, passkey_eval, tok, stats)
+
+
+def passkey_eval_set(cfg: DataConfig, tokenizer, seed: int, num_tokens: int, samples: int,
+                     limit: Optional[int] = None) -> PasskeyEval:
+    """Passkey rows of ``num_tokens`` tokens: ``samples`` keys at each of ``data.passkey.depths`` depths
+    (0 to 100%), the first ``limit`` of them (depth-interleaved, so any prefix spans the depths)."""
+    pk = cfg.passkey
+    depths = np.linspace(0.0, 1.0, pk.depths) if pk.depths > 1 else np.asarray([0.5])
+    records = needle_records(depths.tolist(), samples, num_tokens, tokenizer, seed, pk.digits, cfg.add_bos,
+                             cfg.add_eos, pk.key_order)
+    order = np.arange(len(records)).reshape(len(depths), samples).T.reshape(-1)  # sample-major: depths interleave
+    records = [records[i] for i in order[:limit]]
+    return PasskeyEval.from_records(records, tokenizer, num_tokens, cfg.add_bos, cfg.add_eos)

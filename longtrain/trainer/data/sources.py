@@ -154,7 +154,8 @@ def split_records(cfg: DataConfig, source: str, key: str, split: str, seed: int,
     pk, dm = cfg.passkey, cfg.domains
     if source == "passkey":
         num = pk.num_train if split == "train" else pk.num_eval
-        recs = passkey_records(num, seed, pk.min_chars, pk.max_chars, pk.digits, split=split)
+        recs = passkey_records(num, seed, pk.min_chars, pk.max_chars, pk.digits, split=split,
+                               length_power=pk.length_power, key_order=pk.key_order)
         if cfg.mode == "pretrain":
             ds = datasets.Dataset.from_list([{"text": passkey_text(r)} for r in recs])
         else:
