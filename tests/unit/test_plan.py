@@ -180,7 +180,7 @@ def test_gpu_target_streams_attention_through_the_fused_kernels():
     before = (FUSED_STATS.fused, FUSED_STATS.fallback)
     plan = run_step(cfg, get_gpu("h100"))
     assert FUSED_STATS.fused > before[0] and FUSED_STATS.fallback == before[1]
-    args = get_model_args("tiny")
+    args = build_model_args(cfg.model)
     score_tile = chunk * seq * args.num_heads * 4
     assert plan.largest_transient < score_tile
     assert plan.flops > 0 and plan.precision == "bf16"
