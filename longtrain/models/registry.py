@@ -27,6 +27,8 @@ _TINY = ModelArgs(vocab_size=384, hidden_size=128, intermediate_size=384, num_la
 MODEL_REGISTRY: Dict[str, ModelArgs] = {
     "tiny": _TINY,
     "tiny_qwen3": dataclasses.replace(_TINY, arch="qwen3", qk_norm=True, rms_norm_eps=1e-6),
+    # the tiny recipe's model: two layers learn passkey retrieval fastest on a CPU (README)
+    "tiny_2l": dataclasses.replace(_TINY, num_layers=2),
     # Llama-3.2-1B
     "llama1b": ModelArgs(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                          num_kv_heads=8, rope_theta=500000.0, rope_scaling={**_LLAMA3_SCALING, "factor": 32.0},
