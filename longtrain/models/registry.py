@@ -27,8 +27,6 @@ _TINY = ModelArgs(vocab_size=384, hidden_size=128, intermediate_size=384, num_la
 MODEL_REGISTRY: Dict[str, ModelArgs] = {
     "tiny": _TINY,
     "tiny_qwen3": dataclasses.replace(_TINY, arch="qwen3", qk_norm=True, rms_norm_eps=1e-6),
-    # the tiny recipe's model: two layers learn passkey retrieval fastest on a CPU (README)
-    "tiny_2l": dataclasses.replace(_TINY, num_layers=2),
     # Llama-3.2-1B
     "llama1b": ModelArgs(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                          num_kv_heads=8, rope_theta=500000.0, rope_scaling={**_LLAMA3_SCALING, "factor": 32.0},
@@ -55,6 +53,8 @@ MODEL_REGISTRY: Dict[str, ModelArgs] = {
     "mixtral_8x7b": ModelArgs(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                               num_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5,
                               tie_embeddings=False, arch="mixtral", num_experts=8, top_k=2, norm_topk_prob=True),
+    # the tiny recipe's model: two layers learn passkey retrieval fastest on a CPU (README)
+    "tiny_2l": dataclasses.replace(_TINY, num_layers=2),
 }
 
 _DERIVED_BY_DEFAULT = ("hidden_size", "num_heads")
