@@ -11,7 +11,9 @@ backward in chunks of the sequence, so at any moment only one chunk's activation
    attention over the keys ``[0, e)`` (causal and document-masked; the block kernels skip the keys
    a chunk cannot see), the output projection, the residuals and the MLP. Back-propagating the
    chunk's output gradient gives the chunk's input gradient, this chunk's share of every weight
-   gradient and of dK/dV for the prefix, accumulated in fp32 buffers.
+   gradient and of dK/dV for the prefix, accumulated in fp32 buffers (dK/dV: a key gets a share from
+   every later chunk) and, for the input gradient, in the input's dtype (two additions per token,
+   as autograd itself accumulates two uses of a tensor).
 3. dK and dV are pushed through k-norm/RoPE and the K/V projections chunk by chunk, adding the
    rest of the input gradient and of the norm and projection weight gradients.
 
@@ -246,7 +248,7 @@ def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_b
         x_leaf = x_bsh.requires_grad_()
         h_bsh = x_leaf + layer.self_attn(layer.input_layernorm(x_leaf), cos_bsd, sin_bsd, doc_ids)
     h_detached = h_bsh.detach()
-    dh_bsh = torch.zeros_like(h_detached, dtype=torch.promote_types(h_detached.dtype, torch.float32))
+    dh_bsh = torch.empty_like(h_detached)  # each token's gradient is written once, by its chunk
     dparams: List[Optional[torch.Tensor]] = [None] * len(params)
     for start in range(0, h_detached.shape[1], chunk):
         end = min(start + chunk, h_detached.shape[1])
@@ -257,7 +259,7 @@ def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_b
         grads = torch.autograd.grad(out_bch, [h_bch, *params], dout_bsh[:, start:end], allow_unused=True)
         dh_bsh[:, start:end] = grads[0]
         _accumulate(dparams, grads[1:])
-    grads = torch.autograd.grad(h_bsh, [x_leaf, *params], dh_bsh.to(h_bsh.dtype), allow_unused=True)
+    grads = torch.autograd.grad(h_bsh, [x_leaf, *params], dh_bsh, allow_unused=True)
     _accumulate(dparams, grads[1:])
     return grads[0], dparams
 
@@ -266,7 +268,9 @@ def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bs
                         params, routing_bsk=None):
     """Backward of a layer with local or Ulysses attention, every part streamed (module docstring)."""
     seq = x_bsh.shape[1]
-    dx_bsh = torch.zeros_like(x_bsh, dtype=torch.promote_types(x_bsh.dtype, torch.float32))
+    # dX in the input's dtype: each token gets exactly two additions (its chunk's pass and the K/V
+    # pass), the rounding autograd's own accumulation of two uses makes; dK/dV sum over many chunks.
+    dx_bsh = torch.zeros_like(x_bsh)
     dparams: List[Optional[torch.Tensor]] = [None] * len(params)
     with torch.no_grad():
         keys = _chunk_keys(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
