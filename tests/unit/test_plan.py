@@ -130,7 +130,10 @@ def test_collectives_and_links():
     assert plan.tokens_per_s == pytest.approx(plan.tokens * 2 / plan.time_s)  # dp = 2 replicas
 
 
-def test_sweep_ranks_fitting_layouts_by_speed(capsys):
+def test_sweep_ranks_fitting_layouts_by_speed(capsys, monkeypatch):
+    import functools
+
+    import longtrain.plan.cli as plan_cli
     from longtrain.plan.sweep import sweep
 
     gpu = get_gpu("h100")
@@ -139,9 +142,19 @@ def test_sweep_ranks_fitting_layouts_by_speed(capsys):
     speeds = [r.plan.tokens_per_s for r in rows if r.fits(gpu)]
     assert speeds == sorted(speeds, reverse=True) and len(speeds) == 12
     assert {(r.ulysses, r.ring, r.dp) for r in rows} == {(1, 1, 2), (1, 2, 1), (2, 1, 1)}
+    # The command line's sweep, without the ZeRO stages here (the slow test below plans them all).
+    monkeypatch.setattr(plan_cli, "sweep", functools.partial(sweep, zero_stages=(0,)))
     assert main([*SMALL, "--sweep", "--world-size", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["world_size"] == 2 and doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_sweep_command_plans_every_zero_stage(capsys):
+    assert main([*SMALL, "--sweep", "--world-size", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {r["zero_stage"] for r in doc["rows"]} == {0, 1, 2, 3}
+    assert doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
 
 
 def test_flash_flops_count_the_visible_pairs():
