@@ -61,9 +61,8 @@ def _figure(width: float = 7.0, height: float = 4.0, rows: int = 1):
     return fig, axes
 
 
-def plot_loss_curve(jsonl_path: PathLike, png_path: PathLike) -> Optional[Path]:
+def plot_loss_curve(records: Sequence[dict], png_path: PathLike) -> Optional[Path]:
     """Training loss (and ``eval_loss`` points) against step; returns the png or None without any loss."""
-    records = read_metrics(jsonl_path)
     train, evals = _series(records, "loss"), _series(records, "eval_loss")
     if not train and not evals:
         return None
@@ -157,7 +156,7 @@ def write_plots(plot_dir: PathLike, jsonl_path: PathLike, needle: Optional[Dict]
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics(jsonl_path) if Path(jsonl_path).is_file() else []
-    drawn = {"loss": plot_loss_curve(jsonl_path, plot_dir / "loss.png") if records else None,
+    drawn = {"loss": plot_loss_curve(records, plot_dir / "loss.png"),
              "passkey": plot_passkey(records, plot_dir / "passkey.png"),
              "needle": plot_needle(needle, plot_dir / "needle.png") if needle else None,
              "throughput": plot_throughput(records, plot_dir / "throughput.png")}

@@ -12,7 +12,7 @@ import torch
 from longtrain.config import WandbConfig
 from longtrain.trainer import metrics as M
 from longtrain.trainer.metrics import MetricsLogger, peak_flops_per_device, save_resolved_config, wandb_name
-from longtrain.trainer.plots import plot_loss_curve
+from longtrain.trainer.plots import plot_loss_curve, read_metrics
 from support.helpers import FakeWandb
 
 
@@ -190,10 +190,10 @@ def test_plot_loss_curve(tmp_path):
     jsonl = tmp_path / "m.jsonl"
     lines = [{"step": s, "loss": 3.0 / s} for s in range(1, 20)] + [{"step": 10, "eval_loss": 0.5}]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    png = plot_loss_curve(jsonl, tmp_path / "curve.png")
+    png = plot_loss_curve(read_metrics(jsonl), tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     jsonl.write_text('{"step": 1, "lr": 0.1}\n')
-    assert plot_loss_curve(jsonl, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert plot_loss_curve(read_metrics(jsonl), tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_peak_flops(monkeypatch):
