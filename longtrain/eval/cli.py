@@ -38,10 +38,10 @@ from longtrain.models import Transformer, from_hf
 from longtrain.models.args import ModelArgs
 from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.precheck import compose_config, compose_saved_config, precheck
-from longtrain.trainer.data import collate, load_records, load_tokenizer, pack_cached, tokenize
+from longtrain.trainer.data import cache_root, collate, load_records, load_tokenizer, pack_cached, tokenize
 from longtrain.trainer.init_from import find_checkpoint, load_weights, saved_model_args
 from longtrain.trainer.metrics import format_needle
-from longtrain.trainer.needle import answer_hits, grid_table, needle_sets, scaled, score_passkey
+from longtrain.trainer.needle import answer_hits, needle_grid, score_passkey
 from longtrain.trainer.plots import plot_needle
 
 USAGE = ("longtrain-eval (--checkpoint PATH | --hf DIR) [--config-name RECIPE] [--config-dir DIR] [key=value ...] "
@@ -112,19 +112,15 @@ def evaluate_needles(model: Transformer, cfg: Config, tokenizer, device: torch.d
                                    model.output_weight)
         return answer_hits(hidden, batch["labels"], mask), mask
 
-    results = []
-    for multiple, rows, scaling in needle_sets(cfg.data, tokenizer, cfg.trainer.seed):
-        with scaled(model, scaling):
-            results.append((multiple, rows.seq_len, score_passkey(rows, np.arange(rows.num_rows),
-                                                                  cfg.data.micro_batch_size, hits)))
-    return grid_table(results, cfg.data.passkey.grid_samples, dict(cfg.data.passkey.grid_rope_scaling) or None)
+    return needle_grid(cfg.data, tokenizer, cfg.trainer.seed, model,
+                       lambda rows: score_passkey(rows, np.arange(rows.num_rows), cfg.data.micro_batch_size, hits))
 
 
 @torch.no_grad()
 def perplexity(model: Transformer, cfg: Config, tokenizer, path: str, device: torch.device) -> Dict:
     """Token-level perplexity of the records of the local file ``path``, packed into ``data.seq_len`` rows."""
     dc = cfg.data
-    cache = os.path.abspath(os.path.expanduser(dc.cache_dir or "~/.cache/longtrain"))
+    cache = cache_root(dc)
     records = load_records(path, "--jsonl", os.path.join(cache, "datasets"))
     # Text records are scored on every token; chats and prompt/response records on their responses.
     mode = "pretrain" if dc.text_field in records.column_names else "sft"

@@ -16,7 +16,7 @@ from longtrain.parallel.distributed import all_gather_objects, all_reduce_sum
 from longtrain.parallel.sharding import shard_batch
 from longtrain.trainer.data import collate_domains
 from longtrain.trainer.moe_report import add_domain_counts, summarise, write_expert_load
-from longtrain.trainer.needle import answer_hits, grid_table, needle_sets, scaled, score_passkey
+from longtrain.trainer.needle import answer_hits, needle_grid, score_passkey
 
 
 class EvalMixin:
@@ -86,12 +86,9 @@ class EvalMixin:
         if self.data.passkey_eval is None or not pk.grid_lengths:
             return None
         self.engine.train(False)
-        results = []
-        for multiple, rows, scaling in needle_sets(self.cfg.data, self.data.tokenizer, self.cfg.trainer.seed):
-            with scaled(self.model, scaling):
-                results.append((multiple, rows.seq_len, self._score_passkey(rows)))
+        grid = needle_grid(self.cfg.data, self.data.tokenizer, self.cfg.trainer.seed, self.model, self._score_passkey)
         self.engine.train(True)
-        return grid_table(results, pk.grid_samples, dict(pk.grid_rope_scaling) or None)
+        return grid
 
     def _domain_counts(self) -> Optional[torch.Tensor]:
         """Zero [domains, MoE layers, experts] counts when the eval data has domains and the model

@@ -67,6 +67,17 @@ def needle_sets(cfg: DataConfig, tokenizer, seed: int) -> List[Tuple[int, Passke
              dict(pk.grid_rope_scaling) if m > 1 and pk.grid_rope_scaling else None) for m in pk.grid_lengths]
 
 
+def needle_grid(cfg: DataConfig, tokenizer, seed: int, model,
+                score: Callable[[PasskeyEval], List[RowResult]]) -> Dict:
+    """The needle grid of ``cfg.passkey`` (lengths x depths) as :func:`grid_table` gives it: the rows
+    of every length (:func:`needle_sets`) scored by ``score(rows)`` with ``model``'s RoPE scaled for it."""
+    results = []
+    for multiple, rows, scaling in needle_sets(cfg, tokenizer, seed):
+        with scaled(model, scaling):
+            results.append((multiple, rows.seq_len, score(rows)))
+    return grid_table(results, cfg.passkey.grid_samples, dict(cfg.passkey.grid_rope_scaling) or None)
+
+
 @contextlib.contextmanager
 def scaled(model, scaling: Optional[Dict]):
     """``model`` with RoPE scaling ``scaling`` inside the block (nothing changes for None)."""

@@ -15,7 +15,7 @@ of the embedded datasets. Every public name is importable from ``longtrain.train
 from longtrain.trainer.data.domains import DOMAIN_NAMES, domain_probabilities, domain_records
 from longtrain.trainer.data.packing import ROW_ARRAYS, PackedData, PackStats, check_token_ids, pack, pack_cached
 from longtrain.trainer.data.passkey import PasskeyEval, needle_records, passkey_records, passkey_text
-from longtrain.trainer.data.pipeline import DataBundle, build_datasets, passkey_eval_set
+from longtrain.trainer.data.pipeline import DataBundle, build_datasets, cache_root, passkey_eval_set
 from longtrain.trainer.data.sampler import GlobalBatchSampler, collate, collate_domains
 from longtrain.trainer.data.sources import BUILTIN_SOURCES, domain_labels, load_records, split_records
 from longtrain.trainer.data.tokenizer import (ByteTokenizer, HFTokenizer, cache_key, encode_example, load_tokenizer,
@@ -23,7 +23,7 @@ from longtrain.trainer.data.tokenizer import (ByteTokenizer, HFTokenizer, cache_
 
 __all__ = [
     "BUILTIN_SOURCES", "ByteTokenizer", "DOMAIN_NAMES", "DataBundle", "GlobalBatchSampler", "HFTokenizer",
-    "PackStats", "PackedData", "PasskeyEval", "ROW_ARRAYS", "build_datasets", "cache_key", "check_token_ids",
+    "PackStats", "PackedData", "PasskeyEval", "ROW_ARRAYS", "build_datasets", "cache_key", "cache_root", "check_token_ids",
     "collate", "collate_domains", "domain_labels", "domain_probabilities", "domain_records", "encode_example",
     "load_records", "load_tokenizer", "needle_records", "pack", "pack_cached", "passkey_eval_set", "passkey_records",
     "passkey_text", "split_records",

@@ -61,9 +61,14 @@ def build_datasets(cfg: DataConfig, vocab_size: int, seed: int, rank: int = 0,
 
 
 
+def cache_root(cfg: DataConfig) -> str:
+    """The data cache directory, absolute: ``data.cache_dir``, or ``~/.cache/longtrain`` when null."""
+    return os.path.abspath(os.path.expanduser(cfg.cache_dir or "~/.cache/longtrain"))
+
+
 def _build(cfg: DataConfig, vocab_size: int, seed: int, log: Callable[[str], None]) -> DataBundle:
     tok = load_tokenizer(cfg.tokenizer)
-    cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or "~/.cache/longtrain"))
+    cache_dir = cache_root(cfg)
     pk, dm = cfg.passkey, cfg.domains
 
     builtin_eval = {"passkey": pk.num_eval, "domains": dm.num_eval}
