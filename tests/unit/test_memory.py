@@ -219,3 +219,20 @@ def test_the_final_norm_is_recomputed_in_chunks(monkeypatch, chunk):
     # The norm's backward divides by the rms: a whole-sequence [B, S, hidden] div unless chunked.
     whole = [op for op, shape, _, _ in tracker.origin.values() if op == "div" and shape == (B, S, net.args.hidden_size)]
     assert bool(whole) == (chunk >= S), whole
+
+
+def test_the_streamed_input_gradient_accumulates_in_the_input_dtype():
+    """Under bf16 autocast StreamBP's dX accumulator is bf16 like the layer input (two additions per
+    token), not a whole-sequence fp32 buffer; dK/dV accumulate in fp32 (exactness: the tests above)."""
+    from longtrain.plan.tracker import StepTracker
+
+    net = _model().float()
+    ids, _ = _inputs(net)
+    apply_streambp(net, 13, offload=False)
+    with StepTracker() as tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+        net.hidden_states(ids, doc_ids=DOCS).float().square().sum().backward()
+    hidden = (B, S, net.args.hidden_size)
+    made = [(op, dtype) for op, shape, dtype, _ in tracker.origin.values() if op == "zeros_like" and shape == hidden]
+    assert ("zeros_like", "bfloat16") in made and ("zeros_like", "float32") not in made, made
+    kv = (B, S, net.args.num_kv_heads, net.args.head_dim)
+    assert any(shape == kv and dtype == "float32" for _, shape, dtype, _ in tracker.origin.values())
