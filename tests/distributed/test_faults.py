@@ -27,7 +27,8 @@ from longtrain.trainer.checkpoint import CheckpointError, verify
 from longtrain.trainer.faults import TrainingFault
 from longtrain.trainer.loop import Trainer
 from support.harness import dist_info, free_port, run_ranks
-from support.helpers import REPO, SMALL, SUPPORT, assert_same_curve, compose_cfg, read_metrics, train_in_process
+from support.helpers import REPO, SMALL, SUPPORT, compose_cfg, read_metrics, train_in_process
+from support.parity import assert_same_curve
 
 # Subprocesses import this checkout's longtrain, whatever else is installed.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",

@@ -10,18 +10,18 @@ from omegaconf import OmegaConf
 
 from longtrain.config import Config
 from longtrain.train import RECIPES_DIR
-from support.helpers import (SMALL, FakeWandb, assert_same_curve, cli, compose_cfg, read_metrics, train_in_process,
-                             train_torchrun)
+from support.helpers import SMALL, FakeWandb, cli, compose_cfg, read_metrics, train_in_process, train_torchrun
+from support.parity import assert_same_curve
 
 
 def test_accumulation_does_not_change_the_step(tmp_path):
     # One process, the same global batch of 4 sequences split 4x1, 2x2 and 1x4. fp32 on CPU: only the
-    # summation order differs, so the curves agree to ~1e-6; 1e-5 leaves room for 4 steps of drift.
+    # summation order differs (tolerances: support/parity.py).
     a = train_in_process(tmp_path, "a", ["data.micro_batch_size=4", "trainer.grad_accum=1"])
     b = train_in_process(tmp_path, "b", ["data.micro_batch_size=2", "trainer.grad_accum=2"])
     c = train_in_process(tmp_path, "c", ["data.micro_batch_size=1", "trainer.grad_accum=4"])
-    assert_same_curve(a, b, 1e-5)
-    assert_same_curve(a, c, 1e-5)
+    assert_same_curve(a, b)
+    assert_same_curve(a, c)
     assert a[0]["loss"] != a[-1]["loss"]  # it trains
 
 
@@ -30,7 +30,7 @@ def test_two_processes_match_one(tmp_path):
     # optimisation problem; tolerance as above (fp32 reordering only).
     one = train_in_process(tmp_path, "one", ["data.micro_batch_size=1", "trainer.grad_accum=4"])
     two = train_torchrun(tmp_path, "two", 2, ["data.micro_batch_size=1", "trainer.grad_accum=2"])
-    assert_same_curve(one, two, 1e-5)
+    assert_same_curve(one, two)
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
 
 
@@ -53,7 +53,7 @@ def test_resume_on_another_world_size(tmp_path):
     train_torchrun(tmp_path, "moved", 2, ["data.micro_batch_size=1", "trainer.grad_accum=2",
                                           "trainer.stop_at_step=2"])
     resumed = train_in_process(tmp_path, "moved", ["data.micro_batch_size=2", "trainer.grad_accum=2"])
-    assert_same_curve(ref[2:], resumed[2:], 1e-5)
+    assert_same_curve(ref[2:], resumed[2:])
 
 
 def test_run_directory_contents(tmp_path, monkeypatch):

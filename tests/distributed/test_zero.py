@@ -7,8 +7,9 @@ with ``safe_get_full_grad``), and the loss, gradient norm and learning rate of t
 match one process that sees the same global batch.
 
 Tolerance: fp32 on CPU; layouts and stages change only the summation order (split reductions,
-flat buckets, blockwise softmax merges), ~1e-7 relative per op: 1e-5 on losses and gradient norms,
-1e-4 relative (atol 1e-6) on gradients, as in test_sp_train.py. A wrong gradient scale (averaged
+flat buckets, blockwise softmax merges): support/parity.py's error model (the first step at 1e-5 on
+the loss and gradient norm, 1e-4 relative, atol 1e-6, on gradients; later steps at 1e-4, where AdamW
+amplifies the reordering). A wrong gradient scale (averaged
 over dp or over the world size, or divided by the accumulation steps) moves the gradient norm by a
 factor of 2 or more; the loss curve alone would hide it (Adam is scale-invariant until clipping).
 """
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 from support.harness import run_jobs
-from support.helpers import assert_same_curve, cli, common
+from support.helpers import cli, common
+from support.parity import assert_same_curve, assert_same_step1, assert_tensors
 
 STAGES = (0, 1, 2, 3)
 
@@ -48,9 +50,7 @@ def test_every_stage_matches_single_process(reference, world, ulysses, ring):
     results = run_jobs(world, jobs)
     for s in STAGES:
         got = results[f"s{s}"]
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), s
-        for n, g in ref["grads"].items():
-            torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"stage {s} {n}: {m}")
+        assert_same_step1(got, ref, f"stage {s}")
         assert_same_curve(got["metrics"], ref["metrics"])
         if s:
             report = json.loads((tmp / f"{tag}s{s}" / "memory_report.json").read_text())
@@ -121,7 +121,7 @@ def test_hf_export_after_zero3_equals_unsharded_weights(reference):
     assert set(exported) == set(unsharded) - {"lm_head.weight"} or set(exported) == set(unsharded)
     for name, tensor in exported.items():
         assert torch.equal(tensor, shards[name]), name
-        torch.testing.assert_close(tensor, unsharded[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_tensors(exported, {n: unsharded[n] for n in exported}, rtol=1e-4, atol=1e-5, what="weights after 3 steps")
     assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
 
 

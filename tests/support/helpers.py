@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: the small training recipe, config composition, in-process
-and torchrun training runs, the CLI, curve comparison, a fake W&B module and the tiny MoE model."""
+and torchrun training runs, the CLI, a fake W&B module and the tiny MoE model (curve comparison:
+support/parity.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -66,13 +66,6 @@ def common(tmp, name):
     """The ZeRO tests' run: SMALL with GQA heads, 3 steps of micro-batch 1, in ``tmp/name``."""
     return SMALL + GQA + [f"run.dir={tmp / name}", f"data.cache_dir={tmp / 'cache'}", "trainer.max_steps=3",
                           "data.micro_batch_size=1"]
-
-
-def assert_same_curve(a, b, rtol=1e-5, keys=("loss", "grad_norm", "lr")):
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for ma, mb in zip(a, b):
-        for k in keys:
-            assert ma[k] == pytest.approx(mb[k], rel=rtol), (k, ma["step"], ma[k], mb[k])
 
 
 class FakeWandb(types.ModuleType):

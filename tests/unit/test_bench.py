@@ -78,3 +78,18 @@ def test_plan_check_dry_run_plans_each_mode():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["mode"] for r in rows] == ["checkpointing", "streambp", "streambp_offload"]
     assert all(r["planned_gib"] > 0 for r in rows)
+
+
+def test_parity_margins_bench_tabulates_a_capability():
+    """bench/parity_margins.py under ATEN_CPU_CAPABILITY=default on one fast parity test: the capability
+    torch ran with, pytest's outcome and the worst margins the comparisons recorded."""
+    test = "tests/unit/test_moe.py::test_tiny_moe_trains_two_steps"
+    proc = subprocess.run([sys.executable, "bench/parity_margins.py", "--caps", "default", "--", test], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    res = out["results"]["default"]
+    assert res["capability"] == "DEFAULT" and res["returncode"] == 0 and res["failed"] == []
+    margins = res["tests"][test]
+    assert set(margins) == {"step1", "later"} and all(0 <= m <= 1 for m in margins.values())
+    assert out["worst"]["later"]["test"] == test
