@@ -3,12 +3,13 @@
 For each sequence length and document layout (one document, or packed documents of random
 lengths averaging S/8) it times forward + backward of:
 
-- ``local``: :func:`longtrain.kernels.attention.local_attention`, the entry point every layer calls;
-- ``block``: the ring block kernels of :func:`longtrain.kernels.blocks.get_block_kernels` on the
-  whole sequence as one block (forward with lse, then the block backward from that lse): on CUDA
-  the fused flash-attention varlen kernels, with cuDNN for dense blocks where chosen
-  (``--block-backend``, :mod:`longtrain.kernels.cudnn`; each row reports ``fallbacks``, the block
-  calls that fell back to the reference: 0 expected, and ``cudnn_calls``);
+- ``local``: :class:`longtrain.kernels.attention.LocalAttention`, the entry point every layer calls,
+  on the kernels of ``--block-backend``;
+- ``block``: the block kernels every other caller (ring blocks, StreamBP chunks) runs,
+  :class:`longtrain.kernels.dispatch.AttentionKernels` of ``--block-backend``, on the whole sequence
+  as one block (forward with lse, then the block backward from that lse): on CUDA flash
+  attention's varlen ops, or cuDNN for dense blocks where chosen (each row reports ``fallbacks``,
+  the block calls that fell back to the reference: 0 expected, and the calls per executor);
 - ``block_ref``: the plain-torch reference block kernels, for comparison (slow; opt-in);
 - ``sdpa``: the baseline, ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
   (native GQA) on the same tensors; with packed documents one call per document, since a dense
@@ -21,8 +22,13 @@ forward of one document of L tokens is 2 matmuls x 2 FLOP/MAC x L^2/2 visible pa
 useful work and ``ratio_to_sdpa`` (= sdpa ms / impl ms, > 1 means faster than SDPA) compares like
 with like. Timing: CUDA events (perf_counter on CPU), ``--warmup`` untimed runs, median of
 ``--repeats``. Each row: {"impl", "S", "docs", "ms", "fwd_ms", "bwd_ms", "tflops", "ratio_to_sdpa",
-"ok"}; a row that runs out of memory (or finds no SDPA kernel) has ok=false, its error and null
-timings. ``--sdpa-backend`` pins SDPA (the baseline, and ``local``, which calls it) to one backend
+"max_err", "ok"}; a row that runs out of memory (or finds no SDPA kernel) has ok=false, its error
+and null timings.
+
+Accuracy: every row's output and input gradients are compared with SDPA's on the same tensors
+(``max_err``: the largest of ``max |x - x_sdpa| / (max |x_sdpa| + 1)`` over out, dq, dk, dv); a row
+past ``--tol`` (default 2e-2: bf16 keeps ~3 significant digits, and both sides accumulate in fp32)
+has ok=false and says so, so a wrong kernel at scale cannot pass as a fast one. ``--sdpa-backend`` pins SDPA (the baseline, and ``local``, which calls it) to one backend
 for every row; not every backend takes native GQA (``--kv-heads 32`` gives plain multi-head).
 
 Usage (one GPU, bf16):
@@ -37,7 +43,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import time
 from typing import Callable, List, Optional, Tuple
@@ -46,10 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from longtrain.kernels.attention import local_attention
-from longtrain.kernels.blocks import get_block_kernels, reference_block_backward, reference_block_forward
-from longtrain.kernels.cudnn import BACKEND_ENV, CUDNN_STATS, cudnn_block_forward
-from longtrain.kernels.fused import FUSED_STATS, fused_block_forward
+from longtrain.kernels.attention import LocalAttention
+from longtrain.kernels.blocks import reference_block_backward, reference_block_forward
+from longtrain.kernels.dispatch import KERNEL_STATS, PATHS, AttentionKernels
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -105,15 +109,17 @@ def time_fwd_bwd(fwd: Callable[[], object], bwd: Callable[[object], None], devic
 
 
 def make_impl(name: str, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids: Optional[torch.Tensor],
-              lengths: List[List[int]]):
-    """(forward, backward) closures of one implementation on these inputs."""
+              lengths: List[List[int]], kernels: AttentionKernels):
+    """(forward, backward) closures of one implementation on these inputs; the backward returns
+    (dq, dk, dv)."""
     leaves = (q_bshd, k_bshd, v_bshd)
 
     def autograd_bwd(out):
-        torch.autograd.grad(out, leaves, dout_bshd)
+        return torch.autograd.grad(out, leaves, dout_bshd)
 
     if name == "local":
-        return (lambda: local_attention(q_bshd, k_bshd, v_bshd, doc_ids)), autograd_bwd
+        local = LocalAttention(kernels)
+        return (lambda: local(q_bshd, k_bshd, v_bshd, doc_ids)), autograd_bwd
     if name == "sdpa":
         def sdpa_fwd():
             q_bhsd, k_bhsd, v_bhsd = (t.transpose(1, 2) for t in leaves)
@@ -128,7 +134,7 @@ def make_impl(name: str, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids: Optional[to
             return torch.cat(rows, dim=0).transpose(1, 2)
         return sdpa_fwd, autograd_bwd
     if name in ("block", "block_ref"):
-        forward, backward = get_block_kernels(q_bshd.device)
+        forward, backward = kernels.forward, kernels.backward
         if name == "block_ref":
             forward, backward = reference_block_forward, reference_block_backward
         idx = torch.arange(q_bshd.shape[1], device=q_bshd.device)
@@ -140,12 +146,18 @@ def make_impl(name: str, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids: Optional[to
 
         def block_bwd(res):
             out_bshd, lse_bhs = res
-            backward(dout_bshd, *plain, out_bshd, lse_bhs, idx, idx, doc_ids, doc_ids, scale)
+            return backward(dout_bshd, *plain, out_bshd, lse_bhs, idx, idx, doc_ids, doc_ids, scale)
         return block_fwd, block_bwd
     raise ValueError(f"--impls: unknown implementation {name!r}; choose from local, block, block_ref, sdpa")
 
 
-def run_row(impl: str, seq_len: int, docs: str, a, device: torch.device, sdpa_ms: dict) -> dict:
+def max_error(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
+    """The largest ``max |x - y| / (max |y| + 1)`` over the pairs (out, dq, dk, dv)."""
+    return max(((x.float() - y.float()).abs().max() / (y.float().abs().max() + 1.0)).item() for x, y in zip(got, want))
+
+
+def run_row(impl: str, seq_len: int, docs: str, a, device: torch.device, sdpa_ms: dict,
+            kernels: AttentionKernels, sdpa_result: dict) -> dict:
     row = dict(impl=impl, S=seq_len, docs=docs, B=a.batch, Hq=a.heads, Hkv=a.kv_heads, D=a.head_dim,
                dtype=a.dtype, device=str(device), ok=True)
     try:
@@ -163,12 +175,24 @@ def run_row(impl: str, seq_len: int, docs: str, a, device: torch.device, sdpa_ms
             doc_ids = doc_ids.to(device)
         else:
             doc_ids, lengths = None, [[seq_len]] * a.batch
-        fwd, bwd = make_impl(impl, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids, lengths)
-        fallbacks0, cudnn0 = FUSED_STATS.fallback, CUDNN_STATS.cudnn
+        fwd, bwd = make_impl(impl, q_bshd, k_bshd, v_bshd, dout_bshd, doc_ids, lengths, kernels)
+        before = dict(KERNEL_STATS.calls)
         fwd_ms, bwd_ms = time_fwd_bwd(fwd, bwd, device, a.warmup, a.repeats)
-        if impl == "block" and get_block_kernels(device)[0] in (fused_block_forward, cudnn_block_forward):
-            row["fallbacks"] = FUSED_STATS.fallback - fallbacks0
-            row["cudnn_calls"] = CUDNN_STATS.cudnn - cudnn0  # block calls the cuDNN backend ran
+        if impl in ("block", "local"):
+            calls = {p: KERNEL_STATS.calls[p] - before[p] for p in PATHS}
+            row["fallbacks"] = calls["fallback"]
+            row["calls"] = {p: n for p, n in calls.items() if n}
+            row["cudnn_calls"] = calls["cudnn"]
+        res = fwd()
+        result = [res[0] if isinstance(res, tuple) else res, *bwd(res)]
+        if impl == "sdpa":
+            sdpa_result.clear()
+            sdpa_result[(seq_len, docs)] = [t.detach() for t in result]
+        elif (seq_len, docs) in sdpa_result:
+            row["max_err"] = float(f"{max_error(result, sdpa_result[(seq_len, docs)]):.3g}")
+            if row["max_err"] > a.tol:
+                row.update(ok=False, error=f"max_err {row['max_err']} over the tolerance {a.tol} against SDPA")
+        del res, result
         total = fwd_ms + bwd_ms
         tflops = causal_flops(a.heads, a.head_dim, lengths) / total / 1e9  # FLOP per ms / 1e9 = TFLOP/s
         if impl == "sdpa":
@@ -180,6 +204,8 @@ def run_row(impl: str, seq_len: int, docs: str, a, device: torch.device, sdpa_ms
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # OOM, or no SDPA kernel for --sdpa-backend
         error = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else str(exc).splitlines()[0][:200]
         row.update(ok=False, error=error, ms=None, fwd_ms=None, bwd_ms=None, tflops=None, ratio_to_sdpa=None)
+        if impl == "sdpa":
+            sdpa_result.clear()
     return row
 
 
@@ -199,23 +225,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sdpa-backend", choices=sorted(BACKENDS), default="auto",
                    help="restrict torch SDPA (the baseline, and local_attention, which calls it) to one backend")
-    p.add_argument("--block-backend", choices=["auto", "flash", "cudnn"], default=None,
-                   help="the CUDA block kernels' backend (sets LONGTRAIN_ATTN_BACKEND; default: as the environment)")
+    p.add_argument("--block-backend", choices=["auto", "flash", "cudnn"], default="auto",
+                   help="the attention kernels' backend (trainer.attention_backend) of local and block")
+    p.add_argument("--tol", type=float, default=2e-2, help="largest error against SDPA a row may have")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    if a.block_backend:
-        os.environ[BACKEND_ENV] = a.block_backend
+    kernels = AttentionKernels(a.block_backend)
     device = torch.device(a.device)
     impls = sorted(a.impls, key=lambda name: name != "sdpa")  # the baseline first: the others' ratios need it
     sdpa_ms: dict = {}
+    sdpa_result: dict = {}
     backend = contextlib.nullcontext() if a.sdpa_backend == "auto" else sdpa_kernel(BACKENDS[a.sdpa_backend])
     with backend:
         for seq_len in a.seqs:
             for docs in a.docs:
                 for impl in impls:
-                    row = run_row(impl, seq_len, docs, a, device, sdpa_ms)
-                    print(json.dumps(dict(row, sdpa_backend=a.sdpa_backend,
-                                          block_backend=os.environ.get(BACKEND_ENV, "auto"))), flush=True)
+                    row = run_row(impl, seq_len, docs, a, device, sdpa_ms, kernels, sdpa_result)
+                    print(json.dumps(dict(row, sdpa_backend=a.sdpa_backend, block_backend=a.block_backend)),
+                          flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()  # after the row's tensors are gone: each row starts clean
 

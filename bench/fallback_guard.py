@@ -1,10 +1,13 @@
-"""pytest plugin for the GPU suite's test stage: fail any test whose fused block kernels fell back
-to the reference kernels, and name it.
+"""pytest plugin for the GPU suite's test stage: fail any test whose attention blocks fell back to
+the reference kernels although a fused executor takes their dtype, and name it.
 
-Loaded with ``-p fallback_guard`` (``bench/`` on ``PYTHONPATH``). It counts the calls of the
-reference kernels made *by* :mod:`longtrain.kernels.fused` (the fallbacks; tests that call the
-reference directly are not counted), turns a passing test with a fallback into a failure, and,
-when ``LONGTRAIN_FALLBACK_REPORT`` names a file, writes ``{test id: fallbacks}`` there as JSON.
+Loaded with ``-p fallback_guard`` (``bench/`` on ``PYTHONPATH``). It counts the blocks that
+:class:`longtrain.kernels.dispatch.AttentionKernels` routes to ``fallback`` (a fused executor takes
+the inputs' device and dtype, but the block has no segment plan). Blocks routed to ``reference``
+because no fused executor exists for them (fp32 on CUDA, an odd head size) are by design and not
+counted, nor are tests that call the reference kernels directly. A passing test with a fallback
+becomes a failure; when ``LONGTRAIN_FALLBACK_REPORT`` names a file, ``{test id: fallbacks}`` is
+written there as JSON.
 """
 from __future__ import annotations
 
@@ -17,20 +20,21 @@ _COUNT = {"n": 0}
 _BY_TEST: dict = {}
 
 
-def _counting(fn):
+def _counting(route):
     def wrapper(*args, **kwargs):
-        _COUNT["n"] += 1
-        return fn(*args, **kwargs)
-    wrapper.__wrapped__ = fn
+        res = route(*args, **kwargs)
+        if res.path == "fallback":
+            _COUNT["n"] += 1
+        return res
+    wrapper.__wrapped__ = route
     return wrapper
 
 
 def pytest_configure(config):
-    from longtrain.kernels import fused
+    from longtrain.kernels.dispatch import AttentionKernels
 
-    if not hasattr(fused.reference_block_forward, "__wrapped__"):
-        fused.reference_block_forward = _counting(fused.reference_block_forward)
-        fused.reference_block_backward = _counting(fused.reference_block_backward)
+    if not hasattr(AttentionKernels.route, "__wrapped__"):
+        AttentionKernels.route = _counting(AttentionKernels.route)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -49,8 +53,8 @@ def pytest_runtest_makereport(item, call):
         _BY_TEST[item.nodeid] = fallbacks
         if report.passed:
             report.outcome = "failed"
-            report.longrepr = (f"FALLBACK: {fallbacks} block kernel call(s) of {item.nodeid} fell back to the "
-                               "reference kernels (longtrain.kernels.fused)")
+            report.longrepr = (f"FALLBACK: {fallbacks} attention block(s) of {item.nodeid} fell back to the "
+                               "reference kernels (longtrain.kernels.dispatch)")
 
 
 def pytest_sessionfinish(session, exitstatus):

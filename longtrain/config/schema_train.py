@@ -76,6 +76,11 @@ class TrainerConfig:
     """Under bf16 autocast, keep the residual stream (each layer's input and output) in fp32;
     false keeps it in bf16 (Megatron's default, and what DeepSpeed's bf16 weights give), which
     halves what checkpointing and StreamBP keep per layer and token."""
+    attention_backend: str = "auto"
+    """The attention kernels of every caller on CUDA (local, Ulysses, ring blocks, StreamBP chunks):
+    `flash` (flash attention's varlen ops), `cudnn` (SDPA's cuDNN ops for dense blocks, flash for
+    packed documents) or `auto` (cuDNN where a timing probe on each block shape finds it faster).
+    CPU runs ignore it."""
     eval_every: int = 0
     """Evaluate every N steps (and at the end); 0 disables evaluation."""
     eval_rows: int = 64
@@ -100,6 +105,8 @@ class TrainerConfig:
                  f"must be auto, cpu or cuda, got {self.device!r}")
         require(self.precision in ("auto", "bf16", "fp32"), "trainer.precision",
                  f"must be auto, bf16 or fp32, got {self.precision!r}")
+        require(self.attention_backend in ("auto", "flash", "cudnn"), "trainer.attention_backend",
+                 f"must be auto, flash or cudnn, got {self.attention_backend!r}")
         require(self.eval_every >= 0, "trainer.eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.eval_rows >= 0, "trainer.eval_rows", f"must be >= 0, got {self.eval_rows}")
         require(0 <= self.stop_at_step, "trainer.stop_at_step", f"must be >= 0, got {self.stop_at_step}")

@@ -1,9 +1,4 @@
-"""Single-device attention kernels: local causal attention, the block kernels ring attention and
-StreamBP run on, and their fused CUDA backends (flash varlen; cuDNN for dense blocks). Imports nothing else from longtrain.
-
-Importing the package registers the fused CUDA block kernels (:mod:`longtrain.kernels.fused`
-imports :mod:`longtrain.kernels.blocks`, never the reverse), so
-:func:`~longtrain.kernels.blocks.get_block_kernels` finds them without importing them itself.
-"""
-from longtrain.kernels import fused  # noqa: F401  (registers the CUDA block kernels)
-from longtrain.kernels import cudnn  # noqa: F401  (then the cuDNN/flash selection over them, for CUDA)
+"""Single-device attention kernels: the reference block kernels, the fused executors (flash
+attention's varlen ops on CUDA, the CPU flash op, cuDNN for dense blocks), the one dispatch that
+chooses among them for every caller (:mod:`longtrain.kernels.dispatch`), and local attention.
+Imports nothing else from longtrain; importing it registers nothing."""

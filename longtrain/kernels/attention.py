@@ -23,9 +23,12 @@ Layout legend:
     out_bshd    [batch, seq, num_heads, head_dim]     attention output
     doc_ids_bs  [batch, seq] integer document id of each token; documents are contiguous runs
 
-Documents are handled without an S x S mask: on CUDA (half precision) all documents go into one
-varlen flash-attention call (:func:`~longtrain.kernels.fused.fused_local_attention`); elsewhere
-each contiguous run of equal ``doc_ids`` is one causal SDPA call. Both are exact.
+Kernels. A :class:`LocalAttention` and the :class:`ChunkKeys` it makes run every block through the
+:class:`~longtrain.kernels.dispatch.AttentionKernels` they were built with (the run's one backend
+choice). Documents are handled without an S x S mask: on CUDA (half precision) the whole sequence
+is one block there (every document in one varlen flash-attention call; a single document may run
+on cuDNN); elsewhere each contiguous run of equal ``doc_ids`` is one causal SDPA call. Both are
+exact.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from longtrain.kernels.fused import block_attention, fused_local_attention, fused_supported
+from longtrain.kernels.dispatch import DEFAULT_KERNELS, AttentionKernels
 
 _TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -80,15 +83,16 @@ class ChunkKeys:
         k_bshd: [B, S_keys, Hkv', D] the whole-sequence keys (after RoPE) the chunks read; the
             caller may set it (and ``v_bshd``) to None once the chunks are done, to free them.
         v_bshd: the matching values.
+        kernels: the attention kernels every chunk runs on.
 
     A chunk is the tokens ``[start, end)`` of this rank's sequence; its queries are computed by the
     caller. The base class is the local strategy: keys are this rank's own, no communication.
     """
 
     def __init__(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor, doc_ids: Optional[torch.Tensor],
-                 scale: float) -> None:
+                 scale: float, kernels: AttentionKernels = DEFAULT_KERNELS) -> None:
         self.k_bshd, self.v_bshd = k_bshd, v_bshd
-        self.doc_ids, self.scale = doc_ids, scale
+        self.doc_ids, self.scale, self.kernels = doc_ids, scale, kernels
 
     def key_end(self, start: int, end: int) -> int:
         """Keys ``[0, key_end)`` of :attr:`k_bshd` that chunk ``[start, end)`` may see (causality)."""
@@ -102,7 +106,7 @@ class ChunkKeys:
         q_idx = torch.arange(start, end, device=q_bchd.device)
         k_idx = torch.arange(0, end, device=q_bchd.device)
         q_doc, k_doc = (None, None) if self.doc_ids is None else (self.doc_ids[:, start:end], self.doc_ids[:, :end])
-        return block_attention(q_bchd, k_prefix, v_prefix, q_idx, k_idx, q_doc, k_doc, self.scale)
+        return self.kernels.attention(q_bchd, k_prefix, v_prefix, q_idx, k_idx, q_doc, k_doc, self.scale)
 
     def local_grads(self, dk_bshd: torch.Tensor, dv_bshd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """dK/dV of this rank's own K/V (the ``chunk_keys`` inputs) from those of :attr:`k_bshd`."""
@@ -110,7 +114,8 @@ class ChunkKeys:
 
 
 def _local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
-                     doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                     doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     kernels: AttentionKernels = DEFAULT_KERNELS) -> torch.Tensor:
     """Causal attention of ``q`` over ``k``/``v`` of the same tokens, never across documents.
 
     Args:
@@ -121,18 +126,23 @@ def _local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.T
         doc_ids: optional [B, S] integer document ids; a token attends only to earlier tokens of
             its own contiguous document. None means one document per row.
         scale: softmax scale; None means ``1 / sqrt(D)``.
+        kernels: where the whole sequence runs as one block on CUDA's executors.
 
     Returns:
         out_bshd: [B, S, Hq, D], dtype of ``q_bshd``.
     """
     batch, seq_len, num_heads, _ = q_bshd.shape
     assert k_bshd.shape[:2] == (batch, seq_len) and num_heads % k_bshd.shape[2] == 0, "q/k/v shapes disagree"
+    if doc_ids is not None:
+        assert doc_ids.shape == (batch, seq_len), f"doc_ids must be [B, S], got {tuple(doc_ids.shape)}"
+        if bool((doc_ids == doc_ids[:, :1]).all()):
+            doc_ids = None  # one document per row: a plain causal block
+    fused_out = kernels.whole_sequence(q_bshd, k_bshd, v_bshd, doc_ids, scale)
+    if fused_out is not None:  # CUDA: the kernels' backend choice, every document in one call
+        return fused_out
     q_bhsd, k_bhsd, v_bhsd = (t.transpose(1, 2) for t in (q_bshd, k_bshd, v_bshd))
-    if doc_ids is None or bool((doc_ids == doc_ids[:, :1]).all()):
+    if doc_ids is None:
         return _causal_sdpa(q_bhsd, k_bhsd, v_bhsd, scale).transpose(1, 2)
-    assert doc_ids.shape == (batch, seq_len), f"doc_ids must be [B, S], got {tuple(doc_ids.shape)}"
-    if fused_supported(q_bshd):  # CUDA: every document of every row in one varlen flash call
-        return fused_local_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale)
     rows = []
     for b in range(batch):
         pieces = [_causal_sdpa(q_bhsd[b:b + 1, :, s:e], k_bhsd[b:b + 1, :, s:e], v_bhsd[b:b + 1, :, s:e], scale)
@@ -142,27 +152,30 @@ def _local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.T
 
 
 class LocalAttention:
-    """Causal attention over this device's whole sequence; :data:`local_attention` is the instance
-    every layer uses by default. Called as :func:`_local_attention`; streams with the local
-    :class:`ChunkKeys`."""
+    """Causal attention over this device's whole sequence on ``kernels``; :data:`local_attention` is
+    the instance every layer uses until the builder sets the run's own. Called as
+    :func:`_local_attention`; streams with the local :class:`ChunkKeys`."""
 
     __name__ = "local_attention"  # what code naming attention functions printed when it was a function
     can_stream = True  # chunk_keys always returns a strategy
 
+    def __init__(self, kernels: AttentionKernels = DEFAULT_KERNELS) -> None:
+        self.kernels = kernels
+
     def __call__(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                  doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
-        return _local_attention(q_bshd, k_bshd, v_bshd, doc_ids=doc_ids, scale=scale)
+        return _local_attention(q_bshd, k_bshd, v_bshd, doc_ids=doc_ids, scale=scale, kernels=self.kernels)
 
     __call__.__doc__ = _local_attention.__doc__
 
     def __repr__(self) -> str:
-        return "local_attention"
+        return "local_attention" if self.kernels is DEFAULT_KERNELS else f"local_attention({self.kernels!r})"
 
     def chunk_keys(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor, doc_ids: Optional[torch.Tensor],
                    scale: float, num_heads: int) -> Optional[ChunkKeys]:
         """The streaming strategy for this rank's K/V [B, S, Hkv, D] after RoPE (module docstring):
         the local :class:`ChunkKeys`, every key on this device. ``num_heads`` (Hq) is unused here."""
-        return ChunkKeys(k_bshd, v_bshd, doc_ids, scale)
+        return ChunkKeys(k_bshd, v_bshd, doc_ids, scale, self.kernels)
 
 
 local_attention = LocalAttention()

@@ -7,15 +7,13 @@ block per visiting K/V shard, merges the partial outputs with :func:`merge_parti
 softmax, Milakov & Gimelshein 2018; flash-attention), and runs the standard flash-attention
 backward per block from the *merged* output and log-sum-exp (FlashAttention-2, Algorithm 2).
 
-Backends sit behind :func:`get_block_kernels`. The reference backend here is plain torch: dense
-scores per tile of queries, keys past the tile's last query dropped, fp32 math (fp64 for fp64
-inputs). It runs everywhere, is the specification the tests hold other kernels to, and is the
-fallback. On CUDA, :mod:`longtrain.kernels.fused` registers kernels that cut a block into dense
-segments and run them with flash attention's varlen forward and backward ops (which return and
-take the log-sum-exp); it is imported by the package ``longtrain.kernels`` itself, so the
-registration is in place whenever this module is importable and this module never imports it
-back. :func:`register_block_kernels` takes any other backend (cuDNN, FlexAttention, Triton) with
-the same contract.
+The reference kernels here are plain torch: dense scores per tile of queries, keys past the
+tile's last query dropped, fp32 math (fp64 for fp64 inputs). They run everywhere, are the
+specification the tests hold the fused executors to (:mod:`longtrain.kernels.fused` for flash
+attention, :mod:`longtrain.kernels.cudnn`), and the fallback: which executor runs a block is
+:class:`longtrain.kernels.dispatch.AttentionKernels`' choice, for every caller. Their contracts
+(arguments, the returned lse, the backward from merged statistics) are those of its ``forward``
+and ``backward``.
 
 Layout legend:
     q_bshd      [batch, q_seq, num_heads, head_dim]       queries of the block
@@ -30,14 +28,12 @@ Layout legend:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 Q_TILE = 1024  # queries per tile in the reference kernels: bounds the dense score tile's memory
 
-BlockForward = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
-BlockBackward = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -126,7 +122,26 @@ def reference_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: 
                             q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
                             k_doc: Optional[torch.Tensor], scale: float,
                             q_tile: int = Q_TILE) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Masked attention of one block, with its log-sum-exp. See :func:`block_attention_forward`."""
+    """Masked attention of queries over one key block, with the per-row log-sum-exp.
+
+    Args:
+        q_bshd: [B, Sq, Hq, D] queries.
+        k_bshd: [B, Sk, Hkv, D] keys; ``Hq = g * Hkv`` and query head ``h`` reads KV head ``h // g``.
+        v_bshd: [B, Sk, Hkv, D] values.
+        q_idx: [Sq] int64 global indices of the queries.
+        k_idx: [Sk] int64 global indices of the keys.
+        q_doc: [B, Sq] document ids of the queries, or None (one document).
+        k_doc: [B, Sk] document ids of the keys, or None (one document).
+        scale: softmax scale applied to ``q . k``.
+        q_tile: queries per tile (bounds the dense score tile's memory).
+
+    Returns:
+        ``(out_bshd, lse_bhs)``: ``out`` [B, Sq, Hq, D] in q's dtype; ``lse`` [B, Hq, Sq] in fp32
+        (fp64 for fp64 inputs). Rows with no visible key get ``out = 0`` and ``lse = -inf``.
+
+    Raises:
+        ValueError: inconsistent shapes, or only one of ``q_doc``/``k_doc`` given.
+    """
     check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
     check_docs(q_doc, k_doc)
     dtype = _compute_dtype(q_bshd, k_bshd, v_bshd)
@@ -157,7 +172,23 @@ def reference_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bs
                              q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
                              k_doc: Optional[torch.Tensor], scale: float, q_tile: int = Q_TILE
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one block from the merged output and lse. See :func:`block_attention_backward`."""
+    """This block's share of the attention gradients, given the *merged* output and lse.
+
+    With ``P = exp(scale * Q K^T - lse)`` (masked), ``dV = P^T dO``, ``dP = dO V^T``,
+    ``D = rowsum(dO * O)``, ``dS = P * (dP - D)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``;
+    under GQA the key/value gradients are summed over each query group. Summing the results over
+    all key blocks gives the exact gradients of the full attention.
+
+    Args:
+        dout_bshd: [B, Sq, Hq, D] gradient of the merged output.
+        q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale, q_tile: as
+            :func:`reference_block_forward`.
+        out_bshd: [B, Sq, Hq, D] merged output over *all* key blocks.
+        lse_bhs: [B, Hq, Sq] merged log-sum-exp over all key blocks.
+
+    Returns:
+        ``(dq_bshd, dk_bshd, dv_bshd)`` in the dtypes of q, k, v (computed in fp32, fp64 for fp64).
+    """
     check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
     check_docs(q_doc, k_doc)
     dtype = _compute_dtype(q_bshd, k_bshd, v_bshd)
@@ -195,74 +226,6 @@ def reference_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bs
             dv_bksd.index_add_(2, sel, dv_t)
     return (_merge_heads(dq_bkgsd).to(q_bshd.dtype), dk_bksd.transpose(1, 2).to(k_bshd.dtype),
             dv_bksd.transpose(1, 2).to(v_bshd.dtype))
-
-
-_BACKENDS: Dict[str, Tuple[BlockForward, BlockBackward]] = {}
-
-
-def register_block_kernels(device_type: str, forward: BlockForward, backward: BlockBackward) -> None:
-    """Use ``forward``/``backward`` (same contracts as the reference) for tensors on ``device_type``."""
-    _BACKENDS[device_type] = (forward, backward)
-
-
-def get_block_kernels(device: torch.device) -> Tuple[BlockForward, BlockBackward]:
-    """The (forward, backward) block kernels for ``device``: those registered for its type, else the
-    reference. CUDA's are the fused flash-attention kernels of :mod:`longtrain.kernels.fused`
-    (registered when the package is imported; they fall back to the reference for inputs flash
-    attention does not take)."""
-    device_type = torch.device(device).type
-    return _BACKENDS.get(device_type, (reference_block_forward, reference_block_backward))
-
-
-def block_attention_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
-                            q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
-                            k_doc: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Masked attention of queries over one key block, with the per-row log-sum-exp.
-
-    Args:
-        q_bshd: [B, Sq, Hq, D] queries.
-        k_bshd: [B, Sk, Hkv, D] keys; ``Hq = g * Hkv`` and query head ``h`` reads KV head ``h // g``.
-        v_bshd: [B, Sk, Hkv, D] values.
-        q_idx: [Sq] int64 global indices of the queries.
-        k_idx: [Sk] int64 global indices of the keys.
-        q_doc: [B, Sq] document ids of the queries, or None (one document).
-        k_doc: [B, Sk] document ids of the keys, or None (one document).
-        scale: softmax scale applied to ``q . k``.
-
-    Returns:
-        ``(out_bshd, lse_bhs)``: ``out`` [B, Sq, Hq, D] in q's dtype; ``lse`` [B, Hq, Sq] in fp32
-        (fp64 for fp64 inputs). Rows with no visible key get ``out = 0`` and ``lse = -inf``.
-
-    Raises:
-        ValueError: inconsistent shapes, or only one of ``q_doc``/``k_doc`` given.
-    """
-    forward, _ = get_block_kernels(q_bshd.device)
-    return forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
-
-
-def block_attention_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bshd: torch.Tensor,
-                             v_bshd: torch.Tensor, out_bshd: torch.Tensor, lse_bhs: torch.Tensor,
-                             q_idx: torch.Tensor, k_idx: torch.Tensor, q_doc: Optional[torch.Tensor],
-                             k_doc: Optional[torch.Tensor], scale: float
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This block's share of the attention gradients, given the *merged* output and lse.
-
-    With ``P = exp(scale * Q K^T - lse)`` (masked), ``dV = P^T dO``, ``dP = dO V^T``,
-    ``D = rowsum(dO * O)``, ``dS = P * (dP - D)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``;
-    under GQA the key/value gradients are summed over each query group. Summing the results over
-    all key blocks gives the exact gradients of the full attention.
-
-    Args:
-        dout_bshd: [B, Sq, Hq, D] gradient of the merged output.
-        q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale: as :func:`block_attention_forward`.
-        out_bshd: [B, Sq, Hq, D] merged output over *all* key blocks.
-        lse_bhs: [B, Hq, Sq] merged log-sum-exp over all key blocks.
-
-    Returns:
-        ``(dq_bshd, dk_bshd, dv_bshd)`` in the dtypes of q, k, v (computed in fp32, fp64 for fp64).
-    """
-    _, backward = get_block_kernels(q_bshd.device)
-    return backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc, scale)
 
 
 def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Block kernels on fused attention ops: one plan of dense segments, run by flash attention.
+"""Flash-attention executors of attention blocks: one plan of dense segments per block.
 
 The block contract of :mod:`longtrain.kernels.blocks` (queries and keys carrying global token
 indices and document ids, output plus log-sum-exp, backward from the merged statistics) is met
@@ -19,43 +19,28 @@ merge is needed inside a block, and keys no query can see are never touched.
 The plan covers the layouts longtrain produces (contiguous and zigzag shards, Ulysses-gathered
 sequences, document ids that never decrease along a row). Blocks outside it (a diagonal only
 partly present, indices out of order, document ids that decrease) return ``None`` from
-:func:`plan_segments` and fall back to the reference kernels, as do dtypes or head sizes the fused
-op does not take.
+:func:`plan_segments`; :mod:`longtrain.kernels.dispatch`, which chooses the executor of every
+block, then runs the reference kernels.
 
 Executors:
     ``varlen`` (CUDA): all segments of one causality in a single ``aten._flash_attention_forward``
         / ``_flash_attention_backward`` call with cumulative sequence lengths (flash attention's
         varlen API; native GQA, lse ``[H, total_q]`` in fp32, bottom-right causal alignment).
     ``loop`` (CPU): one ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward) per
-        segment, the bottom-right diagonal as an additive mask. It exists so that the planner and
-        the lse/backward plumbing shared with the CUDA path are tested on CPU against the reference.
+        segment, the bottom-right diagonal as an additive mask: the CPU's fused path, and the
+        lse/backward plumbing shared with the CUDA path tested on CPU against the reference.
 
 Layout legend: as :mod:`longtrain.kernels.blocks`; ``*_thd`` [total_tokens, heads, head_dim] is
 a varlen concatenation of segments, ``lse_ht`` [heads, total_tokens].
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from longtrain.kernels.blocks import (check_docs, check_shapes, get_block_kernels, reference_block_backward,
-                                      reference_block_forward, register_block_kernels)
-
-
-@dataclass
-class FusedStats:
-    """How many block calls ran on a fused op and how many fell back to the reference kernels."""
-
-    fused: int = 0
-    fallback: int = 0
-
-
-FUSED_STATS = FusedStats()
-"""Counts of every :func:`fused_block_forward` / :func:`fused_block_backward` call."""
+from longtrain.kernels.blocks import check_docs
 
 
 @dataclass
@@ -165,19 +150,7 @@ def _cu_seqlens(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- executors
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _RNG_STATE: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-_VARLEN_DEVICE_TYPES = {"cuda"}
-"""Device types whose half-precision blocks run the varlen executor (:func:`cuda_kernels_on` adds one)."""
-
-
-def _varlen_supported(q_bshd: torch.Tensor) -> bool:
-    if not (q_bshd.device.type in _VARLEN_DEVICE_TYPES and q_bshd.dtype in _FLASH_DTYPES
-            and q_bshd.shape[-1] % 8 == 0 and q_bshd.shape[-1] <= 256):
-        return False
-    return not q_bshd.is_cuda or torch.backends.cuda.is_flash_attention_available()
 
 
 def _rng_state(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +176,7 @@ def _varlen_groups(seg: Segments, device: torch.device, num_q: int, num_k: int):
                int((part.q1 - part.q0).max()), int((part.k1 - part.k0).max()))
 
 
-def _varlen_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
+def varlen_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
     batch, num_q, heads, dim = q_bshd.shape
     num_k = k_bshd.shape[1]
     q_thd, k_thd, v_thd = q_bshd.reshape(-1, heads, dim), k_bshd.flatten(0, 1), v_bshd.flatten(0, 1)
@@ -218,7 +191,7 @@ def _varlen_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
     return out_thd.view(q_bshd.shape), lse_ht.view(heads, batch, num_q).transpose(0, 1)
 
 
-def _varlen_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: Segments, scale: float):
+def varlen_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: Segments, scale: float):
     batch, num_q, heads, dim = q_bshd.shape
     num_k, kv_heads = k_bshd.shape[1], k_bshd.shape[2]
     flat = [t.reshape(-1, t.shape[2], dim) for t in (dout_bshd, q_bshd, out_bshd, k_bshd, v_bshd)]
@@ -258,7 +231,7 @@ def _bhsd(x_bshd: torch.Tensor, b: int, s: slice) -> torch.Tensor:
     return x_bshd[b:b + 1, s].transpose(1, 2)
 
 
-def _loop_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
+def loop_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
     out_bshd = torch.zeros_like(q_bshd)
     lse_bhs = torch.full((q_bshd.shape[0], q_bshd.shape[2], q_bshd.shape[1]), float("-inf"),
                          dtype=torch.float64 if q_bshd.dtype == torch.float64 else torch.float32, device=q_bshd.device)
@@ -271,7 +244,7 @@ def _loop_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
     return out_bshd, lse_bhs
 
 
-def _loop_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: Segments, scale: float):
+def loop_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: Segments, scale: float):
     dq_bshd, dk_bshd, dv_bshd = (torch.zeros_like(t) for t in (q_bshd, k_bshd, v_bshd))
     for b, qs, ks, causal, square in _loop_slices(seg):
         q, k, v = _bhsd(q_bshd, b, qs), _bhsd(k_bshd, b, ks), _bhsd(v_bshd, b, ks)
@@ -283,125 +256,3 @@ def _loop_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: Se
         dk_bshd[b:b + 1, ks] += dk.transpose(1, 2)
         dv_bshd[b:b + 1, ks] += dv.transpose(1, 2)
     return dq_bshd, dk_bshd, dv_bshd
-
-
-def _executor(q_bshd: torch.Tensor):
-    """(forward, backward) executor for these inputs, or None (use the reference)."""
-    if _varlen_supported(q_bshd):
-        return _varlen_forward, _varlen_backward
-    if q_bshd.device.type == "cpu" and q_bshd.dtype in (torch.float32, torch.float64):
-        return _loop_forward, _loop_backward
-    return None
-
-
-# ---------------------------------------------------------------------------- the block kernels
-Plan = Tuple[Optional[tuple], Optional[Segments]]
-"""(executor, segments) for one block: :func:`plan_block`'s answer; a None in it means the reference."""
-
-
-def plan_block(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
-               k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor]) -> Plan:
-    """Check a block's shapes and pick its executor and segments; the forward and the backward of
-    the same block take the same plan, so a caller that holds both may plan once."""
-    check_shapes(q_bshd, k_bshd, v_bshd, q_idx, k_idx)
-    executor = _executor(q_bshd)
-    return executor, None if executor is None else plan_segments(q_idx, k_idx, q_doc, k_doc, q_bshd.shape[0])
-
-
-def fused_block_forward(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
-                        k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
-                        scale: float, plan: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~longtrain.kernels.blocks.block_attention_forward` on a fused op (reference fallback);
-    ``plan`` from :func:`plan_block` (None: planned here)."""
-    executor, seg = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc) if plan is None else plan
-    if seg is None:
-        FUSED_STATS.fallback += 1
-        return reference_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
-    FUSED_STATS.fused += 1
-    return executor[0](q_bshd.contiguous(), k_bshd.contiguous(), v_bshd.contiguous(), seg, scale)
-
-
-def fused_block_backward(dout_bshd: torch.Tensor, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
-                         out_bshd: torch.Tensor, lse_bhs: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
-                         q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], scale: float,
-                         plan: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~longtrain.kernels.blocks.block_attention_backward` on a fused op (reference fallback);
-    ``plan`` from :func:`plan_block` (None: planned here)."""
-    executor, seg = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc) if plan is None else plan
-    if seg is None:
-        FUSED_STATS.fallback += 1
-        return reference_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx,
-                                        q_doc, k_doc, scale)
-    FUSED_STATS.fused += 1
-    tensors = (t.contiguous() for t in (dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd.to(q_bshd.dtype)))
-    return executor[1](*tensors, lse_bhs, seg, scale)
-
-
-class _BlockAttention(torch.autograd.Function):
-    """One block as a differentiable op: forward kernel, then the backward kernel from its own lse,
-    both on one plan."""
-
-    @staticmethod
-    def forward(ctx, q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale):
-        ctx.plan = plan_block(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc)
-        out_bshd, lse_bhs = fused_block_forward(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale, ctx.plan)
-        ctx.save_for_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc)
-        ctx.scale = scale
-        return out_bshd
-
-    @staticmethod
-    def backward(ctx, dout_bshd):
-        q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx, q_doc, k_doc = ctx.saved_tensors
-        grads = fused_block_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, q_idx, k_idx,
-                                     q_doc, k_doc, ctx.scale, ctx.plan)
-        return (*grads, None, None, None, None, None)
-
-
-def block_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_idx: torch.Tensor,
-                    k_idx: torch.Tensor, q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
-                    scale: float) -> torch.Tensor:
-    """Differentiable attention of one block (arguments as
-    :func:`~longtrain.kernels.blocks.block_attention_forward`): the fused kernels where they apply,
-    the reference otherwise."""
-    return _BlockAttention.apply(q_bshd, k_bshd, v_bshd, q_idx, k_idx, q_doc, k_doc, scale)
-
-
-def fused_local_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
-                          doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
-    """Causal, document-masked attention of a whole sequence in one fused call per causality.
-
-    Same contract as :func:`~longtrain.kernels.attention.local_attention`; on CUDA every document
-    of every row goes into one varlen flash-attention call instead of one SDPA call per document.
-    """
-    scale = 1.0 / math.sqrt(q_bshd.shape[-1]) if scale is None else scale
-    idx = torch.arange(q_bshd.shape[1], device=q_bshd.device)
-    return block_attention(q_bshd, k_bshd, v_bshd, idx, idx, doc_ids, doc_ids, scale)
-
-
-def fused_supported(q_bshd: torch.Tensor) -> bool:
-    """Whether the fused CUDA path takes these queries (device, dtype, head size, flash available)."""
-    return _varlen_supported(q_bshd)
-
-
-register_block_kernels("cuda", fused_block_forward, fused_block_backward)
-
-
-@contextmanager
-def cuda_kernels_on(device_type: str) -> Iterator[None]:
-    """Within the block, half-precision attention on ``device_type`` takes CUDA's flash-attention
-    path: local attention over documents, StreamBP's chunks and ring attention's blocks run the
-    varlen executor (``aten._flash_attention_forward`` / ``_backward``). For running CUDA's code
-    path on fake tensors of another device (the planner): those ops have shape functions on every
-    device but kernels only on CUDA, so real tensors would fail."""
-    before = get_block_kernels(torch.device(device_type))
-    added = device_type not in _VARLEN_DEVICE_TYPES
-    _VARLEN_DEVICE_TYPES.add(device_type)
-    register_block_kernels(device_type, fused_block_forward, fused_block_backward)
-    try:
-        yield
-    finally:
-        if added:
-            _VARLEN_DEVICE_TYPES.discard(device_type)
-        register_block_kernels(device_type, *before)
-        for device in [d for d in _RNG_STATE if d.type == device_type]:  # made under the block's tensors
-            del _RNG_STATE[device]

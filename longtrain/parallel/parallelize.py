@@ -3,8 +3,10 @@
 :func:`parallelize` is the only caller of the ``apply_*`` functions, and the order matters:
 
 1. **Sequence-parallel attention** (:func:`apply_sequence_parallel`): every layer's attention
-   function becomes Ulysses, ring or their hybrid over ``dims``. It comes first because the layer
-   wrappers ask the attention function how a chunk of queries gets its keys.
+   function becomes Ulysses, ring or their hybrid over ``dims`` (local attention at sp=1), all on
+   the run's one :class:`~longtrain.kernels.dispatch.AttentionKernels` (``trainer.attention_backend``).
+   It comes first because the layer wrappers ask the attention function how a chunk of queries gets
+   its keys.
 2. **Layer wrappers** (:mod:`longtrain.memory`): StreamBP (``memory.streambp``) or activation
    checkpointing (``memory.checkpointing``) replace each decoder layer with a wrapped one, as
    torchtitan's ``apply_ac`` does. StreamBP wins when both are set.
@@ -24,7 +26,8 @@ from torch import nn
 
 from longtrain.config import Config
 from longtrain.memory import apply_checkpointing, apply_streambp, auto_chunk_size
-from longtrain.kernels.attention import local_attention
+from longtrain.kernels.attention import LocalAttention
+from longtrain.kernels.dispatch import DEFAULT_KERNELS, AttentionKernels
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.engine import PlainEngine, StepEngine
 
@@ -41,7 +44,8 @@ def resolve_ulysses_chunks(chunks: int, group) -> int:
     return 2 if dist.is_initialized() and dist.get_backend(group) == "nccl" else 1
 
 
-def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0):
+def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0,
+                       kernels: AttentionKernels = DEFAULT_KERNELS):
     """The attention function for ``dims``' sequence-parallel layout.
 
     - ulysses only: all-to-all to the full sequence of H/U heads, local attention, all-to-all back;
@@ -54,14 +58,15 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
         seq_len: tokens of a whole (unsharded) sequence.
         ulysses_chunks: head chunks pipelined through the Ulysses all-to-alls (0: auto, see
             :func:`resolve_ulysses_chunks`).
+        kernels: the attention kernels every block runs on.
     """
+    inner = LocalAttention(kernels)
     if dims.sp == 1:
-        return local_attention
-    inner = local_attention
+        return inner
     if dims.ring > 1:
         from longtrain.parallel.ring import RingAttention
 
-        inner = RingAttention(dims.group("ring"), seq_len)
+        inner = RingAttention(dims.group("ring"), seq_len, kernels=kernels)
     if dims.ulysses == 1:
         return inner
     from longtrain.parallel.ulysses import UlyssesAttention
@@ -70,14 +75,17 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
     return UlyssesAttention(group, inner=inner, chunks=resolve_ulysses_chunks(ulysses_chunks, group))
 
 
-def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0) -> None:
-    """Make every attention layer of ``model`` sequence-parallel over ``dims`` (local attention stays at sp=1)."""
-    if dims.sp == 1:
-        log.info("sequence parallel: none (sp=1), local attention on every layer")
-        return
-    attn = build_sp_attention(dims, seq_len, ulysses_chunks)
+def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0,
+                            kernels: AttentionKernels = DEFAULT_KERNELS) -> None:
+    """Make every attention layer of ``model`` sequence-parallel over ``dims`` (local attention at
+    sp=1), on ``kernels``."""
+    attn = build_sp_attention(dims, seq_len, ulysses_chunks, kernels)
     model.set_attention_fn(attn)
-    log.info("sequence parallel: ulysses=%d x ring=%d on every attention layer (%r)", dims.ulysses, dims.ring, attn)
+    if dims.sp == 1:
+        log.info("sequence parallel: none (sp=1), local attention on every layer, kernels %r", kernels)
+        return
+    log.info("sequence parallel: ulysses=%d x ring=%d on every attention layer (%r), kernels %r", dims.ulysses,
+             dims.ring, attn, kernels)
 
 
 def sp_comm_stats() -> Tuple[int, float]:
@@ -127,7 +135,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paral
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, optimizer: torch.optim.Optimizer, *,
-                grad_accum: int, device: torch.device, bf16: bool, load_universal: bool = False) -> StepEngine:
+                grad_accum: int, device: torch.device, bf16: bool, load_universal: bool = False,
+                kernels: Optional[AttentionKernels] = None) -> StepEngine:
     """Apply sequence parallelism, the layer wrappers and the step engine to ``model``, in that order
     (module docstring), and return the engine the training loop drives.
 
@@ -140,9 +149,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, optimizer: to
         device: the training device.
         bf16: train in bf16 (autocast on the plain engine, DeepSpeed's bf16 mode under ZeRO).
         load_universal: the ZeRO engine will load a universal checkpoint (a resumed layout change).
+        kernels: the attention kernels (None: ``trainer.attention_backend``'s, on CUDA devices); the
+            planner passes its own, which run CUDA's executors on its fake tensors.
     """
     sp, mc = cfg.parallel.sp, cfg.memory
-    apply_sequence_parallel(model, dims, cfg.data.seq_len, sp.ulysses_chunks)
+    kernels = AttentionKernels(cfg.trainer.attention_backend) if kernels is None else kernels
+    apply_sequence_parallel(model, dims, cfg.data.seq_len, sp.ulysses_chunks, kernels)
     apply_layer_wrappers(model, mc.streambp.enabled, mc.streambp.chunk_size, mc.offload_checkpoints, mc.checkpointing,
                          cfg.data.seq_len // dims.sp, cfg.data.micro_batch_size, 2 if bf16 else 4, device)
     autocast_dtype = torch.bfloat16 if bf16 and cfg.zero.stage == 0 else None  # DeepSpeed's bf16 holds bf16 params

@@ -32,7 +32,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from longtrain.kernels.blocks import get_block_kernels, has_visible_keys, merge_partials
+from longtrain.kernels.blocks import has_visible_keys, merge_partials
+from longtrain.kernels.dispatch import DEFAULT_KERNELS, AttentionKernels
 from longtrain.parallel.sharding import zigzag_indices
 
 
@@ -96,9 +97,8 @@ def _wait(reqs: list, stats: RingStats) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_bshd, k_bshd, v_bshd, doc_ids_bs, seq_idx, scale, group, stats):
+    def forward(ctx, q_bshd, k_bshd, v_bshd, doc_ids_bs, seq_idx, scale, group, stats, kernels):
         ring = _Ring(group)
-        forward_kernel, _ = get_block_kernels(q_bshd.device)
         acc_dtype = torch.float64 if q_bshd.dtype == torch.float64 else torch.float32
         block = [k_bshd.contiguous(), v_bshd.contiguous(), seq_idx.contiguous()]
         if doc_ids_bs is not None:
@@ -113,7 +113,7 @@ class _RingAttention(torch.autograd.Function):
             doc_blk = block[3] if doc_ids_bs is not None else None
             computed = has_visible_keys(seq_idx, idx_blk, doc_ids_bs, doc_blk)
             if computed:
-                out_i, lse_i = forward_kernel(q_bshd, k_blk, v_blk, seq_idx, idx_blk, doc_ids_bs, doc_blk, scale)
+                out_i, lse_i = kernels.forward(q_bshd, k_blk, v_blk, seq_idx, idx_blk, doc_ids_bs, doc_blk, scale)
                 if out_acc is None:
                     out_acc, lse_acc = out_i.to(acc_dtype), lse_i.to(acc_dtype)
                 else:
@@ -131,14 +131,13 @@ class _RingAttention(torch.autograd.Function):
                                  dtype=acc_dtype, device=q_bshd.device)
         out_bshd = out_acc.to(q_bshd.dtype)
         ctx.save_for_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_acc, seq_idx, doc_ids_bs)
-        ctx.visits, ctx.scale, ctx.group, ctx.stats = visits, scale, group, stats
+        ctx.visits, ctx.scale, ctx.group, ctx.stats, ctx.kernels = visits, scale, group, stats, kernels
         return out_bshd
 
     @staticmethod
     def backward(ctx, dout_bshd):
         q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seq_idx, doc_ids_bs = ctx.saved_tensors
         ring = _Ring(ctx.group)
-        _, backward_kernel = get_block_kernels(q_bshd.device)
         acc_dtype = lse_bhs.dtype
         dout_bshd = dout_bshd.contiguous()
         dq_acc = torch.zeros(q_bshd.shape, dtype=acc_dtype, device=q_bshd.device)
@@ -159,8 +158,8 @@ class _RingAttention(torch.autograd.Function):
                 _wait(dkv_reqs, ctx.stats)
                 dk_acc, dv_acc = dkv_incoming
             if computed:
-                dq_i, dk_i, dv_i = backward_kernel(dout_bshd, q_bshd, kv_blk[0], kv_blk[1], out_bshd, lse_bhs,
-                                                   seq_idx, idx_blk, doc_ids_bs, doc_blk, ctx.scale)
+                dq_i, dk_i, dv_i = ctx.kernels.backward(dout_bshd, q_bshd, kv_blk[0], kv_blk[1], out_bshd, lse_bhs,
+                                                        seq_idx, idx_blk, doc_ids_bs, doc_blk, ctx.scale)
                 dq_acc += dq_i
                 dk_acc += dk_i
                 dv_acc += dv_i
@@ -174,13 +173,13 @@ class _RingAttention(torch.autograd.Function):
             _wait(dkv_reqs, ctx.stats)
             dk_acc, dv_acc = dkv_incoming
         return (dq_acc.to(q_bshd.dtype), dk_acc.to(k_bshd.dtype), dv_acc.to(v_bshd.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                    doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None, *,
                    group: Optional[dist.ProcessGroup], seq_idx: torch.Tensor,
-                   stats: Optional[RingStats] = None) -> torch.Tensor:
+                   stats: Optional[RingStats] = None, kernels: AttentionKernels = DEFAULT_KERNELS) -> torch.Tensor:
     """Exact causal (and document-masked) attention of this rank's tokens over the whole ring's.
 
     Every rank of ``group`` must call this together with same-shaped tensors. Differentiable:
@@ -198,6 +197,7 @@ def ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Ten
         seq_idx: [S_local] int64 global indices of this rank's tokens in the full sequence, e.g.
             :func:`~longtrain.parallel.sharding.zigzag_indices`.
         stats: counters to add traffic to; None means the module's :data:`RING_STATS`.
+        kernels: the attention kernels every block runs on.
 
     Returns:
         out_bshd: [B, S_local, Hq, D] in q's dtype.
@@ -218,17 +218,18 @@ def ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Ten
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     seq_idx = seq_idx.to(device=q_bshd.device, dtype=torch.long)
     return _RingAttention.apply(q_bshd, k_bshd, v_bshd, doc_ids, seq_idx, scale, group,
-                                RING_STATS if stats is None else stats)
+                                RING_STATS if stats is None else stats, kernels)
 
 
 def zigzag_ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                           doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None, *,
                           group: Optional[dist.ProcessGroup], seq_len: int,
-                          stats: Optional[RingStats] = None) -> torch.Tensor:
+                          stats: Optional[RingStats] = None, kernels: AttentionKernels = DEFAULT_KERNELS
+                          ) -> torch.Tensor:
     """:func:`ring_attention` for inputs sharded by :func:`~longtrain.parallel.sharding.zigzag_shard`.
 
     Args:
-        q_bshd, k_bshd, v_bshd, doc_ids, scale, group, stats: as :func:`ring_attention`.
+        q_bshd, k_bshd, v_bshd, doc_ids, scale, group, stats, kernels: as :func:`ring_attention`.
         seq_len: the full sequence length; this rank holds ``seq_len / ring_size`` tokens.
 
     Returns:
@@ -243,7 +244,8 @@ def zigzag_ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: to
     if q_bshd.shape[1] != seq_idx.numel():
         raise ValueError(f"local sequence length {q_bshd.shape[1]} != data.seq_len / parallel.sp.ring = "
                          f"{seq_len} / {ring.size}")
-    return ring_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale, group=group, seq_idx=seq_idx, stats=stats)
+    return ring_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale, group=group, seq_idx=seq_idx, stats=stats,
+                          kernels=kernels)
 
 
 class RingAttention:
@@ -258,8 +260,9 @@ class RingAttention:
 
     can_stream = False
 
-    def __init__(self, group: Optional[dist.ProcessGroup], seq_len: int, stats: Optional[RingStats] = None):
-        self.group, self.seq_len, self.stats = group, seq_len, stats
+    def __init__(self, group: Optional[dist.ProcessGroup], seq_len: int, stats: Optional[RingStats] = None,
+                 kernels: AttentionKernels = DEFAULT_KERNELS):
+        self.group, self.seq_len, self.stats, self.kernels = group, seq_len, stats, kernels
 
     def __repr__(self) -> str:
         return f"RingAttention(seq_len={self.seq_len})"
@@ -269,7 +272,7 @@ class RingAttention:
         full = q_bshd.shape[1] * _Ring(self.group).size
         seq_len = full if full % self.seq_len == 0 else self.seq_len  # any other length is refused below
         return zigzag_ring_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale, group=self.group,
-                                     seq_len=seq_len, stats=self.stats)
+                                     seq_len=seq_len, stats=self.stats, kernels=self.kernels)
 
     def chunk_keys(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor, doc_ids: Optional[torch.Tensor],
                    scale: float, num_heads: int) -> None:

@@ -49,7 +49,6 @@ import torch
 import torch.distributed as dist
 
 from longtrain.kernels.attention import ChunkKeys, LocalAttention, local_attention
-from longtrain.kernels.fused import block_attention
 from longtrain.models.args import divisors
 from longtrain.parallel.all_to_all import (HEAD_DIM, SEQ_DIM, ULYSSES_STATS, UlyssesStats, _AllToAll,
                                            all_gather_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads,
@@ -311,7 +310,7 @@ class _UlyssesChunkKeys(ChunkKeys):
         self.rep = attn._kv_replication(num_heads, self.num_kv)
         k_bShd, v_bShd = exchange([attn._replicate_kv(k_bshd, self.rep), attn._replicate_kv(v_bshd, self.rep)],
                                    attn.group, HEAD_DIM, SEQ_DIM, attn.stats)
-        super().__init__(k_bShd, v_bShd, attn._gather_doc_ids(doc_ids), scale)
+        super().__init__(k_bShd, v_bShd, attn._gather_doc_ids(doc_ids), scale, attn.inner.kernels)
 
     def key_end(self, start: int, end: int) -> int:
         return (self.attn.degree - 1) * self.local_seq + end
@@ -324,7 +323,7 @@ class _UlyssesChunkKeys(ChunkKeys):
         k_idx = torch.arange(0, k_prefix.shape[1], device=q_bchd.device)
         q_doc, k_doc = (None, None) if self.doc_ids is None else (self.doc_ids[:, q_idx],
                                                                   self.doc_ids[:, :k_prefix.shape[1]])
-        out_bChd = block_attention(q_bChd, k_prefix, v_prefix, q_idx, k_idx, q_doc, k_doc, self.scale)
+        out_bChd = self.kernels.attention(q_bChd, k_prefix, v_prefix, q_idx, k_idx, q_doc, k_doc, self.scale)
         return all_to_all_heads_to_seq(out_bChd, attn.group, attn.stats)
 
     def local_grads(self, dk_bShd, dv_bShd):

@@ -26,10 +26,11 @@ Precision and kernels: the tensors live on the CPU (this torch build cannot fake
 first matmul on a fake CUDA tensor aborts in the CUDA device guard), so a GPU target is planned as
 training on CUDA would run, in ``trainer.precision`` resolved for CUDA (``auto``: bf16 autocast on
 the plain engine, DeepSpeed's bf16 mode under ZeRO), through CPU autocast, with CUDA's attention
-kernels where it matters: :func:`~longtrain.kernels.fused.cuda_kernels_on` sends StreamBP's
-chunks, ring blocks and packed documents through the flash varlen ops (their shape functions run
-on any device), and whole-sequence attention runs SDPA's CPU flash kernel, which returns the same
-output and log-sum-exp as CUDA's; the tracker adds the CUDA backward's workspace. Offload to host
+kernels: the planner hands :func:`~longtrain.parallel.parallelize.parallelize` an
+:class:`~longtrain.kernels.dispatch.AttentionKernels` that runs the flash varlen executor on its fake
+CPU tensors (the ops' shape functions run on any device), for every attention caller (local
+attention, StreamBP's chunks, ring blocks) as training on CUDA with ``flash`` runs them; the tracker
+adds the CUDA backward's workspace. Offload to host
 memory under a GPU target is modelled by :class:`PlannedHostCopy` (layer inputs) and by marking
 ZeRO's offloaded optimizer partitions as host memory; without a target (CPU) the real ``HostCopy``
 keeps the tensor as is.
@@ -46,7 +47,7 @@ from unittest import mock
 import torch
 
 from longtrain.config import Config
-from longtrain.kernels.fused import cuda_kernels_on
+from longtrain.kernels.dispatch import AttentionKernels
 from longtrain.memory import auto_chunk_size
 from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.optim.optimizer import build_optimizer
@@ -239,8 +240,6 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
 
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(convert_in_place())
-            if gpu is not None:  # CUDA's attention kernels (flash varlen), as training on the GPU runs them
-                stack.enter_context(cuda_kernels_on("cpu"))
             offloads = [name for name, on in (("offload_optimizer", cfg.zero.offload_optimizer),
                                               ("offload_param", cfg.zero.offload_params)) if on == "cpu"]
             if cfg.zero.stage > 0 and offloads:  # host memory only when the target has a device
@@ -305,8 +304,11 @@ def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_vali
         model.init_weights()
         optimizer = build_optimizer(model, cfg.optim, torch.device("cuda") if on_gpu else device,
                                     offload=cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu")
+        # On a GPU target CUDA's attention executors (flash varlen) run on the fake CPU tensors, as
+        # training on the GPU runs them; they have CUDA's shape functions on every device.
+        kernels = AttentionKernels("flash", cuda_device_types=("cuda", "cpu")) if on_gpu else None
         engine = parallelize(model, dims, cfg, optimizer, grad_accum=grad_accum, device=device,
-                             bf16=precision == "bf16")
+                             bf16=precision == "bf16", kernels=kernels)
         engine.train(True)
         balancer = None
         if args.moe_layers:

@@ -1,4 +1,5 @@
-"""Fused block kernels (segment plan + flash-attention executors) against the reference kernels.
+"""Fused block kernels (segment plan + flash-attention executors, chosen by the dispatch of
+longtrain/kernels/dispatch.py) against the reference kernels.
 
 On CPU the fused kernels run the planner and the lse/backward plumbing with
 ``aten._scaled_dot_product_flash_attention_for_cpu``; the CUDA varlen executor shares the plan
@@ -15,16 +16,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longtrain.kernels import blocks
 from longtrain.kernels.attention import local_attention
 from longtrain.kernels.blocks import merge_partials, reference_block_backward, reference_block_forward
-from longtrain.kernels.fused import (FUSED_STATS, fused_block_backward, fused_block_forward, fused_local_attention,
-                                     plan_segments)
+from longtrain.kernels.dispatch import KERNEL_STATS, AttentionKernels
+from longtrain.kernels.fused import loop_forward, plan_segments
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
+from support.emulated import EmulatedFlash
 from support.harness import run_ranks
 
 FP64_TOL, FP32_TOL = 1e-10, 1e-5
 B, S, HQ, D = 2, 48, 4, 8
+KERNELS = AttentionKernels("flash")
+fused_block_forward, fused_block_backward = KERNELS.forward, KERNELS.backward
 
 
 def _docs(batch: int, seq_len: int) -> torch.Tensor:
@@ -76,7 +79,7 @@ def _ring_blocks(q, k, v, dout, doc, ring: int, rank: int, fwd, bwd, scale: floa
 def test_fused_matches_reference_on_every_zigzag_block(ring, docs, hkv, dtype, tol):
     q, k, v, dout = _inputs(hkv, dtype)
     doc = _docs(B, S) if docs else None
-    FUSED_STATS.fused = FUSED_STATS.fallback = 0
+    KERNEL_STATS.reset()
     for rank in range(ring):
         want = _ring_blocks(q, k, v, dout, doc, ring, rank, reference_block_forward, reference_block_backward)
         got = _ring_blocks(q, k, v, dout, doc, ring, rank, fused_block_forward, fused_block_backward)
@@ -85,7 +88,7 @@ def test_fused_matches_reference_on_every_zigzag_block(ring, docs, hkv, dtype, t
                 assert torch.equal(torch.isneginf(a), torch.isneginf(b))
             assert a.dtype == b.dtype, name
             assert _err(a, b) < tol, f"rank {rank} {name}: {_err(a, b):.3g}"
-    assert FUSED_STATS.fallback == 0 and FUSED_STATS.fused == 2 * ring * ring
+    assert KERNEL_STATS.calls == {"cudnn": 0, "flash": 0, "cpu": 2 * ring * ring, "reference": 0, "fallback": 0}
 
 
 def _columns(seg):
@@ -117,10 +120,10 @@ def test_blocks_without_a_plan_fall_back_to_the_reference(case):
     q_doc, k_doc = (None, None) if doc is None else (doc[:, 8:], doc[:, :8])
     assert plan_segments(q_idx, k_idx, q_doc, k_doc, B) is None
     args = (q[:, :8], k[:, :8], v[:, :8], q_idx, k_idx, q_doc, k_doc, 0.5)
-    FUSED_STATS.fallback = 0
+    KERNEL_STATS.reset()
     out, lse = fused_block_forward(*args)
     want_out, want_lse = reference_block_forward(*args)
-    assert torch.equal(out, want_out) and torch.equal(lse, want_lse) and FUSED_STATS.fallback == 1
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse) and KERNEL_STATS.calls["fallback"] == 1
     grads = fused_block_backward(dout[:, :8], *args[:3], out, lse, *args[3:])
     want = reference_block_backward(dout[:, :8], *args[:3], out, lse, *args[3:])
     assert all(torch.equal(a, b) for a, b in zip(grads, want))
@@ -133,20 +136,19 @@ def test_a_wrong_plan_is_caught():
     seg = plan_segments(q_idx, k_idx, None, None, batch=B)
     assert _columns(seg)[3] == (4, 4)
     seg.k1[:] = 8
-    from longtrain.kernels.fused import _loop_forward
-    out, _ = _loop_forward(q[:, q_idx].contiguous(), k[:, k_idx].contiguous(), v[:, k_idx].contiguous(), seg, 0.3)
+    out, _ = loop_forward(q[:, q_idx].contiguous(), k[:, k_idx].contiguous(), v[:, k_idx].contiguous(), seg, 0.3)
     want, _ = reference_block_forward(q[:, q_idx], k[:, k_idx], v[:, k_idx], q_idx, k_idx, None, None, 0.3)
     assert _err(out, want) > 1e-2
 
 
 @pytest.mark.parametrize("hkv", [4, 1])
-def test_fused_local_attention_matches_local_attention(hkv):
+def test_fused_whole_sequence_block_matches_local_attention(hkv):
     q, k, v, dout = _inputs(hkv, torch.float64)
     doc = _docs(B, S)
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     local_attention(*ref, doc_ids=doc).backward(dout)
     got = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = fused_local_attention(*got, doc_ids=doc)
+    out = KERNELS.attention(*got, torch.arange(S), torch.arange(S), doc, doc, 1 / math.sqrt(D))
     out.backward(dout)
     assert _err(out, local_attention(q, k, v, doc_ids=doc)) < FP64_TOL
     assert all(_err(a.grad, b.grad) < FP64_TOL for a, b in zip(got, ref))
@@ -155,7 +157,7 @@ def test_fused_local_attention_matches_local_attention(hkv):
 # ---------------------------------------------------------------- the ring on gloo with fused kernels
 def _worker(rank: int, world: int) -> dict:
     from longtrain.parallel.ring import zigzag_ring_attention
-    blocks.register_block_kernels("cpu", fused_block_forward, fused_block_backward)
+    KERNEL_STATS.reset()
     errs = {}
     for docs, hkv in itertools.product((False, True), (HQ, 1)):
         q, k, v, dout = _inputs(hkv, torch.float64, seq_len=64)
@@ -164,21 +166,22 @@ def _worker(rank: int, world: int) -> dict:
         local_attention(*ref, doc_ids=doc).backward(dout)
         local = [zigzag_shard(t, world, rank).requires_grad_() for t in (q, k, v)]
         out = zigzag_ring_attention(*local, doc_ids=None if doc is None else zigzag_shard(doc, world, rank),
-                                    group=None, seq_len=64)
+                                    group=None, seq_len=64, kernels=KERNELS)
         out.backward(zigzag_shard(dout, world, rank))
         for name, mine, full in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in local],
                                     [local_attention(q, k, v, doc_ids=doc)] + [t.grad for t in ref]):
             parts = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(parts, mine.contiguous())
             errs[f"docs={docs} hkv={hkv} {name}"] = _err(zigzag_unshard(parts, world), full)
-    errs["fallbacks"] = FUSED_STATS.fallback
+    errs["fallbacks"] = KERNEL_STATS.calls["fallback"] + KERNEL_STATS.calls["reference"]
+    errs["fused"] = KERNEL_STATS.calls["cpu"]
     return errs
 
 
 def test_ring_with_fused_kernels_matches_local():
     world = 2
     for rank, errs in enumerate(run_ranks(_worker, world)):
-        assert errs.pop("fallbacks") == 0
+        assert errs.pop("fallbacks") == 0 and errs.pop("fused") > 0
         for name, err in errs.items():
             assert err < FP64_TOL, f"rank {rank} {name}: {err:.3g}"
 
@@ -192,7 +195,7 @@ def test_ring_with_fused_kernels_matches_local():
 def test_cuda_varlen_matches_reference(ring, hkv, docs):
     q, k, v, dout = _inputs(hkv, torch.bfloat16, seq_len=256, device="cuda")
     doc = _docs(B, 256).cuda() if docs else None
-    FUSED_STATS.fallback = 0
+    KERNEL_STATS.reset()
     for rank in range(ring):
         want = _ring_blocks(*(t.float() for t in (q, k, v, dout)), doc, ring, rank, reference_block_forward,
                             reference_block_backward)
@@ -200,7 +203,7 @@ def test_cuda_varlen_matches_reference(ring, hkv, docs):
         for name, a, b in zip(["out", "lse", "dq"] + ["dk/dv"] * 2 * ring, got, want):
             scale = b.double().abs().max().item() + 1.0
             assert _err(a, b) < 2e-2 * scale, f"rank {rank} {name}: {_err(a, b):.3g}"
-    assert FUSED_STATS.fallback == 0
+    assert KERNEL_STATS.calls["fallback"] == KERNEL_STATS.calls["reference"] == 0 < KERNEL_STATS.calls["flash"]
 
 
 @pytest.mark.gpu
@@ -208,10 +211,10 @@ def test_cuda_varlen_matches_reference(ring, hkv, docs):
 def test_cuda_local_attention_with_documents_uses_varlen():
     q, k, v, dout = _inputs(1, torch.bfloat16, seq_len=512, device="cuda")
     doc = _docs(B, 512).cuda()
-    FUSED_STATS.fused = 0
+    KERNEL_STATS.reset()
     got = [t.clone().requires_grad_() for t in (q, k, v)]
     local_attention(*got, doc_ids=doc).backward(dout)
-    assert FUSED_STATS.fused == 2  # forward and backward, one varlen call each per causality
+    assert KERNEL_STATS.calls["flash"] == 2  # forward and backward, one varlen call each per causality
     ref = [t.float().requires_grad_() for t in (q, k, v)]
     want = reference_block_forward(*ref, torch.arange(512, device="cuda"), torch.arange(512, device="cuda"),
                                    doc, doc, 1 / math.sqrt(D))[0]
@@ -221,66 +224,20 @@ def test_cuda_local_attention_with_documents_uses_varlen():
 
 
 # ---------------------------------------------------------------- the CUDA executor's plumbing on CPU
-class _EmulatedFlash:
-    """Stand-ins for ``aten._flash_attention_forward/_backward`` (varlen form) written out densely:
-    per sequence of the cumulative lengths, GQA by head groups, causal aligned bottom-right, lse
-    [H, total_q] fp32; the backward uses the given out and lse (as flash attention does)."""
-
-    @staticmethod
-    def _pieces(cu_q, cu_k):
-        return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(),
-                                                                   cu_k[:-1].tolist(), cu_k[1:].tolist())]
-
-    @staticmethod
-    def _probs_mask(q, k, causal, scale):
-        group = q.shape[1] // k.shape[1]
-        k = k.double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
-        nq, nk = q.shape[0], k.shape[0]
-        mask = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq) if causal else torch.ones(nq, nk, dtype=torch.bool)
-        return scores, mask, group
-
-    def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale=None):
-        assert q.dim() == 3 and cu_q.dtype == torch.int32 and dropout == 0.0
-        assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
-        out = torch.zeros_like(q)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
-        for qs, ks in self._pieces(cu_q, cu_k):
-            scores, mask, group = self._probs_mask(q[qs], k[ks], causal, scale)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            lse[:, qs] = torch.logsumexp(scores, -1).float()
-            probs = torch.softmax(scores, -1)
-            out[qs] = torch.einsum("hqk,khd->qhd", probs, v[ks].double().repeat_interleave(group, 1)).to(q.dtype)
-        return out, lse, torch.zeros(2, dtype=torch.uint64), torch.zeros((), dtype=torch.uint64), torch.empty(0)
-
-    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout, causal, rng, unused, scale=None):
-        assert lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous()
-        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v))
-        for qs, ks in self._pieces(cu_q, cu_k):
-            scores, mask, group = self._probs_mask(q[qs], k[ks], causal, scale)
-            probs = torch.exp(scores - lse[:, qs].double()[..., None]) * mask
-            do, vv = dout[qs].double(), v[ks].double().repeat_interleave(group, 1)
-            delta = (do * out[qs].double()).sum(-1).t()[..., None]  # [H, q, 1]
-            dv_h = torch.einsum("hqk,qhd->khd", probs, do)
-            ds = probs * (torch.einsum("qhd,khd->hqk", do, vv) - delta)
-            dq[qs] = torch.einsum("hqk,khd->qhd", ds, k[ks].double().repeat_interleave(group, 1)) * scale
-            dk_h = torch.einsum("hqk,qhd->khd", ds, q[qs].double()) * scale
-            dk[ks] += dk_h.unflatten(1, (-1, group)).sum(2)
-            dv[ks] += dv_h.unflatten(1, (-1, group)).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
 @pytest.mark.parametrize("docs", [False, True])
 @pytest.mark.parametrize("hkv", [4, 1])
 def test_varlen_executor_plumbing_with_an_emulated_flash_op(monkeypatch, docs, hkv):
     """The gathers, cumulative lengths, lse layout and scatters of the CUDA executor, checked on CPU
     against the reference with the flash ops replaced by dense stand-ins of the same contract."""
     from longtrain.kernels import fused as fk
-    emulated = _EmulatedFlash()
+    emulated = EmulatedFlash()
     monkeypatch.setattr(fk, "_RNG_STATE", {})
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", emulated.forward, raising=False)
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", emulated.backward, raising=False)
-    monkeypatch.setattr(fk, "_varlen_supported", lambda q: True)
+    # CPU fp32 tensors taken as CUDA's (the planner's seam), on the flash backend: the varlen executor
+    kernels = AttentionKernels("flash", cuda_device_types=("cpu",), cuda_dtypes=(torch.float32,))
+    fused_block_forward, fused_block_backward = kernels.forward, kernels.backward
+    KERNEL_STATS.reset()
     q, k, v, dout = _inputs(hkv, torch.float32)
     doc = _docs(B, S) if docs else None
     for rank in range(3):
@@ -288,3 +245,4 @@ def test_varlen_executor_plumbing_with_an_emulated_flash_op(monkeypatch, docs, h
         got = _ring_blocks(q, k, v, dout, doc, 3, rank, fused_block_forward, fused_block_backward)
         for name, a, b in zip(["out", "lse", "dq"] + ["dk/dv"] * 6, got, want):
             assert _err(a, b) < FP32_TOL, f"rank {rank} {name}: {_err(a, b):.3g}"
+    assert KERNEL_STATS.calls["flash"] == 2 * 9 and KERNEL_STATS.fused == 2 * 9

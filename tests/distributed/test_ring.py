@@ -16,10 +16,8 @@ import torch
 import torch.distributed as dist
 
 import longtrain.parallel.ring as ring_mod
-from longtrain.kernels import blocks
 from longtrain.kernels.attention import local_attention
-from longtrain.kernels.blocks import (block_attention_backward, block_attention_forward, get_block_kernels,
-                                      has_visible_keys, merge_partials, reference_block_forward)
+from longtrain.kernels.blocks import has_visible_keys, merge_partials, reference_block_backward, reference_block_forward
 from longtrain.parallel.ring import RingAttention, RingStats, ring_attention, zigzag_ring_attention
 from longtrain.parallel.sharding import zigzag_indices, zigzag_shard, zigzag_unshard
 from support.harness import run_ranks
@@ -113,10 +111,10 @@ def test_block_forward_merge_equals_full(hkv, docs):
     out, lse = None, None
     for k_idx in _blocks(48, 3):
         k_doc = None if doc is None else doc[:, k_idx]
-        out_i, lse_i = block_attention_forward(q[:, q_idx], k[:, k_idx], v[:, k_idx], q_idx, k_idx, q_doc, k_doc, scale)
+        out_i, lse_i = reference_block_forward(q[:, q_idx], k[:, k_idx], v[:, k_idx], q_idx, k_idx, q_doc, k_doc, scale)
         out, lse = (out_i, lse_i) if out is None else merge_partials(out, lse, out_i, lse_i)
     all_idx = torch.arange(48)
-    full_out, full_lse = block_attention_forward(q[:, q_idx], k, v, q_idx, all_idx, q_doc, doc, scale)
+    full_out, full_lse = reference_block_forward(q[:, q_idx], k, v, q_idx, all_idx, q_doc, doc, scale)
     tiled_out, tiled_lse = reference_block_forward(q[:, q_idx], k, v, q_idx, all_idx, q_doc, doc, scale, q_tile=5)
     dense = _dense_attention(q[:, q_idx], k, v, q_idx, all_idx, q_doc, doc, scale)
     for got in (out, full_out, tiled_out):
@@ -130,7 +128,7 @@ def test_dropping_a_block_is_caught(hkv):
     """The comparison above can fail: a merge that loses one key block is far off."""
     q, k, v, _ = _inputs(hkv, torch.float64, seq_len=48)
     q_idx, scale = zigzag_indices(48, 3, 2), 1 / math.sqrt(D)
-    partials = [block_attention_forward(q[:, q_idx], k[:, i], v[:, i], q_idx, i, None, None, scale)
+    partials = [reference_block_forward(q[:, q_idx], k[:, i], v[:, i], q_idx, i, None, None, scale)
                 for i in _blocks(48, 3)]
     dropped = merge_partials(*partials[0], *partials[2])[0]
     full = merge_partials(*merge_partials(*partials[0], *partials[1]), *partials[2])[0]
@@ -150,11 +148,11 @@ def test_block_backward_equals_autograd(hkv, dtype, tol):
     all_idx = torch.arange(48)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q[:, q_idx], k, v))
     _dense_attention(qr, kr, vr, q_idx, all_idx, q_doc, doc, scale).backward(dout[:, q_idx])
-    out, lse = block_attention_forward(q[:, q_idx], k, v, q_idx, all_idx, q_doc, doc, scale)
+    out, lse = reference_block_forward(q[:, q_idx], k, v, q_idx, all_idx, q_doc, doc, scale)
     dq = torch.zeros_like(q[:, q_idx])
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     for k_idx in _blocks(48, 3):
-        dq_i, dk_i, dv_i = block_attention_backward(dout[:, q_idx], q[:, q_idx], k[:, k_idx], v[:, k_idx], out, lse,
+        dq_i, dk_i, dv_i = reference_block_backward(dout[:, q_idx], q[:, q_idx], k[:, k_idx], v[:, k_idx], out, lse,
                                                     q_idx, k_idx, q_doc, doc[:, k_idx], scale)
         assert dq_i.dtype == dk_i.dtype == dtype
         dq += dq_i
@@ -173,25 +171,16 @@ def test_fully_masked_rows(docs):
     else:  # keys all later than the queries
         q_idx, k_idx, q_doc, k_doc = torch.arange(0, 8), torch.arange(8, 16), None, None
     assert not has_visible_keys(q_idx, k_idx, q_doc, k_doc)
-    out, lse = block_attention_forward(q[:, :8], k[:, 8:], v[:, 8:], q_idx, k_idx, q_doc, k_doc, 1.0)
+    out, lse = reference_block_forward(q[:, :8], k[:, 8:], v[:, 8:], q_idx, k_idx, q_doc, k_doc, 1.0)
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
     other_out, other_lse = torch.randn_like(out), torch.randn_like(lse)
     merged, merged_lse = merge_partials(out, lse, other_out, other_lse)
     assert torch.equal(merged, other_out) and torch.equal(merged_lse, other_lse)
     merged, merged_lse = merge_partials(out, lse, out, lse)
     assert torch.equal(merged, out) and bool(torch.isneginf(merged_lse).all())
-    grads = block_attention_backward(dout[:, :8], q[:, :8], k[:, 8:], v[:, 8:], out, lse, q_idx, k_idx,
+    grads = reference_block_backward(dout[:, :8], q[:, :8], k[:, 8:], v[:, 8:], out, lse, q_idx, k_idx,
                                      q_doc, k_doc, 1.0)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
-
-
-def test_kernel_dispatch_defaults_and_registers():
-    assert get_block_kernels(torch.device("cpu"))[0] is reference_block_forward
-    blocks.register_block_kernels("meta", len, len)
-    try:
-        assert get_block_kernels(torch.device("meta")) == (len, len)
-    finally:
-        del blocks._BACKENDS["meta"]
 
 
 @pytest.mark.parametrize("hkv", [4, 1])

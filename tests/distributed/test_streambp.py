@@ -73,15 +73,15 @@ def test_streamed_gradients_equal_backprop(model, docs, chunk, dtype, tol, atten
 
 def test_a_streamed_backward_that_drops_the_prefix_is_caught(monkeypatch):
     """The comparison can fail: keys before the chunk left out of each chunk's attention."""
-    import longtrain.kernels.attention as attention
+    from longtrain.kernels.dispatch import AttentionKernels
     layer, x, dout, cos, sin = _layer_and_inputs("gqa", torch.float64)
-    real = attention.block_attention
+    real = AttentionKernels.attention
 
-    def no_prefix(q, k, v, q_idx, k_idx, q_doc, k_doc, scale):
+    def no_prefix(self, q, k, v, q_idx, k_idx, q_doc, k_doc, scale):
         start = int(q_idx[0])
-        return real(q, k[:, start:], v[:, start:], q_idx, k_idx[start:], q_doc,
+        return real(self, q, k[:, start:], v[:, start:], q_idx, k_idx[start:], q_doc,
                     None if k_doc is None else k_doc[:, start:], scale)
-    monkeypatch.setattr(attention, "block_attention", no_prefix)
+    monkeypatch.setattr(AttentionKernels, "attention", no_prefix)
     x_ref = x.clone().requires_grad_()
     want = _grads(layer, x_ref, layer(x_ref, cos, sin, None), dout)
     x_got = x.clone().requires_grad_()

@@ -186,13 +186,14 @@ def test_flash_flops_count_the_visible_pairs():
 def test_gpu_target_streams_attention_through_the_fused_kernels():
     """Under a GPU target StreamBP's chunks attend through the flash varlen stand-in (as CUDA
     training does), never through the reference kernels' dense score tile."""
-    from longtrain.kernels.fused import FUSED_STATS
+    from longtrain.kernels.dispatch import KERNEL_STATS
 
     seq, chunk = 4096, 512
     cfg = _cfg(["data.seq_len=4096", "memory.streambp.enabled=true", f"memory.streambp.chunk_size={chunk}"])
-    before = (FUSED_STATS.fused, FUSED_STATS.fallback)
+    before = dict(KERNEL_STATS.calls)
     plan = run_step(cfg, get_gpu("h100"))
-    assert FUSED_STATS.fused > before[0] and FUSED_STATS.fallback == before[1]
+    assert KERNEL_STATS.calls["flash"] > before["flash"]
+    assert all(KERNEL_STATS.calls[p] == before[p] for p in ("reference", "fallback", "cudnn", "cpu"))
     args = build_model_args(cfg.model)
     score_tile = chunk * seq * args.num_heads * 4
     assert plan.largest_transient < score_tile
