@@ -66,10 +66,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def build_model(args: ModelArgs, hf_path: Optional[str], seed: int, device: torch.device,
                 init_from: Optional[str] = None) -> Transformer:
     """The Transformer of ``args`` on ``device``: random weights drawn from ``seed`` (the same on
-    every rank), then ``hf_path``'s weights, or those of the longtrain checkpoint ``init_from``, when given."""
+    every rank), then ``hf_path``'s weights, or those of the longtrain checkpoint ``init_from``, when given.
+
+    The weights are made on ``device`` itself (drawn by its generator), so a GPU run neither builds the
+    model in host memory first nor waits for a CPU initialisation of billions of weights."""
     torch.manual_seed(seed)
-    model = Transformer(args)
-    model.init_weights()
+    with torch.device(device):
+        model = Transformer(args)
+        model.init_weights()
     if hf_path is not None:
         load_hf_weights(model, hf_path)
     if init_from is not None:

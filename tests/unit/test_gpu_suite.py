@@ -18,45 +18,60 @@ REPO = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------------------- the suite
 sys.path.insert(0, str(REPO / "bench"))
+import gpu_report  # noqa: E402
+import gpu_stages  # noqa: E402
 import gpu_suite  # noqa: E402
 from longtrain.models import get_model_args  # noqa: E402
 
 
-def test_dry_run_writes_every_stage_to_json_and_markdown(tmp_path):
-    """``--device cpu --dry-run``: every stage's plumbing on tiny shapes, JSON and Markdown out."""
+def _tree_state():
+    """Every file of the checkout git would see (tracked, or untracked and not ignored), with its status."""
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_dry_run_writes_every_stage_to_json_and_markdown_and_nothing_else(tmp_path):
+    """``--device cpu --dry-run``: every stage in the GPU call's order, tiny shapes, JSON and Markdown
+    out; the folder holds the three outputs only and the checkout is left as it was."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
+    before = _tree_state()
+    out = tmp_path / "gpu"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--device", "cpu", "--dry-run",
-                           "--out", str(tmp_path), "--budget", "600"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=400)
+                           "--out", str(out), "--budget", "600"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted(gpu_suite.OUTPUTS)
+    assert _tree_state() == before
+    result = json.loads((out / "gpu_suite.json").read_text())
     assert result["meta"]["dry_run"] and result["meta"]["device"] == "cpu"
     stages = result["stages"]
-    assert list(stages) == list(gpu_suite.STAGES)
+    assert list(stages) == ["smoke", "plan", "speed", "kernels", "pytest_gpu", "moe", "zero_offload"]
     assert all(s["ok"] for s in stages.values()), {n: s.get("error") or s.get("tail") for n, s in stages.items()}
+    smoke = stages["smoke"]
+    assert {(r["mode"], r["backend"]) for r in smoke["rows"]} == {
+        (m, b) for m in ("none", "checkpointing", "streambp", "streambp_offload") for b in ("flash", "cudnn")}
+    assert all(len(r["loss"]) == 3 for r in smoke["rows"]) and smoke["agree"]
+    plan = stages["plan"]
+    assert sorted((r["layers"], r["mode"], r["seq"]) for r in plan["rows"]) == sorted(
+        (t["layers"], t["mode"], t["seq"]) for t in gpu_stages.plan_trials(True))
+    assert all(r["ok"] and r["planned_gib"] > 0 and r["step_s"] > 0 for r in plan["rows"])
+    assert {r["mode"] for r in stages["speed"]["rows"]} == set(gpu_stages.FULL_MODES)
+    assert stages["speed"]["baseline"]["skipped"] == "the baseline runs on CUDA only"
+    kernels = stages["kernels"]
+    assert {(r["impl"], r["docs"], r["block_backend"]) for r in kernels["rows"]} == {
+        (i, d, b) for i in ("sdpa", "local", "block") for d in ("none", "packed") for b in ("flash", "cudnn")}
+    assert all(r["max_err"] <= kernels["tolerance"] for r in kernels["rows"] if r["impl"] != "sdpa")
+    assert {r["layout"] for r in kernels["decomposition"]} == {"ring", "ulysses"}
     assert stages["pytest_gpu"]["fallback_tests"] == {} and stages["pytest_gpu"]["counts"].get("skipped", 0) > 0
-    rows = stages["attention"]["rows"]
-    assert {(r["impl"], r["docs"]) for r in rows} >= {("sdpa", "none"), ("block", "packed"), ("local", "none")}
-    assert all(r["block_backend"] == "cudnn" for r in rows)
-    assert {r["layout"] for r in stages["sp_decomposition"]["rows"]} == {"ring", "ulysses"}
-    ladder = stages["train_ladder"]
-    for mode in ("checkpointing", "streambp", "streambp_offload"):
-        assert ladder["summaries"][mode]["max_seq"] == 512 and ladder["summaries"][mode]["tokens_per_s"] > 0
-    for mode in ("hf", "liger"):
-        assert ladder["runs"][mode]["skipped"] == "the baseline runs on CUDA only"
-    assert any(r.get("ok") for r in stages["zero_offload"]["rows"])
     assert stages["moe"]["reference_ms"] > 0 and "grouped_skipped" in stages["moe"]
-    assert [r["mode"] for r in stages["plan_check"]["rows"]] == ["checkpointing", "streambp", "streambp_offload"]
-    assert set(result["targets"]) == {"decomposition_ratio_ring", "decomposition_ratio_ulysses"}
-    md = (tmp_path / "gpu_suite.md").read_text()
-    for heading in ("# GPU suite: cpu", "| stage | status | seconds | note |", "## Attention forward + backward",
-                    "## Sequence-parallel decomposition", "## Training step ladder (tiny", "## ZeRO optimizer offload",
-                    "## MoE experts", "## Targets"):
+    assert any(r.get("ok") for r in stages["zero_offload"]["rows"])
+    assert {"smoke_modes_agree", "attention_max_err_vs_sdpa", "decomposition_ratio_ring"} <= set(result["targets"])
+    md = (out / "gpu_suite.md").read_text()
+    for heading in ("# GPU suite: cpu", "| stage | status | seconds | note |", "## Smoke: every mode trains on CUDA",
+                    "## The planner against the GPU (h100)", "## Speed against HF", "## Attention forward + backward",
+                    "## MoE experts", "## ZeRO optimizer offload", "## Targets"):
         assert heading in md
-    assert "| block | 256 | packed | 16 | 2 | auto | cudnn |" in md
-    print(f"dry run: {time.time() - t0:.1f} s")
 
 
 def test_a_stage_past_the_budget_is_recorded_as_skipped(tmp_path):
@@ -67,34 +82,37 @@ def test_a_stage_past_the_budget_is_recorded_as_skipped(tmp_path):
     assert "| moe | skipped |" in (tmp_path / "gpu_suite.md").read_text()
 
 
-def test_ladder_stops_at_failure_cap_and_budget(capsys):
-    spec = dict(start=1024, max=1 << 20, repeats=2, step_cap=30.0)
-    steps = {1024: 1.0, 2048: 2.0, 4096: 8.0, 8192: 40.0}
-    gpu_suite.ladder("m", lambda mode, seq: dict(ok=True, step_s=steps[seq]), spec, time.time() + 1000)
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert lines == [dict(mode="m", seq=8192, ok=None, skipped="predicted step 32.0 s over the per-step cap 30.0 s")]
-    gpu_suite.ladder("m", lambda mode, seq: dict(ok=seq < 4096, step_s=1.0), spec, time.time() + 1000)
-    assert capsys.readouterr().out == ""                                  # stopped at the failure, quietly
-    gpu_suite.ladder("m", lambda mode, seq: dict(ok=True, step_s=steps[seq]), spec, time.time() + 10)
-    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert line["seq"] == 4096 and "left" in line["skipped"]             # 2 x 4 s predicted, under 10 s left
+def test_plan_comparison_depth_check_and_targets():
+    """Planned against measured: the peak and time ratios, the depth check from 2 to 4 layers, and the
+    targets with their pass flags (a planned depth step 10% off the measured one fails)."""
+    def row(layers, seq, planned, measured, step=(10.0, 9.0)):
+        return dict(layers=layers, mode="streambp_offload", seq=seq, ok=True, planned_gib=planned, peak_gib=measured,
+                    peak_ratio=round(planned / measured, 4), planned_step_s=step[0], step_s=step[1],
+                    time_ratio=round(step[0] / step[1], 4))
+    rows = [row(2, 262144, 10.0, 10.2), row(4, 262144, 12.0, 12.29), row(2, 524288, 20.0, 20.0),
+            row(4, 524288, 24.4, 24.0, step=(10.0, 5.0))]
+    depth = gpu_stages.depth_check(rows)
+    assert [(d["seq"], d["layers"], d["within"]) for d in depth] == [(262144, (2, 4), True), (524288, (2, 4), False)]
+    assert abs(depth[0]["ratio"] - 2.0 / 2.09) < 1e-3
+    t = gpu_report.targets({"plan": dict(rows=rows, depth=depth)})
+    assert t["plan_peak_L4_streambp_offload_256K"]["passed"] and not t["plan_time_L4_streambp_offload_512K"]["passed"]
+    assert not t["plan_depth_512K_L2_to_L4"]["passed"]
 
 
-def test_summaries_and_targets_against_the_baseline():
-    def row(mode, seq, step_s, gib):
-        return dict(mode=mode, seq=seq, ok=True, step_s=step_s, tokens_per_s=round(seq / step_s), peak_gib=gib)
-    rows = [row("liger", 32768, 2.0, 20.0), row("liger", 65536, 4.0, 40.0), dict(mode="liger", seq=131072, ok=False),
-            row("streambp", 32768, 1.0, 20.0), row("streambp", 131072, 4.0, 21.0), row("streambp", 262144, 9.0, 22.0)]
-    summaries = {m: gpu_suite.summarise_mode("llama1b", m, rows) for m in ("liger", "streambp")}
-    assert summaries["liger"]["max_seq"] == 65536 and summaries["liger"]["stopped_by"] == "failure (OOM)"
-    s = summaries["streambp"]
-    assert s["bytes_per_token_marginal"] == round(2**30 / 131072) and s["bytes_per_token_peak"] == round(22 * 2**30 / 262144)
-    args = get_model_args("llama1b")
-    assert s["mfu"] == round(args.flops_per_token(262144) * 262144 / 9.0 / gpu_suite.PEAK_FLOPS, 4)
-    targets = gpu_suite.ladder_targets(summaries)
-    assert targets["max_seq_vs_liger"] == dict(value=4.0, mode="streambp", target=4.0, passed=True)
-    assert targets["bytes_per_token_streambp"]["passed"]                 # 8 KiB a token
-    assert targets["tokens_per_s_vs_liger_32k_streambp"] == dict(value=2.0, target=1.4, passed=True)
+def test_speed_ratios_against_the_baseline_of_the_same_call(monkeypatch):
+    from types import SimpleNamespace
+
+    measured = [dict(layers=16, mode="streambp", seq=32768, ok=True, step_s=1.0, tokens_per_s=32768),
+                dict(layers=2, mode="streambp_offload", seq=262144, ok=True, step_s=5.0, tokens_per_s=52429)]
+    liger = [dict(mode="liger", seq=32768, ok=True, step_s=2.0, tokens_per_s=16384, peak_gib=30.0)]
+    monkeypatch.setattr(gpu_stages, "child", lambda kind, spec, timeout, log: dict(rows=liger, rc=0, timed_out=False,
+                                                                                 tail=""))
+    a = SimpleNamespace(shape="llama1b", device="cuda", dry_run=False)
+    stage = gpu_stages.stage_speed(a, 100, None, dict(measured=measured, baseline=Path("hf_baseline.py")))
+    ours = [r for r in stage["rows"] if r["mode"] == "streambp"]
+    assert ours == [dict(mode="streambp", seq=32768, tokens_per_s=32768, liger_tokens_per_s=16384, ratio=2.0,
+                         mfu=round(get_model_args("llama1b").flops_per_token(32768) * 32768 / 1.0 / 989e12, 4))]
+    assert stage["passed"] and stage["ok"] and {r["mode"] for r in stage["rows"]} == {"streambp", "hf+liger"}
 
 
 def test_fallback_guard_fails_a_test_whose_fused_kernels_fell_back(tmp_path, monkeypatch, capsys):
