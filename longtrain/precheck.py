@@ -131,35 +131,25 @@ def check_paths(cfg: Config) -> None:
         check_hf_dir(cfg.model.hf_path)
 
 
-def check_model(cfg: Config, world_size: int) -> None:
-    """The model geometry (registry entry with the overrides, or ``model.hf_path``'s config.json)
-    and its fit to the sequence-parallel layout, without building the model."""
-    from longtrain.parallel.dims import ParallelDims
-    from longtrain.trainer.build import build_model_args
-
-    args = build_model_args(cfg.model)
-    if cfg.model.init_from is not None:
-        from longtrain.trainer.init_from import check_geometry, find_checkpoint
-
-        check_geometry(find_checkpoint(cfg.model.init_from, "model.init_from"), args, "model.init_from")
-    dims = ParallelDims(world_size=world_size, ulysses=cfg.parallel.sp.ulysses, ring=cfg.parallel.sp.ring)
-    dims.validate_model(args.num_heads, args.num_kv_heads)
-    dims.validate_seq_len(cfg.data.seq_len)
-
-
 def check_layout(cfg: Config, world_size: int) -> None:
-    """Checks that need the world size (torchrun's ``WORLD_SIZE``): the parallel degrees and the
-    batch split ``micro_batch_size x grad_accum x dp = global_batch_size`` (the DeepSpeed batch
-    config under ZeRO is derived from the same three numbers).
+    """What the trainer checks before it builds anything (:func:`~longtrain.trainer.build.layout_run`,
+    the same function): the parallel degrees against the world size and the sequence, the model
+    geometry (registry entry with the overrides, or ``model.hf_path``'s config.json) and its heads
+    against the layout, and the batch split ``micro_batch_size x grad_accum x dp =
+    global_batch_size``; then ``model.init_from``'s geometry. No process group, no tensor.
 
     Raises:
         ValueError: naming the key and a consistent value.
     """
-    from longtrain.parallel.dims import ParallelDims
-    from longtrain.trainer.build import resolve_batch_layout
+    import torch
 
-    dims = ParallelDims(world_size=world_size, ulysses=cfg.parallel.sp.ulysses, ring=cfg.parallel.sp.ring)
-    resolve_batch_layout(cfg.data.global_batch_size, cfg.data.micro_batch_size, cfg.trainer.grad_accum, dims.dp)
+    from longtrain.trainer.build import layout_run
+
+    layout = layout_run(cfg, world_size, torch.device("cpu"), build_groups=False)
+    if cfg.model.init_from is not None:
+        from longtrain.trainer.init_from import check_geometry, find_checkpoint
+
+        check_geometry(find_checkpoint(cfg.model.init_from, "model.init_from"), layout.args, "model.init_from")
 
 
 def sweep_jobs(overrides: List[str]) -> Optional[List[List[str]]]:
@@ -291,10 +281,9 @@ def precheck(argv: List[str], world_size: Optional[int] = None) -> Optional[str]
         with initialize_config_dir(config_dir=config_dir, version_base=None):
             for job in jobs or []:
                 cfg = to_config(compose(config_name=name, overrides=job))
-                check_layout(cfg, world_size)
                 if not multirun:  # under --multirun only the sweep's name starts with run.dir
-                    check_paths(cfg)
-                check_model(cfg, world_size)
+                    check_paths(cfg)  # first: the layout reads model.hf_path's config.json
+                check_layout(cfg, world_size)
     except MissingConfigException:
         recipes = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
         return f"unknown recipe '{name}' in {config_dir}; choose one of: {', '.join(recipes)}"

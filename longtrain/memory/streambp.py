@@ -56,7 +56,7 @@ Layouts: ``x_bsh`` [B, S, hidden]; ``k_bshd``/``v_bshd`` [B, S, Hkv, D]; ``q_bch
 """
 from __future__ import annotations
 
-from typing import Callable, ContextManager, List, Optional, Sequence
+from typing import Callable, ContextManager, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -65,6 +65,9 @@ from longtrain.kernels.attention import ChunkKeys
 from longtrain.memory.offload import HostCopy
 from longtrain.models.llama import DecoderLayer, apply_rope
 from longtrain.models.moe import MoE
+
+HostCopyFactory = Callable[[torch.Tensor], HostCopy]
+"""Makes the host-side holder of a layer's saved input: ``factory(x_bsh).fetch()`` gives it back."""
 
 ParamGather = Callable[[List[torch.Tensor]], ContextManager]
 """``factory(params) -> context manager`` in which ``params`` are whole (module docstring)."""
@@ -204,7 +207,7 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.layer, ctx.chunk_size, ctx.held = layer, chunk_size, held
         device_type = x_bsh.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.host_copy = HostCopy(x_bsh) if offload else None
+        ctx.host_copy = offload(x_bsh) if offload is not None else None
         ctx.save_for_backward(None if offload else x_bsh, cos_bsd, sin_bsd, doc_ids)
         if held is None:  # the attention half as the layer's own forward runs it
             h_bsh = x_bsh + layer.self_attn(layer.input_layernorm(x_bsh), cos_bsd, sin_bsd, doc_ids)
@@ -308,7 +311,8 @@ def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bs
 
 
 def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
-                   doc_ids: Optional[torch.Tensor], chunk_size: int, offload: bool = False,
+                   doc_ids: Optional[torch.Tensor], chunk_size: int,
+                   offload: Union[bool, HostCopyFactory, None] = False,
                    param_gather: Optional[ParamGather] = None) -> torch.Tensor:
     """``layer(x_bsh, cos_bsd, sin_bsd, doc_ids)`` whose backward streams along the sequence.
 
@@ -321,8 +325,11 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
         cos_bsd, sin_bsd: [B, S, head_dim] RoPE tables.
         doc_ids: [B, S] document ids, or None.
         chunk_size: tokens per backward chunk (any positive number; need not divide S).
-        offload: keep the saved input in pinned host memory (copied on a side stream) instead of
-            on the GPU until the backward needs it.
+        offload: keep the saved input in host memory until the backward needs it instead of on the
+            GPU: True parks it in pinned host memory, copied on a side stream
+            (:class:`~longtrain.memory.offload.HostCopy`); a factory ``offload(x_bsh)`` returning an
+            object with ``fetch()`` parks it its own way (the planner's accounting stand-in);
+            False or None keeps it.
         param_gather: for partitioned parameters (ZeRO-3), ``param_gather(params)`` is a context
             in which they are whole (module docstring); None when they are whole already.
 
@@ -336,6 +343,7 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
     if chunk_size < 1:
         raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
     params = [p for p in layer.parameters() if p.requires_grad]
+    offload = HostCopy if offload is True else (offload or None)
     if param_gather is None:
         return _StreamedLayer.apply(layer, chunk_size, offload, None, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
     check_param_gather(layer)

@@ -6,8 +6,8 @@ per (class, wrapper), whose ``forward`` checkpoints or streams while ``self.trai
 torch.is_grad_enabled()`` and otherwise runs the plain forward (``plain_forward``, the class's own).
 FSDP2's ``fully_shard`` swaps classes the same way. So parameter names, ``state_dict()`` keys, the
 Hugging Face conversion and module hooks (ZeRO-3 registers its own on the instances) are unchanged;
-the wrappers add only plain attributes (``streambp_chunk``, ``streambp_offload``,
-``param_gather``), none of them parameters or buffers.
+the wrappers add only plain attributes (``streambp_chunk``, ``streambp_offload``: the host-copy
+factory of an offloaded input or None, ``param_gather``), none of them parameters or buffers.
 
 A layer takes one wrapper. Wrapping a wrapped layer again, with the same wrapper or the other,
 raises ``ValueError`` (StreamBP already recomputes what checkpointing would, and two settings of
@@ -22,7 +22,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from longtrain.memory.streambp import ParamGather, check_param_gather, is_streamable, streamed_layer
+from longtrain.memory.offload import HostCopy
+from longtrain.memory.streambp import (HostCopyFactory, ParamGather, check_param_gather, is_streamable,
+                                      streamed_layer)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def apply_checkpointing(model: nn.Module) -> None:
     log.info("activation checkpointing: %d decoder layers recompute their forward in the backward", len(layers))
 
 
-def apply_streambp(model: nn.Module, chunk_size: int, offload: bool) -> None:
+def apply_streambp(model: nn.Module, chunk_size: int, offload: bool, host_copy: HostCopyFactory = HostCopy) -> None:
     """Stream the backward of each decoder layer of ``model.layers`` along the sequence in chunks of
     ``chunk_size`` tokens while training (:mod:`longtrain.memory.streambp`); eval and no-grad
     forwards run plainly. Apply it after sequence parallelism: each layer streams what its attention
@@ -107,6 +109,9 @@ def apply_streambp(model: nn.Module, chunk_size: int, offload: bool) -> None:
         model: a :class:`~longtrain.models.Transformer` (``model.args``, ``model.layers``).
         chunk_size: tokens per backward chunk (need not divide the sequence).
         offload: park each layer's saved input in pinned host memory until its backward.
+        host_copy: what parks it (``host_copy(x_bsh).fetch()`` gives it back): pinned host memory
+            copied on a side stream (:class:`~longtrain.memory.offload.HostCopy`), or a tool's own
+            (the planner counts it as host memory on fake tensors).
 
     Raises:
         ValueError: ``chunk_size < 1``; an MoE model with a capacity factor; a layer already wrapped.
@@ -119,7 +124,8 @@ def apply_streambp(model: nn.Module, chunk_size: int, offload: bool) -> None:
                          "model.moe.capacity_factor=null or turn StreamBP off")
     layers = _wrap_layers(model, "Streamed")
     for layer in layers:
-        layer.streambp_chunk, layer.streambp_offload, layer.param_gather = chunk_size, bool(offload), None
+        layer.streambp_chunk, layer.param_gather = chunk_size, None
+        layer.streambp_offload = host_copy if offload else None
     streams = "every part" if all(is_streamable(layer) for layer in layers) \
         else "the MLP half (attention recomputed whole)"
     log.info("StreamBP: %d decoder layers stream their backward in chunks of %d tokens, streaming %s%s", len(layers),

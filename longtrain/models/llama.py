@@ -146,6 +146,30 @@ class Transformer(nn.Module):
         """The decoder layers, in order."""
         return self.model.layers
 
+    def _apply(self, fn, recurse: bool = True):
+        """Convert (``.to``, ``.bfloat16()``, ...) every parameter in place, ``param.data = fn(param)``
+        (its gradient alike), and every buffer, keeping the Parameter objects: torch's own behaviour
+        for ordinary tensors, on which optimizers built before a conversion rely (DeepSpeed casts the
+        module it wraps). For tensor subclasses torch swaps the tensor objects instead, which fails
+        once a weak reference points to them, as it does to the fake tensors the planner runs this
+        model on."""
+        for module in self.modules() if recurse else [self]:
+            for param in module._parameters.values():
+                if param is None:
+                    continue
+                with torch.no_grad():
+                    applied = fn(param)
+                if applied is not param:
+                    param.data = applied
+                if param.grad is not None:
+                    grad = fn(param.grad)
+                    if grad is not param.grad:
+                        param.grad.data = grad
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = fn(buf)
+        return self
+
     @property
     def output_weight(self) -> torch.Tensor:
         """LM head weight [vocab, hidden] (the embedding weight when tied)."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from longtrain.config import Config
 from longtrain.memory import apply_checkpointing, apply_streambp, auto_chunk_size
+from longtrain.memory.streambp import HostCopyFactory
 from longtrain.kernels.attention import LocalAttention
 from longtrain.kernels.dispatch import DEFAULT_KERNELS, AttentionKernels
 from longtrain.parallel.dims import ParallelDims
@@ -100,15 +101,17 @@ def sp_comm_stats() -> Tuple[int, float]:
 
 
 def apply_layer_wrappers(model: nn.Module, streambp: bool, chunk_size, offload: bool, checkpointing: bool,
-                         seq_len_local: int, micro_batch_size: int, elem_bytes: int, device: torch.device) -> None:
+                         seq_len_local: int, micro_batch_size: int, elem_bytes: int, device: torch.device,
+                         host_copy: Optional[HostCopyFactory] = None) -> None:
     """Step 2: StreamBP (``chunk_size`` tokens; ``auto`` from the model geometry and free device
-    memory) or, when StreamBP is off, activation checkpointing on every decoder layer; nothing when
-    neither is asked. Each wrapper logs its own line."""
+    memory; ``offload`` parks each layer's input with ``host_copy``, default pinned host memory) or,
+    when StreamBP is off, activation checkpointing on every decoder layer; nothing when neither is
+    asked. Each wrapper logs its own line."""
     if streambp:
         if chunk_size == "auto":
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
             chunk_size = auto_chunk_size(model.args, seq_len_local, micro_batch_size, free, elem_bytes=elem_bytes)
-        apply_streambp(model, chunk_size, offload)
+        apply_streambp(model, chunk_size, offload, **({} if host_copy is None else {"host_copy": host_copy}))
     elif checkpointing:
         apply_checkpointing(model)
     else:
@@ -136,7 +139,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paral
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, optimizer: torch.optim.Optimizer, *,
                 grad_accum: int, device: torch.device, bf16: bool, load_universal: bool = False,
-                kernels: Optional[AttentionKernels] = None) -> StepEngine:
+                kernels: Optional[AttentionKernels] = None, host_copy: Optional[HostCopyFactory] = None
+                ) -> StepEngine:
     """Apply sequence parallelism, the layer wrappers and the step engine to ``model``, in that order
     (module docstring), and return the engine the training loop drives.
 
@@ -151,11 +155,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, optimizer: to
         load_universal: the ZeRO engine will load a universal checkpoint (a resumed layout change).
         kernels: the attention kernels (None: ``trainer.attention_backend``'s, on CUDA devices); the
             planner passes its own, which run CUDA's executors on its fake tensors.
+        host_copy: what parks an offloaded StreamBP layer input (None: pinned host memory); the
+            planner passes one that counts it as host memory.
     """
     sp, mc = cfg.parallel.sp, cfg.memory
     kernels = AttentionKernels(cfg.trainer.attention_backend) if kernels is None else kernels
     apply_sequence_parallel(model, dims, cfg.data.seq_len, sp.ulysses_chunks, kernels)
     apply_layer_wrappers(model, mc.streambp.enabled, mc.streambp.chunk_size, mc.offload_checkpoints, mc.checkpointing,
-                         cfg.data.seq_len // dims.sp, cfg.data.micro_batch_size, 2 if bf16 else 4, device)
+                         cfg.data.seq_len // dims.sp, cfg.data.micro_batch_size, 2 if bf16 else 4, device, host_copy)
     autocast_dtype = torch.bfloat16 if bf16 and cfg.zero.stage == 0 else None  # DeepSpeed's bf16 holds bf16 params
     return build_engine(model, optimizer, dims, cfg, bf16, autocast_dtype, grad_accum, load_universal)

@@ -42,26 +42,23 @@ import functools
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
-from unittest import mock
 
 import torch
 
 from longtrain.config import Config
 from longtrain.kernels.dispatch import AttentionKernels
 from longtrain.memory import auto_chunk_size
-from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
-from longtrain.optim.optimizer import build_optimizer
+from longtrain.optim.loss import IGNORE_INDEX
 from longtrain.parallel.dims import ParallelDims
-from longtrain.parallel.parallelize import parallelize
 from longtrain.parallel.sharding import shard_batch
 from longtrain.parallel.state_memory import state_tensors
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
-from longtrain.plan.fakes import convert_in_place, local_rank, zero_offload_on_host
+from longtrain.plan.fakes import HostAdamStandIn, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
 from longtrain.plan.tracker import StepTracker
 from longtrain.plan.world import fake_world
-from longtrain.models import Transformer
-from longtrain.trainer.build import build_model_args, resolve_batch_layout, resolve_precision
+from longtrain.trainer.build import Seams, build_run, layout_run
+from longtrain.trainer.step import micro_batches
 
 
 PEAK_TENSORS = 12
@@ -134,15 +131,13 @@ class StepPlan:
 
 class PlannedHostCopy:
     """:class:`~longtrain.memory.offload.HostCopy` as it behaves on a GPU, for a plan whose tensors
-    all live on the CPU: the parked tensor becomes a host tensor (counted as host memory, so the
-    device copy is free once nothing else holds it) and :meth:`fetch` brings a new device copy."""
+    all live on the CPU (the builder's ``Seams.host_copy``): the parked tensor becomes a host tensor
+    (counted as host memory by ``tracker``, so the device copy is free once nothing else holds it)
+    and :meth:`fetch` brings a new device copy."""
 
-    tracker: Optional[StepTracker] = None
-
-    def __init__(self, x_bsh: torch.Tensor) -> None:
+    def __init__(self, x_bsh: torch.Tensor, tracker: StepTracker) -> None:
         self.tensor = x_bsh.detach().clone()
-        if self.tracker is not None:
-            self.tracker.mark_host(self.tensor)
+        tracker.mark_host(self.tensor)
 
     def fetch(self) -> torch.Tensor:
         out, self.tensor = self.tensor.clone(), None
@@ -221,62 +216,49 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
     """
     with ExitStack() as stack:
         world_size = _world(stack, fake, world_size, cfg.zero.stage > 0)
-        sp = cfg.parallel.sp
-        dims = ParallelDims(world_size=world_size, ulysses=sp.ulysses, ring=sp.ring)
-        dims.validate_seq_len(cfg.data.seq_len)
-        args = build_model_args(cfg.model)
-        dims.validate_model(args.num_heads, args.num_kv_heads)
-        dims.build_groups()
-        _, grad_accum = resolve_batch_layout(cfg.data.global_batch_size, cfg.data.micro_batch_size,
-                                             cfg.trainer.grad_accum, dims.dp)
         target = torch.device("cuda") if gpu is not None else torch.device("cpu")
-        precision = resolve_precision(cfg.trainer.precision, target)
-        cfg = _config_for_target(cfg, args, gpu is not None, precision == "bf16", gpu.memory_bytes if gpu else None)
+        layout = layout_run(cfg, world_size, target)  # the trainer's checks and process groups
+        dims, args = layout.dims, layout.args
+        cfg = _config_for_target(cfg, args, gpu is not None, layout.bf16, gpu.memory_bytes if gpu else None)
         tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake)
-        batches, num_valid = _batches(cfg, args, dims, grad_accum)
+        batches, num_valid = _batches(cfg, args, dims, layout.grad_accum)
         warm_up = _batches(cfg, args, dims, 1, _warm_up_len(cfg, dims))
+        seams = Seams(load_weights=False, optimizer_device=target)
+        if gpu is not None:  # CUDA's attention executors (flash varlen) on the fake CPU tensors, as on the GPU
+            seams.kernels = AttentionKernels("flash", cuda_device_types=("cuda", "cpu"))
+            if cfg.memory.offload_checkpoints:
+                seams.host_copy = functools.partial(PlannedHostCopy, tracker=tracker)
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-            stack.enter_context(convert_in_place())
             offloads = [name for name, on in (("offload_optimizer", cfg.zero.offload_optimizer),
                                               ("offload_param", cfg.zero.offload_params)) if on == "cpu"]
             if cfg.zero.stage > 0 and offloads:  # host memory only when the target has a device
                 mark = tracker.mark_host if gpu is not None else (lambda t: None)
                 cfg.zero.extra = stack.enter_context(zero_offload_on_host(cfg.zero.extra, offloads, mark))
-        if cfg.memory.offload_checkpoints and gpu is not None:
-            PlannedHostCopy.tracker = tracker
-            stack.enter_context(mock.patch("longtrain.memory.streambp.HostCopy", PlannedHostCopy))
-        plan = _tracked_step(cfg, args, dims, batches, num_valid, grad_accum, precision, tracker, gpu is not None,
-                             warm_up)
+                seams.host_optimizer = HostAdamStandIn
+        plan = _tracked_step(cfg, layout, batches, num_valid, tracker, seams, warm_up)
         _add_time(plan, tracker, dims, gpu, net)
         return plan
 
 
-def _micro_batches(engine, balancer, batches: list, num_valid: int, cfg: Config, tracker: StepTracker) -> int:
-    """Forward and backward of every micro-batch as :mod:`longtrain.trainer.step` runs them; returns
-    the bytes the first forward made that are still alive after it (kept for its backward; not
-    the engine's buffers)."""
-    kept = None
-    if balancer is not None:
-        balancer.begin_step()
-    for i, batch in enumerate(batches):
-        tracker.phase = "forward"
-        before = tracker.serial
-        labels = batch["labels"]
-        weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
-        head = functools.partial(chunked_lm_loss, labels=labels, weights=weights,
-                                 chunk_size=cfg.trainer.loss_chunk_size)
-        loss = engine.forward(batch, head, last=i == len(batches) - 1)
-        if kept is None:
-            kept = sum(tracker.size_of(k) for k in tracker.alive() - tracker.buffer_serials if k > before)
-        if balancer is not None:
-            balancer.after_forward()
-        tracker.phase = "backward"
-        engine.backward(loss)
-        del loss
-    return kept or 0
+class _Phases:
+    """The planner's view of the micro-batch loop: the tracker's phase, and the bytes the first
+    forward made that are still alive after it (kept for its backward; not the engine's buffers)."""
+
+    def __init__(self, tracker: StepTracker) -> None:
+        self.tracker, self.kept, self._before = tracker, None, 0
+
+    def before_forward(self, index: int) -> None:
+        self.tracker.phase = "forward"
+        self._before = self.tracker.serial
+
+    def after_forward(self, index: int) -> None:
+        t = self.tracker
+        if self.kept is None:
+            self.kept = sum(t.size_of(k) for k in t.alive() - t.buffer_serials if k > self._before)
+        t.phase = "backward"
 
 
 def _optimizer_step(engine, balancer, tracker: StepTracker) -> None:
@@ -286,38 +268,24 @@ def _optimizer_step(engine, balancer, tracker: StepTracker) -> None:
         balancer.end_step()
 
 
-def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_valid: int, grad_accum: int, precision: str,
-                  tracker: StepTracker, on_gpu: bool, warm_up: Tuple[list, int]) -> StepPlan:
-    """Build the model, optimizer and engine as the trainer does and run one step under ``tracker``.
+def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: StepTracker, seams: Seams,
+                  warm_up: Tuple[list, int]) -> StepPlan:
+    """Build the run as the trainer does (:func:`~longtrain.trainer.build.build_run`, with the plan's
+    seams) and run one step of its micro-batch loop under ``tracker``.
 
     Everything is built under the tracker, so every storage the step finds alive (parameters,
     optimizer state, the engine's buffers) is counted. The optimizer state of a steady-state step
     exists before it: the engine primes it, or (ZeRO) one whole step runs first; then the
     tracker's peak, FLOPs and collectives restart and the measured step runs.
     """
-    device = torch.device("cpu")
+    on_gpu = seams.optimizer_device.type == "cuda"
+    args, dims, precision = layout.args, layout.dims, layout.precision
     with tracker:
-        # build_model without its final .to(device) (the tensors are made on the CPU already) and
-        # without model.hf_path's weights (values do not matter)
-        torch.manual_seed(cfg.trainer.seed)
-        model = Transformer(args)
-        model.init_weights()
-        optimizer = build_optimizer(model, cfg.optim, torch.device("cuda") if on_gpu else device,
-                                    offload=cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu")
-        # On a GPU target CUDA's attention executors (flash varlen) run on the fake CPU tensors, as
-        # training on the GPU runs them; they have CUDA's shape functions on every device.
-        kernels = AttentionKernels("flash", cuda_device_types=("cuda", "cpu")) if on_gpu else None
-        engine = parallelize(model, dims, cfg, optimizer, grad_accum=grad_accum, device=device,
-                             bf16=precision == "bf16", kernels=kernels)
-        engine.train(True)
-        balancer = None
-        if args.moe_layers:
-            from longtrain.optim.balance import Balancer
-
-            balancer = Balancer(model, cfg.moe, dims, cfg.data.micro_batch_size, grad_accum, cfg.data.seq_len,
-                                loss_scale=engine.loss_scale)
+        # the model is made on the CPU (the fake tensors' device), without model.hf_path's weights
+        run = build_run(cfg, layout, torch.device("cpu"), seams)
+        model, optimizer, engine, balancer = run.model, run.optimizer, run.engine, run.balancer
         if not engine.prime_optimizer():  # steady state (docstring)
-            _micro_batches(engine, balancer, *warm_up, cfg, tracker)
+            micro_batches(engine, balancer, *warm_up, cfg.trainer.loss_chunk_size, _Phases(tracker))
             _optimizer_step(engine, balancer, tracker)
         params, optim = state_tensors(model, optimizer)
         if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)
@@ -327,7 +295,9 @@ def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_vali
         tracker.phase = "forward"
         tracker.buffer_probe = engine.buffer_tensors
         tracker.start_step()
-        kept = _micro_batches(engine, balancer, batches, num_valid, cfg, tracker)
+        phases = _Phases(tracker)
+        micro_batches(engine, balancer, batches, num_valid, cfg.trainer.loss_chunk_size, phases)
+        kept = phases.kept or 0
         buffer_keys = tracker.buffer_serials
         states = tracker.serials(params) | tracker.serials(optim) | buffer_keys
         grad_keys = {s for s in tracker.alive() if s > tracker.step_start} - states
@@ -350,7 +320,7 @@ def _tracked_step(cfg: Config, args, dims: ParallelDims, batches: list, num_vali
     largest = max([size for serial, size in tracker.allocations if serial not in grad_keys | buffer_keys]
                   + [tracker.workspace_peak])
     seq = cfg.data.seq_len
-    tokens = cfg.data.micro_batch_size * seq * grad_accum
+    tokens = cfg.data.micro_batch_size * seq * layout.grad_accum
     plan = StepPlan(seq_len=seq, tokens=tokens, precision=precision, peak_bytes=tracker.peak,
                     params_bytes=params_bytes, grads_bytes=grads_bytes, optimizer_bytes=optimizer_bytes,
                     activations_at_peak=cats["other"], activations_kept=kept, largest_transient=largest,

@@ -3,10 +3,12 @@
 Order of construction (each piece gets typed sub-configs; only :func:`parallelize` reads several
 groups, in its one written order):
 
-config -> :class:`~longtrain.parallel.dims.ParallelDims` (every process group) -> model geometry and
-data (checked against the vocabulary) -> model -> optimizer and schedule -> resume plan ->
-:func:`~longtrain.parallel.parallelize.parallelize` (sequence-parallel attention, then the layer
-wrappers, then the step engine) -> MoE balancer -> resume -> metrics.
+config -> :func:`~longtrain.trainer.build.layout_run` (:class:`~longtrain.parallel.dims.ParallelDims`
+with every process group, the model geometry, the batch arithmetic, the precision) -> data (checked
+against the vocabulary) -> resume plan -> :func:`~longtrain.trainer.build.build_run` (model,
+optimizer and schedule, :func:`~longtrain.parallel.parallelize.parallelize`: sequence-parallel
+attention, then the layer wrappers, then the step engine; the MoE balancer) -> resume -> metrics.
+The start-up check and the planner build through the same two functions.
 
 From then on the loop talks to the step engine only (:mod:`longtrain.parallel.engine`: plain torch
 or DeepSpeed ZeRO); the step is in :mod:`longtrain.trainer.step`, evaluation in
@@ -24,12 +26,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from longtrain.config import Config
-from longtrain.optim.optimizer import build_optimizer
 from longtrain.optim.schedule import build_scheduler
-from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.distributed import DistInfo, all_gather_objects, barrier
-from longtrain.parallel.parallelize import parallelize
-from longtrain.trainer.build import build_model, build_model_args, resolve_batch_layout, resolve_precision
+from longtrain.trainer.build import build_run, layout_run
 from longtrain.trainer.checkpoint import CheckpointManager, step_dir_name
 from longtrain.trainer.data import GlobalBatchSampler, build_datasets
 from longtrain.trainer.evaluate import EvalMixin
@@ -50,49 +49,36 @@ class Trainer(StepMixin, EvalMixin, CheckpointMixin):
         self.run_dir = Path(cfg.run.dir)
         tc, dc = cfg.trainer, cfg.data
 
-        sp = cfg.parallel.sp
-        self.dims = ParallelDims(world_size=dist_info.world_size, ulysses=sp.ulysses, ring=sp.ring)
-        self.dims.validate_seq_len(dc.seq_len)
+        layout = layout_run(cfg, dist_info.world_size, self.device)  # checks, then every process group
+        self.dims, self.model_args = layout.dims, layout.args
         self.dp_rank, self.dp_size = self.dims.rank("dp"), self.dims.size("dp")
-        self.global_batch_size, self.grad_accum = resolve_batch_layout(dc.global_batch_size, dc.micro_batch_size,
-                                                                       tc.grad_accum, self.dp_size)
-        precision = resolve_precision(tc.precision, self.device)
-        self.bf16 = precision == "bf16"
-
-        self.model_args = build_model_args(cfg.model)
-        self.dims.validate_model(self.model_args.num_heads, self.model_args.num_kv_heads)
-        self.dims.build_groups()
+        self.global_batch_size, self.grad_accum, self.bf16 = layout.global_batch_size, layout.grad_accum, layout.bf16
+        precision = layout.precision
         # Token counts, losses and gradients are summed over every rank that sees distinct tokens.
         self.reduce_group = self.dims.group("dp_sp")
         self.data = build_datasets(dc, vocab_size=self.model_args.vocab_size, seed=tc.seed, rank=dist_info.rank,
                                    barrier=barrier, log=self._info)
         self.sampler = GlobalBatchSampler(self.data.train.num_rows, self.global_batch_size, tc.seed)
 
-        self.model = build_model(self.model_args, cfg.model.hf_path, tc.seed, self.device, cfg.model.init_from)
         self.step, self.tokens_seen, self.skipped_in_a_row = 0, 0, 0
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=dist_info.rank,
                                       world_size=dist_info.world_size, barrier=barrier, all_gather=all_gather_objects)
         resume = plan_resume(self.ckpt, cfg.checkpoint.resume, self.run_dir, self._expected(), cfg.zero.stage,
                              self.dims.size("dp_sp"))
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device,
-                                         offload=cfg.zero.offload_optimizer == "cpu")
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
-        load_before_engine(resume, self.model)
-        self.engine = parallelize(self.model, self.dims, cfg, self.optimizer, grad_accum=self.grad_accum,
-                                  device=self.device, bf16=self.bf16,
-                                  load_universal=resume is not None and resume.mode == "universal")
-        self.engine.train(True)
+
+        def before_engine(model, optimizer) -> None:
+            self.scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
+            load_before_engine(resume, model)
+
+        run = build_run(cfg, layout, self.device, before_engine=before_engine,
+                        load_universal=resume is not None and resume.mode == "universal")
+        self.model, self.optimizer, self.engine, self.balancer = run.model, run.optimizer, run.engine, run.balancer
         if dist_info.is_writer:
             for name, text in self.engine.config_files().items():
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / name).write_text(text)
         self.memory: Optional[dict] = None
         self._memory_pending = True
-        self.balancer = None
-        if self.model_args.moe_layers:
-            from longtrain.optim.balance import Balancer
-            self.balancer = Balancer(self.model, cfg.moe, self.dims, dc.micro_batch_size, self.grad_accum,
-                                     dc.seq_len, loss_scale=self.engine.loss_scale)
         self._resume(resume)
 
         self.peak_flops = peak_flops_per_device(self.device, cfg.logging.peak_tflops)

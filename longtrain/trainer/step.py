@@ -18,7 +18,7 @@ import logging
 import math
 import resource
 import time
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -38,6 +38,45 @@ def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: peak RSS
+
+
+class MicroBatchObserver(Protocol):
+    """What a tool watching the micro-batch loop is told (the planner: which phase its tracker is in)."""
+
+    def before_forward(self, index: int) -> None: ...
+
+    def after_forward(self, index: int) -> None: ...
+
+
+def micro_batches(engine, balancer, batches: List[Dict[str, torch.Tensor]], num_valid: int, loss_chunk_size: int,
+                  observer: Optional[MicroBatchObserver] = None) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of one step through the step engine.
+
+    Each micro-batch back-propagates its token-loss sum over ``num_valid``, the global count of valid
+    tokens of the step (module docstring), so the engine ends up holding the gradient of the global
+    mean; the MoE ``balancer`` (or None) sees every forward. The trainer and the planner both run it.
+
+    Returns:
+        This rank's loss sum over its micro-batches (fp64 scalar, not reduced).
+    """
+    if balancer is not None:
+        balancer.begin_step()
+    loss_sum = None
+    for i, batch in enumerate(batches):
+        if observer is not None:
+            observer.before_forward(i)
+        labels = batch["labels"]
+        weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
+        head = functools.partial(chunked_lm_loss, labels=labels, weights=weights, chunk_size=loss_chunk_size)
+        loss = engine.forward(batch, head, last=i == len(batches) - 1)
+        if observer is not None:
+            observer.after_forward(i)
+        if balancer is not None:
+            balancer.after_forward()
+        engine.backward(loss)
+        loss = loss.detach().double()
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+    return loss_sum
 
 
 class StepMixin:
@@ -64,19 +103,7 @@ class StepMixin:
         valid = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)], dtype=torch.float64,
                              device=self.device)
         num_valid = int(all_reduce_sum(valid, self.reduce_group).item())  # the one count all-reduce of the step
-        if self.balancer is not None:
-            self.balancer.begin_step()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(batches):
-            labels = batch["labels"]
-            weights = (labels != IGNORE_INDEX).float() / max(num_valid, 1)
-            head = functools.partial(chunked_lm_loss, labels=labels, weights=weights,
-                                     chunk_size=cfg.trainer.loss_chunk_size)
-            loss = self.engine.forward(batch, head, last=i == len(batches) - 1)
-            if self.balancer is not None:
-                self.balancer.after_forward()
-            self.engine.backward(loss)
-            loss_sum += loss.detach().double()
+        loss_sum = micro_batches(self.engine, self.balancer, batches, num_valid, cfg.trainer.loss_chunk_size)
         return float(all_reduce_sum(loss_sum, self.reduce_group).item()), num_valid
 
     def train_step(self) -> Dict[str, float]:
