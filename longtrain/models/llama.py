@@ -150,17 +150,22 @@ class Transformer(nn.Module):
         """Convert (``.to``, ``.bfloat16()``, ...) every parameter in place, ``param.data = fn(param)``
         (its gradient alike), and every buffer, keeping the Parameter objects: torch's own behaviour
         for ordinary tensors, on which optimizers built before a conversion rely (DeepSpeed casts the
-        module it wraps). For tensor subclasses torch swaps the tensor objects instead, which fails
+        module it wraps); where torch makes a new Parameter (a tensor of another kind, e.g. meta to
+        CPU) so does this. For tensor subclasses torch swaps the tensor objects instead, which fails
         once a weak reference points to them, as it does to the fake tensors the planner runs this
-        model on."""
+        model on: those are converted in place too."""
         for module in self.modules() if recurse else [self]:
-            for param in module._parameters.values():
+            for key, param in module._parameters.items():
                 if param is None:
                     continue
                 with torch.no_grad():
                     applied = fn(param)
-                if applied is not param:
+                if applied is param:
+                    pass
+                elif type(applied) is not torch.Tensor or torch._has_compatible_shallow_copy_type(param, applied):
                     param.data = applied
+                else:  # e.g. meta to CPU (weights loaded after a meta build): a new Parameter, as torch does
+                    module._parameters[key] = param = nn.Parameter(applied, requires_grad=param.requires_grad)
                 if param.grad is not None:
                     grad = fn(param.grad)
                     if grad is not param.grad:
