@@ -150,18 +150,17 @@ def _cu_seqlens(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- executors
-_RNG_STATE: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+_RNG_META: Dict[str, Tuple[Tuple[tuple, torch.dtype], ...]] = {}
+"""Per device type: the (shape, dtype) of the (rng_state, unused) pair flash attention's forward
+returns, learned from the forward's own answer."""
 
 
 def _rng_state(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The (rng_state, unused) pair the flash backward takes; ignored without dropout, but it must
-    have the forward's types, so take it from a one-token forward once per device."""
-    if device not in _RNG_STATE:
-        x = torch.zeros(1, 1, 8, dtype=torch.bfloat16, device=device)
-        cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
-        res = torch.ops.aten._flash_attention_forward(x, x, x, cu, cu, 1, 1, 0.0, False, False, scale=1.0)
-        _RNG_STATE[device] = (res[2], res[3])
-    return _RNG_STATE[device]
+    """The (rng_state, unused) pair the flash backward takes: ignored without dropout, but it must
+    have the forward's types (torch versions differ), so they are made fresh in the shapes and dtypes
+    a forward on this device type returned; nothing is kept alive between calls (a cache of tensors
+    would be a few bytes the first step has and no later plan does)."""
+    return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in _RNG_META[device.type])
 
 
 def _varlen_groups(seg: Segments, device: torch.device, num_q: int, num_k: int):
@@ -183,9 +182,10 @@ def varlen_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
     out_thd = torch.zeros_like(q_thd)
     lse_ht = torch.full((heads, batch * num_q), float("-inf"), dtype=torch.float32, device=q_bshd.device)
     for causal, qi, ki, cu_q, cu_k, max_q, max_k in _varlen_groups(seg, q_bshd.device, num_q, num_k):
-        out, lse = torch.ops.aten._flash_attention_forward(
+        out, lse, *rng = torch.ops.aten._flash_attention_forward(
             q_thd.index_select(0, qi), k_thd.index_select(0, ki), v_thd.index_select(0, ki), cu_q, cu_k,
-            max_q, max_k, 0.0, causal, False, scale=scale)[:2]
+            max_q, max_k, 0.0, causal, False, scale=scale)[:4]
+        _RNG_META.setdefault(q_bshd.device.type, tuple((tuple(t.shape), t.dtype) for t in rng))
         out_thd.index_copy_(0, qi, out)
         lse_ht.index_copy_(1, qi, lse)
     return out_thd.view(q_bshd.shape), lse_ht.view(heads, batch, num_q).transpose(0, 1)

@@ -231,7 +231,7 @@ def test_varlen_executor_plumbing_with_an_emulated_flash_op(monkeypatch, docs, h
     against the reference with the flash ops replaced by dense stand-ins of the same contract."""
     from longtrain.kernels import fused as fk
     emulated = EmulatedFlash()
-    monkeypatch.setattr(fk, "_RNG_STATE", {})
+    monkeypatch.setattr(fk, "_RNG_META", {})
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", emulated.forward, raising=False)
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", emulated.backward, raising=False)
     # CPU fp32 tensors taken as CUDA's (the planner's seam), on the flash backend: the varlen executor

@@ -41,7 +41,7 @@ def fresh(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", flash.forward, raising=False)
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", flash.backward, raising=False)
     monkeypatch.setattr(cudnn, "_ops", emulated_cudnn_ops())
-    monkeypatch.setattr("longtrain.kernels.fused._RNG_STATE", {})
+    monkeypatch.setattr("longtrain.kernels.fused._RNG_META", {})
     yield monkeypatch
     KERNEL_STATS.reset()
 
