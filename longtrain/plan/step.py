@@ -38,6 +38,7 @@ keeps the tensor as is.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,12 @@ class StepPlan:
     """The largest storages alive at the peak (:data:`PEAK_TENSORS`): bytes, kind (params, grads,
     optimizer, buffers, other), the op that made them, shape, dtype and the phase it ran in."""
     extra: Dict[str, float] = field(default_factory=dict)
+    peak_by_key: Dict[str, int] = field(default_factory=dict)
+    """Device bytes alive at every local peak, by ``"phase:op"`` (the tracker's); the plan's peak is
+    their maximum. How :mod:`longtrain.plan.depth` extends the peak to a deeper model."""
+    depth_probes: Optional[List[int]] = None
+    """The depths whose plans were extended to the model's (:mod:`longtrain.plan.depth`); None:
+    every layer was planned."""
 
     @property
     def bytes_per_token(self) -> float:
@@ -202,7 +209,7 @@ def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int, seq: Option
 
 
 def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_size: int = 1,
-             net: Optional[Interconnect] = None) -> StepPlan:
+             net: Optional[Interconnect] = None, num_layers: Optional[int] = None) -> StepPlan:
     """Run one training step of ``cfg`` as rank 0 of ``world_size`` ranks and return its plan.
 
     Args:
@@ -213,11 +220,15 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
             group (measurement; ``world_size`` is then the group's).
         world_size: ranks of the layout (``dp x parallel.sp.ulysses x parallel.sp.ring``).
         net: the cluster's links (None: the GPU's defaults, :data:`~longtrain.plan.comm.DEFAULT_INTERCONNECT`).
+        num_layers: build the model with this many of its decoder layers (the first ones; the layout
+            is checked for the whole model): a probe of :mod:`longtrain.plan.depth`.
     """
     with ExitStack() as stack:
         world_size = _world(stack, fake, world_size, cfg.zero.stage > 0)
         target = torch.device("cuda") if gpu is not None else torch.device("cpu")
         layout = layout_run(cfg, world_size, target)  # the trainer's checks and process groups
+        if num_layers is not None:
+            layout.args = dataclasses.replace(layout.args, num_layers=num_layers)
         dims, args = layout.dims, layout.args
         cfg = _config_for_target(cfg, args, gpu is not None, layout.bf16, gpu.memory_bytes if gpu else None)
         tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake)
@@ -329,6 +340,7 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
                     layout=dims.describe(), sp=dims.sp, buffers_bytes=cats["buffers"],
                     streambp_chunk=cfg.memory.streambp.chunk_size if cfg.memory.streambp.enabled else None)
     plan.extra = {f"peak_{k}": v for k, v in cats.items()}
+    plan.peak_by_key = dict(tracker.peak_by_key)
     plan.peak_tensors = [_described(tracker, serial, size, cat) for size, serial, cat in sorted(top, reverse=True)[:PEAK_TENSORS]]
     return plan
 
@@ -362,11 +374,21 @@ def _add_time(plan: StepPlan, tracker: StepTracker, dims: ParallelDims, gpu: Opt
         return
     plan.roofline_s, plan.compute_s, plan.memory_s = tracker.time_s, tracker.compute_s, tracker.memory_s
     plan.comm_s = sum(r.time_s for r in rows)
+    derive_totals(plan, dims.dp, gpu)
+
+
+DERIVED = ("time_serial_s", "time_overlap_s", "time_s", "tokens_per_s", "tokens_per_s_serial", "mfu")
+"""The fields of a plan :func:`derive_totals` computes from the others (not sums over ops)."""
+
+
+def derive_totals(plan: StepPlan, dp: int, gpu: Gpu) -> None:
+    """The step time with and without overlap, the job's tokens/s and the MFU, from the plan's
+    roofline and communication times."""
     plan.time_serial_s = plan.roofline_s + plan.comm_s
     plan.time_overlap_s = max(plan.roofline_s, plan.comm_s)
     plan.time_s = plan.time_overlap_s
-    job_tokens = plan.tokens * dims.dp
+    job_tokens = plan.tokens * dp
     if plan.time_s:
         plan.tokens_per_s = job_tokens / plan.time_s
         plan.tokens_per_s_serial = job_tokens / plan.time_serial_s
-        plan.mfu = plan.formula_flops / plan.time_s / (dims.sp * gpu.bf16_flops)
+        plan.mfu = plan.formula_flops / plan.time_s / (plan.sp * gpu.bf16_flops)

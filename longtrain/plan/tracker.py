@@ -92,13 +92,15 @@ class StepTracker(TorchDispatchMode):
         self.phase = "setup"
         """What the step is doing (set by the caller): the phase of the peak is reported."""
         self.peak_phase = "setup"
-        self.peak_snapshot: Dict[int, Tuple[int, str]] = {}
-        """serial -> (bytes, "device" | "host") of every storage alive at the peak."""
+        self._clock = 0  # counts the storage events (made, freed, moved to the host)
+        self._born: Dict[int, int] = {}  # serial -> event it was made at
+        self._died: Dict[int, int] = {}  # serial -> event it was freed at
+        self._hosted: Dict[int, int] = {}  # serial -> event it became host memory at
+        self._peak_at, self._peak_workspace = 0, 0  # the event of the peak, and an op's workspace then
         self.allocations: List[Tuple[int, int]] = []
         """(serial, bytes) of every storage in the order it appeared."""
         self._live: Dict[int, Tuple[int, int, str]] = {}  # id(storage) -> (serial, bytes, where)
         self._serial = 0
-        self._snapshot_at = -1
         self.collectives: List[Collective] = []
         """Every collective of the step, in order."""
         self._sent: List[torch.Tensor] = []  # real tensors sent in a fake world, for the echo
@@ -115,12 +117,16 @@ class StepTracker(TorchDispatchMode):
         """Asked before every op for the working buffers of the step's engine (set by the caller)."""
         self.buffer_serials: Set[int] = set()
         """Serials of every storage :attr:`buffer_probe` answered."""
+        self.peak_by_key: Dict[str, int] = {}
+        """``"phase:op"`` -> the most device bytes alive when that op of that phase ran: every local
+        peak of the step, by where it happens (the planner extends each to a deeper model apart)."""
         """Serial of the last storage made before :meth:`start_step`."""
 
     def start_step(self) -> None:
         """Start measuring the step proper: what is alive now (model, optimizer and engine state
         after the warm-up step) stays counted; the peak, FLOPs, time and collectives restart."""
         self.peak, self.peak_phase = self.live, self.phase
+        self.peak_by_key = {f"{self.phase}:start": self.live}
         self.host_peak = self.host_live
         self._snapshot()
         self.allocations = []
@@ -156,15 +162,33 @@ class StepTracker(TorchDispatchMode):
         self.origin[self._serial] = (self._op, tuple(t.shape), str(t.dtype).replace("torch.", ""), self.phase)
         self.allocations.append((self._serial, size))
         self.live += size
+        self._clock += 1
+        self._born[self._serial] = self._clock
         weakref.finalize(st, self._free, key, self._serial)
+        self._at_key(self.live)
         if self.live > self.peak:
             self.peak, self.peak_phase = self.live, self.phase
-            if self.live > self._snapshot_at * 1.001:
-                self._snapshot()
+            self._snapshot()
 
-    def _snapshot(self) -> None:
-        self.peak_snapshot = {serial: (size, where) for serial, size, where in self._live.values()}
-        self._snapshot_at = self.live
+    def _at_key(self, live: int, op: Optional[str] = None) -> None:
+        key = f"{self.phase}:{op or self._op}"
+        if live > self.peak_by_key.get(key, -1):
+            self.peak_by_key[key] = live
+
+    def _snapshot(self, workspace: int = 0) -> None:
+        """The peak is now: remember the event (the storages alive then are found from the events)."""
+        self._peak_at, self._peak_workspace = self._clock, workspace
+
+    @property
+    def peak_snapshot(self) -> Dict[int, Tuple[int, str]]:
+        """serial -> (bytes, "device" | "host") of every storage alive at the peak (:data:`WORKSPACE`:
+        an op's internal workspace, when the peak was inside one), exact: rebuilt from the events."""
+        t = self._peak_at
+        out = {serial: (self._sizes[serial], "host" if self._hosted.get(serial, t + 1) <= t else "device")
+               for serial, born in self._born.items() if born <= t and self._died.get(serial, t + 1) > t}
+        if self._peak_workspace:
+            out[WORKSPACE] = (self._peak_workspace, "device")
+        return out
 
     def mark_host(self, t: torch.Tensor) -> None:
         """Count ``t``'s storage as host memory (an offloaded copy), not device memory."""
@@ -172,6 +196,8 @@ class StepTracker(TorchDispatchMode):
         key = id(t.untyped_storage())
         serial, size, where = self._live[key]
         if where == "device":
+            self._clock += 1
+            self._hosted[serial] = self._clock
             self._live[key] = (serial, size, "host")
             self.live -= size
             self.host_live += size
@@ -182,6 +208,8 @@ class StepTracker(TorchDispatchMode):
         if entry is None or entry[0] != serial:
             return
         del self._live[key]
+        self._clock += 1
+        self._died[serial] = self._clock
         if entry[2] == "host":
             self.host_live -= entry[1]
         else:
@@ -294,15 +322,16 @@ class StepTracker(TorchDispatchMode):
         if func.namespace in ("c10d", "_c10d_functional"):
             self.comm_serials |= self.serials(outs)
         if self.peak_flops:
-            self._transient(workspace_bytes(func, args))
+            self._transient(workspace_bytes(func, args), func._opname)
         return out
 
-    def _transient(self, nbytes: int) -> None:
+    def _transient(self, nbytes: int, op: str = "workspace") -> None:
         """A workspace of ``nbytes`` an op allocates and frees inside itself, alive with its outputs."""
         self.workspace_peak = max(self.workspace_peak, nbytes)
+        if nbytes:
+            self._at_key(self.live + nbytes, op)
         if nbytes and self.live + nbytes > self.peak:
             self.live += nbytes
             self.peak, self.peak_phase = self.live, self.phase
-            self._snapshot()
-            self.peak_snapshot[WORKSPACE] = (nbytes, "device")
+            self._snapshot(workspace=nbytes)
             self.live -= nbytes
