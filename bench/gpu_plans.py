@@ -48,7 +48,7 @@ def plan_trial(gpu_name: str, t: dict) -> dict:
     plan = run_step(cfg, get_gpu(gpu_name))
     return dict(planned_gib=round(plan.peak_bytes / 2**30, 3), planned_step_s=round(plan.time_s, 3),
                 planned_tokens_per_s=round(plan.tokens_per_s), planned_host_gib=round(plan.host_bytes / 2**30, 3),
-                plan_seconds=round(time.time() - t0, 1))
+                planned_bound_by=plan.bound_by, plan_seconds=round(time.time() - t0, 1))
 
 
 def main(argv=None) -> int:

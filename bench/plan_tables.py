@@ -5,8 +5,9 @@ whose planned step fits the GPU, and one more plan at half that length gives the
 memory per token of context (``(peak(L) - peak(L/2)) / (L/2)``: what one more token costs, the
 fixed model state and chunk working sets left out). One JSON line per row: the row's name and
 overrides, the GPU, ``max_seq``, the peak at that length, bytes per token (peak / tokens this rank
-holds), the marginal bytes per token, host memory, roofline tokens/s and MFU, and the seconds the
-search took on this machine. Everything is a prediction (docs/PLANNING.md says where it is blind).
+holds), the marginal bytes per token, host memory, tokens/s and MFU by the planner's clock with
+what bounds the step (``bound_by``, ``time_breakdown``), and the seconds the search took on this
+machine. Everything is a prediction (docs/PLANNING.md says where it is blind).
 
 Usage:
   python bench/plan_tables.py                     # every row (tens of minutes on 2 CPU cores)
@@ -63,6 +64,7 @@ def run_row(name: str, model: str, overrides: List[str], gpu_name: str, world_si
     out.update(peak_gib=plan.peak_bytes / 2**30, bytes_per_token=plan.bytes_per_token,
                marginal_bytes_per_token=(plan.peak_bytes - shorter.peak_bytes) / local if local else None,
                host_gib=plan.host_bytes / 2**30, tokens_per_s=plan.tokens_per_s, mfu=plan.mfu,
+               bound_by=plan.bound_by, time_breakdown=plan.time_breakdown,
                streambp_chunk=plan.streambp_chunk, peak_phase=plan.peak_phase,
                peak_tensors=plan.peak_tensors[:6], seconds=time.perf_counter() - start)
     return out

@@ -1,15 +1,17 @@
 """``longtrain-plan`` / ``python -m longtrain.plan``: plan one training step of a recipe on a target GPU.
 
     longtrain-plan [--config-name RECIPE] [--config-dir DIR] [key=value ...]
-                   [--gpu h100|h200|a100|b200] [--world-size N] [--interconnect intra=GBps,inter=GBps]
-                   [--json] [--max-seq] [--sweep]
+                   [--gpu h100|h200|a100|b200] [--calibration FILE] [--world-size N]
+                   [--interconnect intra=GBps,inter=GBps] [--json] [--max-seq] [--sweep]
 
 The recipe and overrides are composed and checked exactly as ``longtrain-train`` does
 (:func:`longtrain.precheck.precheck`, :func:`longtrain.precheck.compose_config`). The plan is rank 0's
 of ``--world-size`` ranks (a table, or one JSON object with ``--json``); ``--max-seq`` adds the
 longest ``data.seq_len`` that fits the GPU (a binary search over multiples of
 :data:`SEQ_MULTIPLE`); ``--sweep`` plans every layout of the world size instead
-(:mod:`longtrain.plan.sweep`). Bad input ends with one ``longtrain: error: ...`` line and exit
+(:mod:`longtrain.plan.sweep`). ``--calibration FILE`` replaces the clock's table of achieved rates
+with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's ``gpu_suite.json`` or a small
+JSON of one's own). Bad input ends with one ``longtrain: error: ...`` line and exit
 code 2, as in training.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 from typing import List, Optional, Tuple
 
 from longtrain.config import Config, ConfigError, register_configs
+from longtrain.plan.calibration import calibrated
 from longtrain.plan.comm import Interconnect, parse_interconnect
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
 from longtrain.plan.step import StepPlan, run_step
@@ -38,11 +41,12 @@ MAX_SEQ_LIMIT = 1 << 24
 
 def _split(argv: List[str]) -> Tuple[dict, List[str]]:
     """(the planner's own flags, the training command line)."""
-    own = {"gpu": "h100", "world_size": "1", "interconnect": "", "json": False, "max_seq": False, "sweep": False}
+    own = {"gpu": "h100", "world_size": "1", "interconnect": "", "calibration": "", "json": False, "max_seq": False,
+           "sweep": False}
     rest, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
-        if flag in ("--gpu", "--world-size", "--interconnect"):
+        if flag in ("--gpu", "--world-size", "--interconnect", "--calibration"):
             if not eq:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
@@ -51,7 +55,7 @@ def _split(argv: List[str]) -> Tuple[dict, List[str]]:
             own[argv[i][2:].replace("-", "_")] = True
         elif argv[i].startswith("-") and flag not in ("--config-name", "-cn", "--config-dir", "-cd"):
             raise ConfigError(f"{argv[i]}: not a flag of longtrain-plan (it takes --config-name, --config-dir, "
-                              "--gpu, --world-size, --interconnect, --json, --max-seq, --sweep and key=value overrides)")
+                              "--gpu, --calibration, --world-size, --interconnect, --json, --max-seq, --sweep and key=value overrides)")
         else:
             rest.append(argv[i])
         i += 1
@@ -160,16 +164,22 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
                                                   "tokens this rank holds)"),
             ("FLOPs of the step (counted, this rank)", f"{plan.flops:.4g} (ModelArgs.flops_per_token x tokens of the "
                                                        f"replica: {plan.formula_flops:.4g})"),
-            ("roofline time", f"{plan.roofline_s * 1e3:.1f} ms (sum over ops of max(compute, memory); compute terms "
-                              f"{plan.compute_s * 1e3:.1f} ms, memory terms {plan.memory_s * 1e3:.1f} ms)"),
+            ("datasheet roofline", f"{plan.roofline_s * 1e3:.1f} ms (sum over ops of max(compute, memory) at the "
+                                   f"datasheet peak; compute terms {plan.compute_s * 1e3:.1f} ms, memory terms "
+                                   f"{plan.memory_s * 1e3:.1f} ms): a bound, not a prediction"),
+            ("clock (achieved rates)", plan.clock),
             ("communication", f"{plan.comm_bytes / 1e9:.3f} GB sent by this rank, {plan.comm_s * 1e3:.1f} ms at "
                               f"{plan.interconnect}")]
     for c in plan.comm:
         rows.append((f"  {c['kind']} over {c['axis']} ({c['link']})",
                      f"{c['count']} x, {c['bytes_sent'] / 1e6:.1f} MB, {c['time_s'] * 1e3:.2f} ms"))
-    rows += [("step time: no overlap / perfect overlap", f"{plan.time_serial_s * 1e3:.1f} ms / {plan.time_overlap_s * 1e3:.1f} ms"),
-             ("tokens/s of the job (overlap; no overlap), MFU", f"{plan.tokens_per_s:,.0f} ({plan.tokens_per_s_serial:,.0f}), "
-                                                              f"{plan.mfu * 100:.1f}%")]
+    rows += [("host copies (all, overlapped or not)", f"{plan.host_copy_s * 1e3:.1f} ms"),
+             ("step time: no overlap / overlapped", f"{plan.time_serial_s * 1e3:.1f} ms / {plan.time_overlap_s * 1e3:.1f} ms"),
+             ("  bound by (seconds per category, overlapped)", plan.bound_by)]
+    rows += [(f"    {name}", f"{seconds * 1e3:.1f} ms ({seconds / plan.time_s:.0%})" if plan.time_s else "0")
+             for name, seconds in plan.time_breakdown.items()]
+    rows.append(("tokens/s of the job (overlap; no overlap), MFU", f"{plan.tokens_per_s:,.0f} "
+                 f"({plan.tokens_per_s_serial:,.0f}), {plan.mfu * 100:.1f}%"))
     if longest is not None:
         rows.append(("longest seq_len that fits (--max-seq)", str(longest)))
     rows.append(("largest tensors alive at the peak", ""))
@@ -194,7 +204,7 @@ def _features(cfg: Config, plan: StepPlan) -> str:
 def plan_main(argv: List[str]) -> int:
     """Run the planner's command line ``argv``; returns the exit code."""
     own, rest = _split(argv)
-    gpu = get_gpu(own["gpu"])
+    gpu = calibrated(get_gpu(own["gpu"]), own["calibration"])
     world_size = _world_size(own["world_size"])
     net = parse_interconnect(own["interconnect"], gpu.name)
     if own["sweep"] and own["max_seq"]:

@@ -53,6 +53,7 @@ from longtrain.optim.loss import IGNORE_INDEX
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.sharding import shard_batch
 from longtrain.parallel.state_memory import state_tensors
+from longtrain.plan.clock import Clock, TimeBreakdown, combine
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
 from longtrain.plan.fakes import HostAdamStandIn, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
@@ -94,17 +95,30 @@ class StepPlan:
     layout: str = "dp=1 x ring=1 x ulysses=1"
     sp: int = 1
     time_s: float = 0.0
-    """Roofline compute time plus the communication that does not overlap it (``time_overlap_s``)."""
+    """The clock's step time (:mod:`longtrain.plan.clock`), copies and communication overlapped
+    (``time_overlap_s``)."""
     compute_s: float = 0.0
+    """Datasheet roofline: the ops' compute terms at the dense bf16 peak."""
     memory_s: float = 0.0
+    """Datasheet roofline: the ops' memory terms at the datasheet HBM bandwidth."""
     roofline_s: float = 0.0
-    """The ops' roofline time alone (no communication)."""
+    """The ops' datasheet roofline time alone (sum of max(compute, memory); no communication): a
+    bound no run reaches, kept for comparison with the clock."""
     comm_s: float = 0.0
     """Every collective's bandwidth time, one after the other."""
     time_serial_s: float = 0.0
-    """No overlap: roofline + communication."""
+    """The clock with nothing overlapped: device work + every host copy + host optimizer + communication."""
     time_overlap_s: float = 0.0
-    """Perfect overlap: max(roofline, communication)."""
+    """The clock with host copies and communication overlapped as :mod:`longtrain.plan.clock` models it."""
+    time_breakdown: Dict[str, float] = field(default_factory=dict)
+    """Seconds of ``time_s`` per category (:data:`longtrain.plan.clock.CATEGORIES`: matmul, attention,
+    memory, host_copy_exposed, host_optimizer, comm_exposed); they add up to ``time_s``."""
+    bound_by: str = ""
+    """The largest category of ``time_breakdown``: what bounds the step."""
+    host_copy_s: float = 0.0
+    """Every host <-> device copy of the step (offloaded layer inputs, ZeRO-Offload), overlapped or not."""
+    clock: str = ""
+    """The achieved rates the clock used and their source."""
     comm_bytes: int = 0
     comm: List[dict] = field(default_factory=list)
     """Per (axis, kind) of collective: count, bytes sent by this rank, link, time."""
@@ -143,8 +157,10 @@ class PlannedHostCopy:
     and :meth:`fetch` brings a new device copy."""
 
     def __init__(self, x_bsh: torch.Tensor, tracker: StepTracker) -> None:
-        self.tensor = x_bsh.detach().clone()
+        # as HostCopy: a host buffer, then the copy into it, which the tracker times as device-to-host
+        self.tensor = torch.empty_like(x_bsh)
         tracker.mark_host(self.tensor)
+        self.tensor.copy_(x_bsh.detach())
 
     def fetch(self) -> torch.Tensor:
         out, self.tensor = self.tensor.clone(), None
@@ -231,7 +247,8 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
             layout.args = dataclasses.replace(layout.args, num_layers=num_layers)
         dims, args = layout.dims, layout.args
         cfg = _config_for_target(cfg, args, gpu is not None, layout.bf16, gpu.memory_bytes if gpu else None)
-        tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake)
+        tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake,
+                              clock=Clock(gpu) if gpu else None)
         batches, num_valid = _batches(cfg, args, dims, layout.grad_accum)
         warm_up = _batches(cfg, args, dims, 1, _warm_up_len(cfg, dims))
         seams = Seams(load_weights=False, optimizer_device=target)
@@ -299,9 +316,9 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
             micro_batches(engine, balancer, *warm_up, cfg.trainer.loss_chunk_size, _Phases(tracker))
             _optimizer_step(engine, balancer, tracker)
         params, optim = state_tensors(model, optimizer)
+        host_optim = optim if on_gpu and cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu" else []
         if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)
-            for t in (optim if cfg.zero.offload_optimizer == "cpu" else []) + (
-                    params if cfg.zero.offload_params == "cpu" else []):
+            for t in host_optim + (params if cfg.zero.offload_params == "cpu" else []):
                 tracker.mark_host(t)
         tracker.phase = "forward"
         tracker.buffer_probe = engine.buffer_tensors
@@ -314,6 +331,7 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         grad_keys = {s for s in tracker.alive() if s > tracker.step_start} - states
         grads_bytes = sum(tracker.size_of(s) for s in grad_keys)
         _optimizer_step(engine, balancer, tracker)
+        tracker.host_optimizer_step(sum(tracker.size_of(s) for s in tracker.serials(host_optim)))
         param_keys, state_keys = tracker.serials(params), tracker.serials(optim)
         params_bytes = sum(tracker.size_of(s) for s in param_keys)
         optimizer_bytes = sum(tracker.size_of(s) for s in state_keys)
@@ -363,7 +381,8 @@ def axis_namer(dims: ParallelDims, rank: int = 0):
 
 def _add_time(plan: StepPlan, tracker: StepTracker, dims: ParallelDims, gpu: Optional[Gpu],
               net: Optional[Interconnect]) -> None:
-    """Communication rows, and (for a GPU target) roofline plus communication time, tokens/s and MFU."""
+    """Communication rows, and (for a GPU target) the clock's time with its breakdown, the datasheet
+    roofline, tokens/s and MFU."""
     net = net or parse_interconnect(None, gpu.name if gpu else "h100")
     rows = summarise(tracker.collectives, axis_namer(dims), net)
     plan.comm = [asdict(r) for r in rows]
@@ -374,18 +393,21 @@ def _add_time(plan: StepPlan, tracker: StepTracker, dims: ParallelDims, gpu: Opt
         return
     plan.roofline_s, plan.compute_s, plan.memory_s = tracker.time_s, tracker.compute_s, tracker.memory_s
     plan.comm_s = sum(r.time_s for r in rows)
-    derive_totals(plan, dims.dp, gpu)
+    derive_totals(plan, dims.dp, gpu, tracker.timeline.breakdown(plan.comm_s))
+    plan.clock = tracker.clock.describe()
 
 
-DERIVED = ("time_serial_s", "time_overlap_s", "time_s", "tokens_per_s", "tokens_per_s_serial", "mfu")
-"""The fields of a plan :func:`derive_totals` computes from the others (not sums over ops)."""
+DERIVED = ("time_serial_s", "time_overlap_s", "time_s", "tokens_per_s", "tokens_per_s_serial", "mfu", "bound_by")
+"""The fields of a plan :func:`derive_totals` computes from the others (not sums over ops); so is
+``time_breakdown["comm_exposed"]``."""
 
 
-def derive_totals(plan: StepPlan, dp: int, gpu: Gpu) -> None:
-    """The step time with and without overlap, the job's tokens/s and the MFU, from the plan's
-    roofline and communication times."""
-    plan.time_serial_s = plan.roofline_s + plan.comm_s
-    plan.time_overlap_s = max(plan.roofline_s, plan.comm_s)
+def derive_totals(plan: StepPlan, dp: int, gpu: Gpu, clock: Optional[TimeBreakdown] = None) -> None:
+    """The step time with and without overlap and what bounds it (``clock``: the clock's breakdown;
+    None: recombined from the plan's own sums), the job's tokens/s and the MFU."""
+    clock = clock or combine(plan.time_breakdown, plan.host_copy_s, plan.comm_s)
+    plan.time_serial_s, plan.time_overlap_s, plan.host_copy_s = clock.serial_s, clock.overlap_s, clock.host_copy_s
+    plan.time_breakdown, plan.bound_by = clock.seconds, clock.bound_by
     plan.time_s = plan.time_overlap_s
     job_tokens = plan.tokens * dp
     if plan.time_s:

@@ -99,17 +99,17 @@ def _order(row: SweepRow, gpu: Gpu) -> tuple:
 
 def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
     """The sweep as a table, fastest fitting layout first."""
-    head = ("ulysses", "ring", "dp", "zero", "memory", "peak GiB", "fits", "tokens/s", "no overlap", "MFU", "comm GB/rank")
+    head = ("ulysses", "ring", "dp", "zero", "memory", "peak GiB", "fits", "tokens/s", "no overlap", "MFU", "bound by", "comm GB/rank")
     lines = [head]
     for r in rows:
         p = r.plan
         if p is None:
             lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory, "-", "refused",
-                          r.error[:60], "", "", ""))
+                          r.error[:60], "", "", "", ""))
             continue
         lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory, f"{p.peak_bytes / 2**30:.2f}",
                       "yes" if r.fits(gpu) else "no", f"{p.tokens_per_s:,.0f}", f"{p.tokens_per_s_serial:,.0f}",
-                      f"{p.mfu * 100:.1f}%", f"{p.comm_bytes / 1e9:.2f}"))
+                      f"{p.mfu * 100:.1f}%", p.bound_by, f"{p.comm_bytes / 1e9:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 

@@ -12,8 +12,11 @@ roofline time, op by op.
   counts half the score matrix, as the kernels skip the masked blocks; the flash varlen ops
   (``aten._flash_attention_forward`` / ``_backward``) count the visible (query, key) pairs of
   every sequence;
-- adds a roofline time ``max(flops / peak_flops, bytes / bandwidth)`` with ``bytes`` the tensors
-  the op reads and writes (views move nothing);
+- adds a roofline time ``max(flops / peak_flops, bytes / bandwidth)`` at the datasheet peak with
+  ``bytes`` the tensors the op reads and writes (views move nothing), and, given a
+  :class:`~longtrain.plan.clock.Clock`, the op's time at the rates kernels reach to
+  :attr:`StepTracker.timeline`: an op touching host memory (storages :meth:`StepTracker.mark_host`
+  named) is a host copy, or host work when it touches nothing else;
 - with a GPU target, adds the workspace flash attention's backward allocates inside the op on
   CUDA (:func:`~longtrain.plan.flops.flash_backward_workspace`) to the live bytes while the op runs;
 - remembers which op made each storage (:attr:`StepTracker.origin`), which storages a collective
@@ -48,6 +51,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from longtrain.plan.clock import Clock, Timeline
 from longtrain.plan.comm import Collective, collective_of
 from longtrain.plan.flops import op_flops, workspace_bytes
 
@@ -77,11 +81,15 @@ class StepTracker(TorchDispatchMode):
         peak_flops: FLOP/s of the target device (0: no roofline).
         bandwidth: memory bytes/s of the target device.
         fake: the step runs under a ``FakeTensorMode`` entered before this mode.
+        clock: times every op at the target's achieved rates into :attr:`timeline` (None: no clock).
     """
 
-    def __init__(self, peak_flops: float = 0.0, bandwidth: float = 0.0, fake: bool = False) -> None:
+    def __init__(self, peak_flops: float = 0.0, bandwidth: float = 0.0, fake: bool = False,
+                 clock: Optional[Clock] = None) -> None:
         super().__init__()
-        self.peak_flops, self.bandwidth, self.fake = peak_flops, bandwidth, fake
+        self.peak_flops, self.bandwidth, self.fake, self.clock = peak_flops, bandwidth, fake, clock
+        self.timeline = Timeline()
+        """The clock's seconds of the step per category (with a clock)."""
         self.live = 0
         """Device bytes alive now (host copies of an offload plan excluded)."""
         self.peak = 0
@@ -132,6 +140,7 @@ class StepTracker(TorchDispatchMode):
         self.allocations = []
         self.workspace_peak = 0
         self.flops, self.time_s, self.compute_s, self.memory_s = 0, 0.0, 0.0, 0.0
+        self.timeline = Timeline()
         self.collectives = []
         self.step_start = self._serial
 
@@ -202,6 +211,33 @@ class StepTracker(TorchDispatchMode):
             self.live -= size
             self.host_live += size
             self.host_peak = max(self.host_peak, self.host_live)
+
+    def host_optimizer_step(self, state_bytes: int) -> None:
+        """A host optimizer stepped ``state_bytes`` of fp32 state (ZeRO-Offload's CPU AdamW, whose
+        arithmetic a plan skips): the clock adds its time."""
+        if self.clock is not None:
+            self.timeline.host(self.clock.host_optimizer_seconds(state_bytes))
+
+    def _on_host(self, t: torch.Tensor) -> bool:
+        entry = self._live.get(storage_key(t))
+        return entry is not None and entry[2] == "host"
+
+    def _clock_op(self, func, args, ins: List[torch.Tensor], outs: List[torch.Tensor], flops: int, moved: int) -> None:
+        """Time one op on the clock (module docstring): device work, a host copy or host work."""
+        out_keys = {storage_key(t) for t in outs}
+        read = [t for t in ins if storage_key(t) not in out_keys]
+        host_written = sum(_nbytes(t) for t in outs if self._on_host(t))
+        host_read = sum(_nbytes(t) for t in read if self._on_host(t))
+        device = any(not self._on_host(t) for t in read + outs)
+        if not host_written and not host_read:
+            category, seconds = self.clock.op_seconds(func, args, flops, moved)
+            self.timeline.device(self.phase, category, seconds)
+        elif not device:
+            self.timeline.host(self.clock.host_seconds(moved))
+        elif host_written:
+            self.timeline.copy(self.phase, True, self.clock.copy_seconds(host_written))
+        else:
+            self.timeline.copy(self.phase, False, self.clock.copy_seconds(host_read))
 
     def _free(self, key: int, serial: int) -> None:
         entry = self._live.get(key)
@@ -315,6 +351,8 @@ class StepTracker(TorchDispatchMode):
             self.compute_s += c
             self.memory_s += m
             self.time_s += max(c, m)
+        if self.clock is not None and (flops or moved) and func.namespace not in ("c10d", "_c10d_functional"):
+            self._clock_op(func, args, ins, outs, flops, moved)  # (collectives: their link time, comm.py)
         self._op = func._opname
         for t in outs:
             self.track(t)

@@ -87,7 +87,7 @@ def test_max_seq_is_the_boundary():
 def test_cli_table_and_json(capsys):
     assert main([*SMALL, "--gpu", "h200"]) == 0
     out = capsys.readouterr().out
-    assert "peak device memory" in out and "MFU" in out and "step time: no overlap / perfect overlap" in out
+    assert "peak device memory" in out and "MFU" in out and "step time: no overlap / overlapped" in out
     assert main([*SMALL, "--json", "--gpu=a100"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["gpu"]["name"] == "a100" and doc["fits"] is True and doc["plan"]["peak_bytes"] > 0
