@@ -274,7 +274,8 @@ def precheck(argv: List[str], world_size: Optional[int] = None) -> Optional[str]
     Plain runs (``--config-name``/``--config-dir`` and overrides) and every job of a
     ``--multirun`` sweep are checked here so that every bad key or value is reported in one line
     before any work: the overrides' form, the schema checks, the layout against ``WORLD_SIZE``,
-    the model geometry and, for a plain run, the paths (:func:`check_paths`). Nothing is created.
+    the model geometry and, for a plain run, the paths (:func:`check_paths`). Nothing is left behind
+    (the path check makes and removes a probe directory).
     Other Hydra modes (``--cfg``, ``--help``, ...) are left to Hydra. ``world_size`` replaces
     ``WORLD_SIZE`` (the planner checks the layout it is asked to plan).
     """
