@@ -146,7 +146,8 @@ def _top_tensors(tracker, kinds: Dict[int, str]) -> List[dict]:
     for serial, (size, where) in tracker.peak_snapshot.items():
         if where != "device":
             continue
-        op, shape, dtype, phase = tracker.origin.get(serial, ("workspace of the running op", (), "", tracker.peak_phase))
+        op, shape, dtype, phase = tracker.origin.get(serial, ("workspace of the running op", (), "",
+                                                             tracker.peak_phase))
         rows.append({"gib": round(size / 2**30, 3), "kind": kinds.get(serial, "activations"), "op": op,
                      "shape": list(shape), "dtype": dtype, "made_in": phase})
     return sorted(rows, key=lambda r: -r["gib"])[:TOP_TENSORS]
