@@ -9,13 +9,14 @@ import dataclasses
 import itertools
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from longtrain.config import Config, ConfigError
-from longtrain.errors import DEFAULT_CACHE, first_line
+from longtrain.errors import DEFAULT_CACHE, describe_os_error, first_line
 
 RECIPES_DIR = str(Path(__file__).resolve().parent.parent / "recipes")
 
@@ -90,10 +91,26 @@ def _first_existing(path: Path) -> Path:
     return path
 
 
+def _mkdir_refusal(parent: Path) -> Optional[OSError]:
+    """The error making a directory in ``parent`` raises, or None: one is made and removed at once.
+
+    ``os.access`` cannot tell: it answers yes to root everywhere, yet sysfs, procfs and some
+    mounts refuse ``mkdir`` (EPERM) even to root, which then happened in Hydra's own run-directory
+    creation, outside the error boundary, as a traceback.
+    """
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".longtrain-probe-", dir=parent))
+    except OSError as err:
+        return err
+    return None
+
+
 def writable_dir_problem(key: str, value: str) -> Optional[str]:
     """Why the directory ``value`` (config key ``key``) cannot be used or created for writing, or None.
 
-    Only looks: nothing is created.
+    Looks first (a file in the way, permissions, a read-only mount); then, where those pass, makes
+    and removes a probe directory in ``value`` or its first existing parent (:func:`_mkdir_refusal`),
+    so nothing is left behind.
     """
     path = Path(os.path.expanduser(value)).absolute()
     if path.exists() and not path.is_dir():
@@ -110,6 +127,9 @@ def writable_dir_problem(key: str, value: str) -> Optional[str]:
         where = f"'{value}'" if probe == path else f"'{value}' in '{probe}'"
         fix = "a writable file system" if read_only else "a directory you can write to (or fix its permissions)"
         return f"{key}: cannot write {where}: {cause}; choose another {key} on {fix}"
+    refused = _mkdir_refusal(probe)
+    if refused is not None:  # named by the user's path, not the probe's
+        return describe_os_error(OSError(refused.errno, refused.strerror, value), key=key)
     return None
 
 
@@ -254,7 +274,8 @@ def precheck(argv: List[str], world_size: Optional[int] = None) -> Optional[str]
     Plain runs (``--config-name``/``--config-dir`` and overrides) and every job of a
     ``--multirun`` sweep are checked here so that every bad key or value is reported in one line
     before any work: the overrides' form, the schema checks, the layout against ``WORLD_SIZE``,
-    the model geometry and, for a plain run, the paths (:func:`check_paths`). Nothing is created.
+    the model geometry and, for a plain run, the paths (:func:`check_paths`). Nothing is left behind
+    (the path check makes and removes a probe directory).
     Other Hydra modes (``--cfg``, ``--help``, ...) are left to Hydra. ``world_size`` replaces
     ``WORLD_SIZE`` (the planner checks the layout it is asked to plan).
     """

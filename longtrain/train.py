@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -119,6 +119,17 @@ def _hydra_main(dcfg: DictConfig) -> None:
         run(cfg, OmegaConf.to_yaml(dcfg, resolve=True))
 
 
+def _config_or_none(argv: List[str]) -> Optional[Config]:
+    """The config of a plain command line, for the error line to name the key of a path; None when
+    it does not compose (asked only after an error)."""
+    from longtrain.precheck import compose_config
+
+    try:
+        return compose_config(argv)
+    except Exception:  # noqa: BLE001 - only a better error line is at stake
+        return None
+
+
 def cli_main(argv: List[str]) -> int:
     """The command line ``argv`` (without the program name); returns the exit code.
 
@@ -132,19 +143,26 @@ def cli_main(argv: List[str]) -> int:
     if check_only:
         argv = argv[1:]
     try:
-        with error_boundary():
+        with error_boundary(lambda: _config_or_none(argv)):
             error = precheck(argv)
             if error is not None:
                 report_error(f"longtrain: error: {error}", 2)
                 return 2
             if check_only:
                 return 0
-            saved = sys.argv
+            saved, hydra_full = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
             sys.argv = [saved[0] if saved else "longtrain.train", *argv]
+            # Hydra makes the run directory before _hydra_main's own boundary is entered, and would
+            # print its own traceback on a failure there: let it raise into this boundary instead.
+            os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 _hydra_main()
             finally:
                 sys.argv = saved
+                if hydra_full is None:
+                    os.environ.pop("HYDRA_FULL_ERROR", None)
+                else:
+                    os.environ["HYDRA_FULL_ERROR"] = hydra_full
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     return 0

@@ -37,7 +37,7 @@ from longtrain.io import atomic_write_text
 from longtrain.models import Transformer, from_hf
 from longtrain.models.args import ModelArgs
 from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
-from longtrain.precheck import compose_config, compose_saved_config, precheck
+from longtrain.precheck import compose_config, compose_saved_config, precheck, writable_dir_problem
 from longtrain.trainer.data import cache_root, collate, load_records, load_tokenizer, pack_cached, tokenize
 from longtrain.trainer.init_from import find_checkpoint, load_weights, saved_model_args
 from longtrain.trainer.metrics import format_needle
@@ -141,6 +141,10 @@ def perplexity(model: Transformer, cfg: Config, tokenizer, path: str, device: to
 def eval_main(argv: List[str]) -> int:
     """Run the command line ``argv``; returns the exit code."""
     own, rest = parse_args(argv)
+    if own["out"]:  # checked before the evaluation's work, as training checks run.dir
+        problem = writable_dir_problem("--out", own["out"])
+        if problem is not None:
+            raise ConfigError(problem)
     checkpoint = find_checkpoint(own["checkpoint"], "--checkpoint") if own["checkpoint"] else None
     named = any(a.split("=")[0] in ("--config-name", "-cn", "--config-dir", "-cd") for a in rest)
     if checkpoint is not None and not named:

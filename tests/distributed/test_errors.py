@@ -300,6 +300,9 @@ CASES = [
     ("env-run-dir-file", "", "run.dir={tmp}/a_file", ["run.dir: '{tmp}/a_file' exists and is not a directory"]),
     ("env-run-dir-under-file", "", "run.dir={tmp}/a_file/run",
      ["run.dir: cannot create '{tmp}/a_file/run': '{tmp}/a_file' is a file, not a directory"]),
+    # sysfs refuses mkdir even to root, whom os.access lets through (EPERM; EACCES for other users)
+    ("env-run-dir-mkdir-refused", "", "run.dir=/sys/longtrain-run", ["run.dir: cannot", "'/sys/longtrain-run'",
+                                                                     "choose"]),
 ]
 
 
@@ -367,6 +370,42 @@ def test_read_only_file_system_is_told_apart(tmp_path, monkeypatch, key):
     assert_one_error(code, stderr, [f"{key}: cannot write '{ro}/x' in '{ro}': read-only file system",
                                     "writable file system"])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["run.dir", "data.cache_dir"])
+def test_mkdir_refused_where_permissions_allow_it(tmp_path, monkeypatch, key):
+    # A file system that refuses mkdir although os.access allows it (sysfs, procfs, some mounts):
+    # the check makes a probe directory, which the file system refuses here.
+    import tempfile as tempfile_module
+
+    real_mkdtemp = tempfile_module.mkdtemp
+    refusing = tmp_path / "refusing"
+    refusing.mkdir()
+
+    def mkdtemp(*args, dir=None, **kw):
+        if dir is not None and Path(dir) == refusing:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(Path(dir) / "probe"))
+        return real_mkdtemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile_module, "mkdtemp", mkdtemp)
+    paths = {"run.dir": f"{tmp_path}/run", "data.cache_dir": f"{tmp_path}/cache", key: f"{refusing}/x"}
+    code, stderr = run_cli([*MODEL, *REST, *(f"{k}={v}" for k, v in paths.items())])
+    assert_one_error(code, stderr, [f"{key}: cannot use '{refusing}/x': operation not permitted",
+                                    f"(set {key})"])
+    assert not (tmp_path / "run").exists() and list(refusing.iterdir()) == []
+
+
+def test_hydra_making_run_dir_fails_inside_the_boundary(tmp_path, monkeypatch):
+    # Should the checks pass and Hydra's own creation of run.dir fail (a race, a file system the
+    # probe could not see), that too ends in the one line naming run.dir, not Hydra's traceback.
+    import longtrain.precheck as precheck_module
+
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys to refuse mkdir")
+    monkeypatch.setattr(precheck_module, "writable_dir_problem", lambda key, value: None)
+    code, stderr = run_cli([*MODEL, *REST, "run.dir=/sys/longtrain-run", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert_one_error(code, stderr, ["run.dir: cannot use '/sys/longtrain-run'", "(set run.dir)"])
+    assert os.environ.get("HYDRA_FULL_ERROR") is None
 
 
 def test_checks_stay_one_line_under_full_error(tmp_path):
@@ -472,6 +511,15 @@ def test_console_entry_has_no_traceback_when_run_dir_is_under_a_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longtrain.train", f"run.dir={tmp_path}/f/run"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert_one_error(proc.returncode, proc.stderr, [f"run.dir: cannot create '{tmp_path}/f/run'"])
+
+
+def test_console_entry_run_dir_where_mkdir_is_refused():
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys to refuse mkdir")
+    proc = subprocess.run([sys.executable, "-m", "longtrain.train", "run.dir=/sys/x", "trainer.max_steps=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_one_error(proc.returncode, proc.stderr, ["run.dir: cannot", "'/sys/x'"])
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def launch(*args, **env):

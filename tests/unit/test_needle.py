@@ -76,6 +76,7 @@ def test_eval_cli_on_a_checkpoint_at_twice_the_length(run_dir, tmp_path):
     (("--checkpoint", "RUN", "data.passkey.nope=1"), "data.passkey.nope"),
     (("--checkpoint", "RUN", "--jsonl", "/nonexistent.jsonl"), "--jsonl: '/nonexistent.jsonl' does not exist"),
     (("--checkpoint", "RUN", "--frobnicate"), "--frobnicate: not a flag of longtrain-eval"),
+    (("--checkpoint", "RUN", "--out", "/sys/longtrain-eval"), "--out: cannot"),  # sysfs refuses mkdir
 ])
 def test_eval_cli_errors_are_one_line(run_dir, args, line, capsys):
     assert main([str(run_dir) if a == "RUN" else a for a in args]) == 2

@@ -103,6 +103,7 @@ def test_cli_table_and_json(capsys):
     (["--interconnect", "intra=fast"], "--interconnect: intra=fast must be a positive number"),
     (["--interconnect", "nvlink=900"], "--interconnect: 'nvlink=900' is not one of"),
     (["--sweep", "--max-seq"], "--sweep and --max-seq: choose one"),
+    (["run.dir=/sys/longtrain-run"], "run.dir: cannot"),  # sysfs refuses mkdir, even to root
 ])
 def test_cli_bad_input_one_line_exit_2(capsys, argv, words):
     assert main([*SMALL, *argv]) == 2
