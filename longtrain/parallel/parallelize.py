@@ -125,9 +125,10 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paral
     if cfg.zero.stage > 0:
         from longtrain.parallel import zero
 
+        layer_numel = max(sum(p.numel() for p in layer.parameters()) for layer in model.layers)
         ds_config = zero.deepspeed_config(cfg.zero, cfg.data.micro_batch_size, grad_accum, dims.size("dp"),
                                           bf16=bf16, clip_grad_norm=cfg.optim.clip_grad_norm,
-                                          load_universal=load_universal)
+                                          load_universal=load_universal, layer_numel=layer_numel)
         return zero.ZeroEngine(model, optimizer, dims, ds_config)  # logs its own line
     engine = PlainEngine(model, optimizer, dims.group("dp_sp"), cfg.optim.clip_grad_norm, autocast_dtype)
     model.fp32_residual = cfg.trainer.fp32_residual

@@ -38,7 +38,7 @@ import copy
 import logging
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -141,7 +141,8 @@ def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def deepspeed_config(zc: ZeroConfig, micro_batch_size: int, grad_accum: int, dp_size: int, bf16: bool,
-                     clip_grad_norm: float, load_universal: bool = False) -> Dict[str, Any]:
+                     clip_grad_norm: float, load_universal: bool = False,
+                     layer_numel: Optional[int] = None) -> Dict[str, Any]:
     """The DeepSpeed config for ``zc``, derived from longtrain's typed keys, ``zero.extra`` merged on top.
 
     Args:
@@ -152,8 +153,22 @@ def deepspeed_config(zc: ZeroConfig, micro_batch_size: int, grad_accum: int, dp_
         bf16: bf16 parameters with fp32 master weights, fp32 accumulation and fp32 reductions.
         clip_grad_norm: global gradient norm clip (0 disables).
         load_universal: the next ``load_checkpoint`` reads a universal checkpoint (layout change).
+        layer_numel: parameters of the largest decoder layer: the buckets are sized from it (below);
+            None keeps DeepSpeed's defaults.
+
+    Buckets. DeepSpeed's defaults are absolute (reduce and all-gather buckets of 5e8 elements, 2 GB in
+    fp32 whatever the model; ZeRO-3 prefetching 5e7 elements and keeping up to 1e9 gathered). Sized
+    from the model instead, a bucket holds one decoder layer's parameters (their gradients reduce as
+    the layer's backward ends) and ZeRO-3 keeps the current layer and the next one (prefetched)
+    gathered: no memory beyond what the layer at work needs, and a step whose memory repeats layer by
+    layer, which the planner extends from a few layers (longtrain/plan/depth.py).
     """
     zero: Dict[str, Any] = {"stage": zc.stage, "reduce_scatter": True}  # one divisor per stage: grad_divisor
+    if layer_numel:
+        zero.update(reduce_bucket_size=layer_numel, allgather_bucket_size=layer_numel)
+        if zc.stage == 3:
+            zero.update(stage3_prefetch_bucket_size=layer_numel, stage3_max_live_parameters=2 * layer_numel,
+                        stage3_max_reuse_distance=layer_numel)
     if zc.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if zc.offload_params == "cpu":

@@ -28,7 +28,8 @@ from longtrain.config import Config, ConfigError, register_configs
 from longtrain.plan.calibration import calibrated
 from longtrain.plan.comm import Interconnect, parse_interconnect
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
-from longtrain.plan.step import StepPlan, run_step
+from longtrain.plan.depth import plan_step
+from longtrain.plan.step import StepPlan
 from longtrain.plan.sweep import format_sweep, sweep
 from longtrain.errors import FULL_ERROR_ENV, error_boundary
 from longtrain.precheck import compose_config, precheck
@@ -41,21 +42,22 @@ MAX_SEQ_LIMIT = 1 << 24
 
 def _split(argv: List[str]) -> Tuple[dict, List[str]]:
     """(the planner's own flags, the training command line)."""
-    own = {"gpu": "h100", "world_size": "1", "interconnect": "", "calibration": "", "json": False, "max_seq": False,
-           "sweep": False}
+    own = {"gpu": "h100", "world_size": "1", "interconnect": "", "calibration": "", "host_mem": "", "json": False,
+           "max_seq": False, "sweep": False, "exact": False}
     rest, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
-        if flag in ("--gpu", "--world-size", "--interconnect", "--calibration"):
+        if flag in ("--gpu", "--world-size", "--interconnect", "--calibration", "--host-mem"):
             if not eq:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
             own[flag[2:].replace("-", "_")] = value
-        elif argv[i] in ("--json", "--max-seq", "--sweep"):
+        elif argv[i] in ("--json", "--max-seq", "--sweep", "--exact"):
             own[argv[i][2:].replace("-", "_")] = True
         elif argv[i].startswith("-") and flag not in ("--config-name", "-cn", "--config-dir", "-cd"):
-            raise ConfigError(f"{argv[i]}: not a flag of longtrain-plan (it takes --config-name, --config-dir, "
-                              "--gpu, --calibration, --world-size, --interconnect, --json, --max-seq, --sweep and key=value overrides)")
+            raise ConfigError(f"{argv[i]}: not a flag of longtrain-plan (it takes --config-name, --config-dir, --gpu, "
+                              "--calibration, --world-size, --interconnect, --host-mem, --json, --max-seq, --sweep, "
+                              "--exact and key=value overrides)")
         else:
             rest.append(argv[i])
         i += 1
@@ -65,6 +67,19 @@ def _split(argv: List[str]) -> Tuple[dict, List[str]]:
 def with_seq(cfg: Config, seq_len: int) -> Config:
     """``cfg`` with ``data.seq_len=seq_len``."""
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
+
+
+def _host_mem(gpu: Gpu, text: str) -> Gpu:
+    """``gpu`` with ``--host-mem`` GiB of host memory per GPU (empty: the target's default)."""
+    if not text:
+        return gpu
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if gib <= 0:
+        raise ConfigError(f"--host-mem: '{text}' is not a positive number of GiB (host memory per GPU, e.g. --host-mem 240)")
+    return dataclasses.replace(gpu, host_memory_bytes=int(gib * 2**30))
 
 
 def _world_size(text: str) -> int:
@@ -77,73 +92,106 @@ def _world_size(text: str) -> int:
     return n
 
 
-def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconnect] = None
-            ) -> Tuple[int, Optional[StepPlan]]:
-    """The longest multiple of :data:`SEQ_MULTIPLE` whose step fits ``gpu``'s memory, and its plan
-    ((0, None) when not even the shortest fits).
+def load(plan: StepPlan, gpu: Gpu) -> float:
+    """How full the step makes the GPU: the larger of its device memory and its host memory share
+    used (1.0: exactly full; above: it does not fit)."""
+    return max(plan.peak_bytes / gpu.memory_bytes, plan.host_bytes / gpu.host_memory_bytes)
 
-    Peak memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows
-    almost linearly (what is kept per token is fixed), so the search plans two lengths past the
-    chunk (2x and 4x it; 4K and 8K tokens without StreamBP),
-    extrapolates their line to the GPU's memory, and then narrows the bracket [fits, does not fit]
-    by interpolating between its ends (regula falsi, with a bisection whenever the same end moved
-    twice running): a handful of plans, most of them short, instead of a doubling and a bisection.
+
+def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconnect] = None, exact: bool = False
+            ) -> Tuple[int, Optional[StepPlan]]:
+    """The longest multiple of :data:`SEQ_MULTIPLE` whose step fits ``gpu``'s memory and its host
+    memory (:func:`load` at most 1), and its plan ((0, None) when not even the shortest fits).
+
+    Memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows almost
+    linearly (what is kept per token is fixed), so the search plans two lengths past the chunk (2x
+    and 4x it; 4K and 8K tokens without StreamBP), extrapolates their line to a full GPU, and then
+    narrows the bracket [fits, does not fit] by interpolating between its ends (regula falsi, with a
+    bisection whenever the same end moved twice running): a handful of plans, most of them short,
+    instead of a doubling and a bisection. Each plan extends a few layers to the model's depth
+    (:mod:`longtrain.plan.depth`) unless ``exact``.
     """
-    limit = gpu.memory_bytes
     seen = {}
 
-    def plan_at(seq):
+    def at(seq) -> float:
         if seq not in seen:
-            seen[seq] = run_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net)
-        return seen[seq]
+            seen[seq] = plan_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net, exact=exact)
+        return load(seen[seq], gpu)
 
     def down(x: float) -> int:
         return int(x) // SEQ_MULTIPLE * SEQ_MULTIPLE
 
     lo, hi = 0, None  # longest length known to fit, shortest known not to
     first = SEQ_MULTIPLE * 16
-    # below StreamBP's chunk the chunk grows with the length: probe past it, where the line holds
-    chunk = plan_at(first).streambp_chunk or 0
+    at(first)  # below StreamBP's chunk the chunk grows with the length: probe past it, where the line holds
+    chunk = seen[first].streambp_chunk or 0
     probes = (first, 2 * first) if chunk < first else (down(2 * chunk + SEQ_MULTIPLE - 1), down(4 * chunk))
     for seq in (first, *probes):
-        if plan_at(seq).peak_bytes > limit:
+        if at(seq) > 1:
             hi = seq
             break
         lo = max(lo, seq)
     if hi is None:  # extrapolate the line through the two probes until a length does not fit
         a, b = probes
         while hi is None and lo < MAX_SEQ_LIMIT:
-            slope = max(plan_at(b).peak_bytes - plan_at(a).peak_bytes, 1) / (b - a)
-            guess = min(MAX_SEQ_LIMIT, max(down(b + (limit - plan_at(b).peak_bytes) / slope), 2 * lo))
-            if plan_at(guess).peak_bytes > limit:
+            slope = max(at(b) - at(a), 1e-12) / (b - a)
+            guess = min(MAX_SEQ_LIMIT, max(down(b + (1 - at(b)) / slope), 2 * lo))
+            if at(guess) > 1:
                 hi = guess
             else:
                 a, b, lo = b, guess, guess
         if hi is None:
-            return lo, plan_at(lo)
+            return lo, seen[lo]
     if lo == 0:  # below the first probe: bisect down to SEQ_MULTIPLE
-        lo = SEQ_MULTIPLE if plan_at(SEQ_MULTIPLE).peak_bytes <= limit else 0
+        lo = SEQ_MULTIPLE if at(SEQ_MULTIPLE) <= 1 else 0
         if lo == 0:
             return 0, None
     moved = None
     while hi - lo > SEQ_MULTIPLE:
-        p_lo, p_hi = plan_at(lo).peak_bytes, plan_at(hi).peak_bytes
-        mid = down(lo + (limit - p_lo) * (hi - lo) / max(p_hi - p_lo, 1))
+        mid = down(lo + (1 - at(lo)) * (hi - lo) / max(at(hi) - at(lo), 1e-12))
         if moved == "twice":
             mid = down((lo + hi) // 2)
         mid = min(max(mid, lo + SEQ_MULTIPLE), hi - SEQ_MULTIPLE)
-        side = "lo" if plan_at(mid).peak_bytes <= limit else "hi"
+        side = "lo" if at(mid) <= 1 else "hi"
         moved = "twice" if side == moved else side
         lo, hi = (mid, hi) if side == "lo" else (lo, mid)
-    return lo, plan_at(lo)
+    return lo, seen[lo]
 
 
 def _gib(x: float) -> str:
     return f"{x / 2**30:.3f} GiB"
 
 
+def summary(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = None) -> str:
+    """One screen: whether it fits, the peak and its three biggest consumers, the host memory, the
+    predicted speed and what bounds it."""
+    fits = gpu.fits(plan)
+    verdict = "FITS" if fits else "DOES NOT FIT"
+    if not fits:
+        verdict += (" (device memory)" if plan.peak_bytes > gpu.memory_bytes else " (host memory)")
+    kinds = {"parameters": plan.extra.get("peak_params", plan.params_bytes),
+             "gradients": plan.extra.get("peak_grads", plan.grads_bytes),
+             "optimizer state": plan.extra.get("peak_optimizer", plan.optimizer_bytes),
+             "buffers": plan.buffers_bytes, "activations and temporaries": plan.activations_at_peak}
+    top = sorted(kinds.items(), key=lambda kv: kv[1], reverse=True)[:3]
+    depth = (f"; {cfg.model.num_layers or 'all'} layers extended from probes at depths {plan.depth_probes}"
+             if plan.depth_probes else "")
+    lines = [f"{verdict}: {cfg.model.name}, seq_len {plan.seq_len}, {plan.layout}, zero stage {cfg.zero.stage}, "
+             f"{_features(cfg, plan)} on {gpu.name}{depth}",
+             f"  peak device memory {_gib(plan.peak_bytes)} of {_gib(gpu.memory_bytes)} (during {plan.peak_phase}): "
+             + ", ".join(f"{name} {_gib(b)}" for name, b in top),
+             f"  host memory {_gib(plan.host_bytes)} of {_gib(gpu.host_memory_bytes)} per GPU "
+             f"({_gib(plan.host_pinned_bytes)} pinned)"]
+    if plan.time_s:
+        lines.append(f"  predicted {plan.tokens_per_s:,.0f} tokens/s, MFU {plan.mfu * 100:.1f}%, "
+                     f"step {plan.time_s:.3g} s, bound by {plan.bound_by}")
+    if longest is not None:
+        lines.append(f"  longest seq_len that fits (--max-seq): {longest}")
+    return "\n".join(lines)
+
+
 def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = None) -> str:
-    """The plan as a table."""
+    """The plan: the :func:`summary` first, then every detail as a table."""
     rows = [("recipe", f"model {cfg.model.name}, seq_len {plan.seq_len}, {plan.tokens} tokens per step and "
                        f"replica, {plan.precision}"),
             ("layout", f"{plan.layout} ({plan.world_size} ranks; the plan is rank 0's), zero stage {cfg.zero.stage}"),
@@ -159,7 +207,8 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
             ("  activations and temporaries at the peak", _gib(plan.activations_at_peak)),
             ("activations kept after the forward", _gib(plan.activations_kept)),
             ("largest single transient tensor", _gib(plan.largest_transient)),
-            ("host memory (offload)", _gib(plan.host_bytes)),
+            ("host memory (offload)", f"{_gib(plan.host_bytes)} ({_gib(plan.host_pinned_bytes)} pinned, the rest "
+                                      f"pageable) of {_gib(gpu.host_memory_bytes)} per GPU (--host-mem)"),
             ("device bytes per token of context", f"{plan.bytes_per_token / 1024:.1f} KiB (of the {plan.tokens // plan.sp} "
                                                   "tokens this rank holds)"),
             ("FLOPs of the step (counted, this rank)", f"{plan.flops:.4g} (ModelArgs.flops_per_token x tokens of the "
@@ -187,7 +236,7 @@ def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = 
         rows.append((f"  {_gib(t['bytes'])}", f"{t['kind']}: {t['op']} {tuple(t['shape'])} {t['dtype']} "
                                               f"(made in the {t['made_in']})"))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return summary(cfg, gpu, plan, longest) + "\n\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _on_host(cfg: Config, offload: str) -> str:
@@ -204,7 +253,7 @@ def _features(cfg: Config, plan: StepPlan) -> str:
 def plan_main(argv: List[str]) -> int:
     """Run the planner's command line ``argv``; returns the exit code."""
     own, rest = _split(argv)
-    gpu = calibrated(get_gpu(own["gpu"]), own["calibration"])
+    gpu = _host_mem(calibrated(get_gpu(own["gpu"]), own["calibration"]), own["host_mem"])
     world_size = _world_size(own["world_size"])
     net = parse_interconnect(own["interconnect"], gpu.name)
     if own["sweep"] and own["max_seq"]:
@@ -237,21 +286,22 @@ def _quiet():
 def _planned(own: dict, cfg: Config, gpu: Gpu, world_size: int, net: Interconnect) -> str:
     """The planner's answer to its flags ``own`` (a table, or JSON with ``--json``)."""
     if own["sweep"]:
-        rows = sweep(cfg, gpu, world_size, net)
+        rows = sweep(cfg, gpu, world_size, net, exact=own["exact"])
         if own["json"]:
             return json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
                                "rows": [r.as_dict(gpu) for r in rows]})
         return format_sweep(rows, gpu)
     longest = best = None
     if own["max_seq"]:
-        longest, best = max_seq(cfg, gpu, world_size, net)
+        longest, best = max_seq(cfg, gpu, world_size, net, exact=own["exact"])
         if best is None:
-            raise ConfigError(f"not even data.seq_len={SEQ_MULTIPLE} fits {gpu.name} ({_gib(gpu.memory_bytes)}) "
-                              f"with this layout; lower the model size or turn on memory features")
-    plan = run_step(cfg, gpu, world_size=world_size, net=net)
+            raise ConfigError(f"not even data.seq_len={SEQ_MULTIPLE} fits {gpu.name} ({_gib(gpu.memory_bytes)}, "
+                              f"{_gib(gpu.host_memory_bytes)} of host memory) with this layout; lower the model size "
+                              "or turn on memory features")
+    plan = plan_step(cfg, gpu, world_size=world_size, net=net, exact=own["exact"])
     if not own["json"]:
         return format_plan(cfg, gpu, plan, longest)
-    out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan), "fits": plan.peak_bytes <= gpu.memory_bytes}
+    out = {"gpu": dataclasses.asdict(gpu), "plan": dataclasses.asdict(plan), "fits": gpu.fits(plan)}
     if longest is not None:
         out["max_seq"] = longest
         out["max_seq_plan"] = dataclasses.asdict(best)

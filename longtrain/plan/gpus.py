@@ -91,6 +91,13 @@ class Gpu:
     hbm_bytes_per_s: float
     rates: Optional[Rates] = field(default=None, compare=False)
     """What kernels reach on it (None: the H100's scaled by the peak ratio, :func:`scaled_rates`)."""
+    host_memory_bytes: int = 256 * 2**30
+    """Host memory per GPU a plan may use (``--host-mem``): the default is a DGX/HGX node's host
+    memory over its 8 GPUs (2 TB for H100, H200 and B200 systems, 1 TB for A100: 256 and 128 GiB)."""
+
+    def fits(self, plan) -> bool:
+        """Whether ``plan``'s peak fits this GPU's memory and its host memory the host's share."""
+        return plan.peak_bytes <= self.memory_bytes and plan.host_bytes <= self.host_memory_bytes
 
     def achieved(self) -> Rates:
         """:attr:`rates`, or the H100's scaled by the peak ratio where none are given."""
@@ -106,7 +113,7 @@ RATES: Dict[str, Rates] = {
 """Achieved rates per ``--gpu`` (module docstring: measured on the H100, the rest scaled)."""
 
 GPUS: Dict[str, Gpu] = {
-    "a100": Gpu("a100", 80 * 2**30, 312e12, 2.039e12, RATES["a100"]),
+    "a100": Gpu("a100", 80 * 2**30, 312e12, 2.039e12, RATES["a100"], host_memory_bytes=128 * 2**30),
     "h100": Gpu("h100", 80 * 2**30, 989e12, 3.35e12, RATES["h100"]),
     "h200": Gpu("h200", 141 * 10**9, 989e12, 4.8e12, RATES["h200"]),
     "b200": Gpu("b200", 180 * 10**9, 2.25e15, 8.0e12, RATES["b200"]),

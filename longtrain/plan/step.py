@@ -137,6 +137,9 @@ class StepPlan:
     """The largest storages alive at the peak (:data:`PEAK_TENSORS`): bytes, kind (params, grads,
     optimizer, buffers, other), the op that made them, shape, dtype and the phase it ran in."""
     extra: Dict[str, float] = field(default_factory=dict)
+    host_pinned_bytes: int = 0
+    """Peak of the page-locked part of the host memory (offloaded layer inputs, DeepSpeed's pinned
+    buffers); the rest of :attr:`host_bytes` is pageable (a host optimizer's state)."""
     peak_by_key: Dict[str, int] = field(default_factory=dict)
     """Device bytes alive at every local peak, by ``"phase:op"`` (the tracker's); the plan's peak is
     their maximum. How :mod:`longtrain.plan.depth` extends the peak to a deeper model."""
@@ -319,7 +322,7 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         host_optim = optim if on_gpu and cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu" else []
         if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)
             for t in host_optim + (params if cfg.zero.offload_params == "cpu" else []):
-                tracker.mark_host(t)
+                tracker.mark_host(t, pinned=False)
         tracker.phase = "forward"
         tracker.buffer_probe = engine.buffer_tensors
         tracker.start_step()
@@ -359,6 +362,7 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
                     streambp_chunk=cfg.memory.streambp.chunk_size if cfg.memory.streambp.enabled else None)
     plan.extra = {f"peak_{k}": v for k, v in cats.items()}
     plan.peak_by_key = dict(tracker.peak_by_key)
+    plan.host_pinned_bytes = tracker.pinned_peak
     plan.peak_tensors = [_described(tracker, serial, size, cat) for size, serial, cat in sorted(top, reverse=True)[:PEAK_TENSORS]]
     return plan
 

@@ -3,7 +3,7 @@
 A layout is a choice of Ulysses and ring degrees (data parallelism takes the rest of the world),
 a ZeRO stage, and a memory feature (none, activation checkpointing, StreamBP, StreamBP with the
 layer inputs offloaded). Every layout the model and the sequence admit is planned with
-:func:`~longtrain.plan.step.run_step`; one the code refuses (a head count Ulysses cannot split, a
+:func:`~longtrain.plan.depth.plan_step`; one the code refuses (a head count Ulysses cannot split, a
 sequence length the ring cannot cut) is listed with the
 reason (ZeRO stages run DeepSpeed's own step in the fake world, two steps each: see
 :mod:`longtrain.plan.step`). Rows that fit the GPU come first, fastest first (estimated tokens/s with communication
@@ -21,7 +21,8 @@ from longtrain.config import Config
 from longtrain.models.args import divisors
 from longtrain.plan.comm import Interconnect
 from longtrain.plan.gpus import Gpu
-from longtrain.plan.step import StepPlan, run_step
+from longtrain.plan.depth import plan_step
+from longtrain.plan.step import StepPlan
 
 MEMORY_FEATURES = ("none", "checkpointing", "streambp", "streambp+offload")
 
@@ -39,7 +40,7 @@ class SweepRow:
     error: str = ""
 
     def fits(self, gpu: Gpu) -> bool:
-        return self.plan is not None and self.plan.peak_bytes <= gpu.memory_bytes
+        return self.plan is not None and gpu.fits(self.plan)
 
     def as_dict(self, gpu: Gpu) -> dict:
         out = {k: getattr(self, k) for k in ("ulysses", "ring", "dp", "zero_stage", "memory", "error")}
@@ -71,16 +72,18 @@ def layouts(world_size: int, zero_stages: Tuple[int, ...]) -> Iterator[Tuple[int
 
 
 def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = None,
-          zero_stages: Tuple[int, ...] = (0, 1, 2, 3), progress: Optional[Callable[[str], None]] = None
-          ) -> List[SweepRow]:
-    """Plan every layout (:func:`layouts`) and return the rows sorted as the module docstring says."""
+          zero_stages: Tuple[int, ...] = (0, 1, 2, 3), progress: Optional[Callable[[str], None]] = None,
+          exact: bool = False) -> List[SweepRow]:
+    """Plan every layout (:func:`layouts`) and return the rows sorted as the module docstring says;
+    each plan extends a few layers to the model's depth (:mod:`longtrain.plan.depth`) unless ``exact``."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     rows = []
     todo = list(layouts(world_size, zero_stages))
     for i, (ulysses, ring, dp, stage, memory) in enumerate(todo, 1):
         row = SweepRow(ulysses, ring, dp, stage, memory)
         try:
-            row.plan = run_step(layout_config(cfg, ulysses, ring, stage, memory), gpu, world_size=world_size, net=net)
+            row.plan = plan_step(layout_config(cfg, ulysses, ring, stage, memory), gpu, world_size=world_size, net=net,
+                                 exact=exact)
         except ValueError as refused:
             row.error = str(refused).splitlines()[0]
         progress(f"[{i}/{len(todo)}] ulysses={ulysses} ring={ring} dp={dp} zero={stage} {memory}: "

@@ -95,6 +95,8 @@ class StepTracker(TorchDispatchMode):
         self.peak = 0
         self.host_live = 0
         self.host_peak = 0
+        self.pinned_live = self.pinned_peak = 0  # the page-locked part of the host bytes
+        self._pinned: Set[int] = set()
         self.flops = 0
         self.time_s = self.compute_s = self.memory_s = 0.0
         self.phase = "setup"
@@ -136,6 +138,7 @@ class StepTracker(TorchDispatchMode):
         self.peak, self.peak_phase = self.live, self.phase
         self.peak_by_key = {f"{self.phase}:start": self.live}
         self.host_peak = self.host_live
+        self.pinned_peak = self.pinned_live
         self._snapshot()
         self.allocations = []
         self.workspace_peak = 0
@@ -199,8 +202,9 @@ class StepTracker(TorchDispatchMode):
             out[WORKSPACE] = (self._peak_workspace, "device")
         return out
 
-    def mark_host(self, t: torch.Tensor) -> None:
-        """Count ``t``'s storage as host memory (an offloaded copy), not device memory."""
+    def mark_host(self, t: torch.Tensor, pinned: bool = True) -> None:
+        """Count ``t``'s storage as host memory (an offloaded copy), not device memory; ``pinned``:
+        page-locked (copies to and from the device), else pageable (a host optimizer's state)."""
         self.track(t)
         key = id(t.untyped_storage())
         serial, size, where = self._live[key]
@@ -211,6 +215,10 @@ class StepTracker(TorchDispatchMode):
             self.live -= size
             self.host_live += size
             self.host_peak = max(self.host_peak, self.host_live)
+            if pinned:
+                self._pinned.add(serial)
+                self.pinned_live += size
+                self.pinned_peak = max(self.pinned_peak, self.pinned_live)
 
     def host_optimizer_step(self, state_bytes: int) -> None:
         """A host optimizer stepped ``state_bytes`` of fp32 state (ZeRO-Offload's CPU AdamW, whose
@@ -246,6 +254,8 @@ class StepTracker(TorchDispatchMode):
         del self._live[key]
         self._clock += 1
         self._died[serial] = self._clock
+        if serial in self._pinned:
+            self.pinned_live -= entry[1]
         if entry[2] == "host":
             self.host_live -= entry[1]
         else:

@@ -1,0 +1,192 @@
+"""Planning a deep model from a few of its layers: the step is periodic in its layers.
+
+Every decoder layer of a given kind (dense or mixture-of-experts) adds the same storages, FLOPs,
+collectives and op times to the step, wherever it sits; the embedding, the final norm, the LM head
+and the loss add the same whatever the depth. So each quantity of a plan is ``a + b x depth``
+along the depths that keep the pattern of layer kinds, and three plans of a few layers give the
+plan of the whole model:
+
+- the layer kinds repeat with a period ``p`` after a prefix of ``k`` layers (a dense model: ``p = 1,
+  k = 0``; Qwen3-MoE's ``decoder_sparse_step`` and ``mlp_only_layers`` give others), and a model of
+  ``L`` layers ends with ``r = (L - k) mod p`` layers of a started period; the probes keep that
+  ending: depths ``k + r + 2p``, ``k + r + 3p``, ``k + r + 4p`` (with one period only, the first
+  layer is also the last, and a few bytes of the step differ: one layer's probe is off the line);
+- every summed quantity (bytes of each kind, host bytes, FLOPs, op times, each collective's count,
+  bytes and time) is checked to be exactly linear over the three probes (integers to the unit,
+  floating-point sums to 1e-9 relative) and extended to ``L``;
+- the peak is the largest of the step's local peaks (the tracker's bytes alive at each op of each
+  phase), each extended on its own: a peak that moves to another place in a deeper model (the
+  optimizer step overtaking the backward, a gradient reduction overtaking a layer's backward) is
+  found there, and then the split of the peak into kinds, measured where the probes peaked, does not
+  apply and deeper probes are planned. The peak must be on its line; a local peak that is not (a
+  generic op that runs in several places) is extended at its steepest step between the probes, and
+  must stay below the peak (the assumption: a local peak does not grow faster per layer in a deeper
+  model than between the probes);
+- small models are not always on the line yet (DeepSpeed's prefetch covers every layer of a shallow
+  model; its flat buffers are padded, which alternates with the depth's parity): when three probes
+  are not linear, the next set is deeper, or twice as far apart (:data:`ATTEMPTS`), and the whole
+  model is planned when no set below its depth is linear (the log says why);
+- the derived figures (step time with overlap, tokens/s, MFU) are recomputed from the extended
+  sums, and the largest tensors at the peak are those of the deepest probe (a per-layer tensor
+  is the same at any depth; a flat buffer over every parameter grows with it).
+
+``tests/unit/test_plan_depth.py`` holds extended plans equal to whole-model plans to the byte on
+small dense and MoE models, every memory mode, and Ulysses, ring, data-parallel and ZeRO layouts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from longtrain.config import Config
+from longtrain.models import ModelArgs
+from longtrain.plan.comm import Interconnect
+from longtrain.plan.gpus import Gpu
+from longtrain.plan.step import DERIVED, StepPlan, derive_totals, run_step
+from longtrain.trainer.build import build_model_args
+
+log = logging.getLogger(__name__)
+
+PROBES = 3
+FIRST_PROBE = 2
+"""Periods in the shallowest probe (module docstring)."""
+ATTEMPTS = ((2, 1), (4, 1), (4, 2), (8, 2))
+PROBE_BUDGET = 1.5
+"""Probes may add up to this many times the model's layers (a probe costs less per layer than the
+whole model: it skips nothing, but the whole model's plan is what the probes are against)."""
+"""The probe sets tried in turn: (periods in the shallowest probe, periods between probes)."""
+FLOAT_RTOL = 1e-9
+
+
+class NotPeriodic(ValueError):
+    """A quantity of the probes' plans is not linear in the depth."""
+
+
+def layer_period(args: ModelArgs) -> Tuple[int, int]:
+    """(prefix ``k``, period ``p``) of the model's layer kinds: after ``k`` layers the kinds repeat
+    every ``p``; of the pairs that hold, the one with the shallowest probes (``k + 4p``)."""
+    moe = set(args.moe_layers)
+    n = args.num_layers
+    kinds = [i in moe for i in range(n)]
+    holds = [(k, p) for p in range(1, n + 1) for k in range(n)
+             if all(kinds[i] == kinds[i + p] for i in range(k, n - p))]
+    return min(holds, key=lambda kp: (kp[0] + (FIRST_PROBE + PROBES - 1) * kp[1], kp[1]))
+
+
+def probe_depths(args: ModelArgs, start: int = FIRST_PROBE, spacing: int = 1) -> Optional[List[int]]:
+    """The depths of one probe set (module docstring): ``start`` periods deep, ``spacing`` periods
+    apart, ending as the model ends; None when they do not all lie below the model's depth."""
+    k, p = layer_period(args)
+    step = spacing * p
+    r = (args.num_layers - k) % step
+    depths = [k + r + (start // spacing) * step + j * step for j in range(PROBES)]
+    return depths if depths[-1] < args.num_layers else None
+
+
+def _extend(values: Sequence, depths: Sequence[int], depth: int, what: str):
+    """The line through ``values`` at ``depths`` (evenly spaced), checked, at ``depth``."""
+    (a, b, c), step = values, depths[1] - depths[0]
+    if isinstance(a, bool) or a is None or isinstance(a, str):
+        if not a == b == c:
+            raise NotPeriodic(f"{what}: {a!r}, {b!r}, {c!r}")
+        return a
+    slope1, slope2 = b - a, c - b
+    if isinstance(a, int):
+        if slope1 != slope2:
+            raise NotPeriodic(f"{what}: {a}, {b}, {c} at depths {list(depths)}")
+        return c + slope2 * (depth - depths[-1]) // step
+    if abs(slope1 - slope2) > FLOAT_RTOL * max(abs(a), abs(b), abs(c), 1e-300):
+        raise NotPeriodic(f"{what}: {a!r}, {b!r}, {c!r} at depths {list(depths)}")
+    return c + slope2 * (depth - depths[-1]) / step
+
+
+def _extend_rows(rows: Sequence[List[dict]], depths, depth: int) -> List[dict]:
+    """Collective rows, matched by (axis, kind, link), each number extended."""
+    keyed = [{(r["axis"], r["kind"], r["link"]): r for r in plan_rows} for plan_rows in rows]
+    if not keyed[0].keys() == keyed[1].keys() == keyed[2].keys():
+        raise NotPeriodic("the collectives differ between depths")
+    out = []
+    for key, row in keyed[-1].items():
+        out.append({f: _extend([k[key][f] for k in keyed], depths, depth, f"{key} {f}")
+                    if isinstance(row[f], (int, float)) and not isinstance(row[f], bool) else row[f] for f in row})
+    return out
+
+
+def extend(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int, gpu: Optional[Gpu]) -> StepPlan:
+    """The plan at ``depth`` from the probes' ``plans`` at ``depths`` (module docstring).
+
+    Raises:
+        NotPeriodic: a quantity is not linear over the probes.
+    """
+    peaks, bounds = {}, {}
+    for key in plans[-1].peak_by_key:
+        values = [p.peak_by_key.get(key, 0) for p in plans]
+        try:
+            peaks[key] = _extend(values, depths, depth, f"peak at {key}")
+        except NotPeriodic:  # off the line: extended at its steepest step, an upper bound
+            steps = (depth - depths[-1]) // (depths[1] - depths[0])
+            bounds[key] = values[-1] + max(values[1] - values[0], values[2] - values[1], 0) * steps
+    top = max(peaks, key=peaks.get)
+    for key, bound in bounds.items():  # a local peak off the line may be ignored only far below the peak
+        if bound >= peaks[top]:
+            raise NotPeriodic(f"peak at {key}: {[p.peak_by_key.get(key, 0) for p in plans]} at depths "
+                              f"{list(depths)} is off the line and could reach the peak")
+    for d, p in zip(depths, plans):
+        here = max(p.peak_by_key, key=p.peak_by_key.get)
+        if here != top:  # the split of the peak into kinds was measured elsewhere
+            raise NotPeriodic(f"the peak moves from {here} ({d} layers) to {top} ({depth} layers)")
+    out = {"peak_by_key": peaks}
+    for f in dataclasses.fields(StepPlan):
+        values = [getattr(p, f.name) for p in plans]
+        if f.name in out:
+            continue
+        if f.name in DERIVED or f.name in ("peak_tensors", "tracker"):
+            out[f.name] = values[-1]
+        elif f.name == "comm":
+            out[f.name] = _extend_rows(values, depths, depth)
+        elif isinstance(values[0], dict):
+            if not values[0].keys() == values[1].keys() == values[2].keys():
+                raise NotPeriodic(f"{f.name}: keys differ between depths")
+            out[f.name] = {k: _extend([v[k] for v in values], depths, depth, f"{f.name}.{k}") for k in values[-1]
+                           if (f.name, k) != ("time_breakdown", "comm_exposed")}  # derived: recombined below
+        else:
+            out[f.name] = _extend(values, depths, depth, f.name)
+    plan = StepPlan(**out)
+    if plan.peak_bytes != peaks[top]:
+        raise NotPeriodic(f"peak_bytes {plan.peak_bytes} is not the largest local peak {peaks[top]} ({top})")
+    if gpu is not None:
+        derive_totals(plan, dp, gpu)
+    plan.extra = {**plan.extra, "planned_layers": float(depth)}
+    plan.depth_probes = list(depths)
+    return plan
+
+
+def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: Optional[Interconnect] = None,
+              exact: bool = False) -> StepPlan:
+    """The plan of ``cfg``'s step: from shallow probes (module docstring), or of the whole model when
+    ``exact``, when the model is too shallow to probe, or when no probe set below its depth is linear.
+
+    Args: as :func:`~longtrain.plan.step.run_step`; ``exact`` plans every layer.
+    """
+    args = build_model_args(cfg.model)
+    dp = world_size // (cfg.parallel.sp.ulysses * cfg.parallel.sp.ring)
+    planned: Dict[int, StepPlan] = {}
+    why = "asked for every layer" if exact else "too shallow to probe"
+    for start, spacing in () if exact else ATTEMPTS:
+        depths = probe_depths(args, start, spacing)
+        if depths is None or sum(set(depths) | set(planned)) > PROBE_BUDGET * args.num_layers:
+            continue  # the probes would cost more than the whole model
+        for d in depths:
+            if d not in planned:
+                planned[d] = run_step(cfg, gpu, world_size=world_size, net=net, num_layers=d)
+        try:
+            return extend([planned[d] for d in depths], depths, args.num_layers, dp, gpu)
+        except NotPeriodic as err:
+            why = f"the probes at depths {depths} are not linear ({err})"
+    if not exact:
+        log.warning("planning all %d layers: %s", args.num_layers, why)
+    return run_step(cfg, gpu, world_size=world_size, net=net)
+
+
+__all__ = ["NotPeriodic", "extend", "layer_period", "plan_step", "probe_depths"]
