@@ -1,7 +1,8 @@
 """Every CUDA code path of longtrain traced on fake CUDA tensors, forward and backward, without a GPU.
 
 A developer's check, not a CI step; it needs a CUDA build of torch (no GPU or driver) and refuses
-any other torch in one line, exit code 2:  /work/cuda-venv/bin/python bench/cuda_trace.py
+any other torch in one line, exit code 2:  ../cuda-venv/bin/python bench/cuda_trace.py (a venv beside the
+checkout; ``LONGTRAIN_CUDA_VENV`` names another)
 
 Each path runs under :mod:`fake_cuda` (fake CUDA tensors, real values for the integer ones), its
 backward as ``loss.backward()`` on the Python autograd engine, the models under CUDA bf16 autocast
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 import traceback
@@ -30,7 +32,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-VENV = "/work/cuda-venv"
+VENV = os.environ.get("LONGTRAIN_CUDA_VENV", "../cuda-venv")
 INSTALL = (f"python3 -m venv {VENV} && {VENV}/bin/pip install torch==2.14.1 omegaconf hydra-core safetensors "
            "numpy pyyaml tqdm")
 if torch.version.cuda is None:  # before the imports below, which need a CUDA build to mean anything
