@@ -130,8 +130,8 @@ def _keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor
     h_bsh = _run(layer.input_layernorm, x_bsh)
     k_bshd = _run(attn.k_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
     v_bshd = _run(attn.v_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
-    if attn.qk_norm:
-        k_bshd = _run(attn.k_norm, k_bshd)
+    if attn.qk_norm:  # in v's precision, as Attention.forward: the fused kernels take half precision only
+        k_bshd = _run(attn.k_norm, k_bshd).to(v_bshd.dtype)
     return apply_rope(k_bshd, cos_bsd, sin_bsd), v_bshd
 
 
@@ -157,8 +157,8 @@ def _attention_half(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k
     attn = layer.self_attn
     b, c, _ = x_bch.shape
     q_bchd = _run(attn.q_proj, _run(layer.input_layernorm, x_bch)).view(b, c, attn.num_heads, attn.head_dim)
-    if attn.qk_norm:
-        q_bchd = _run(attn.q_norm, q_bchd)
+    if attn.qk_norm:  # in v's precision, as Attention.forward
+        q_bchd = _run(attn.q_norm, q_bchd).to(v_bshd.dtype)
     q_bchd = apply_rope(q_bchd, cos_bcd, sin_bcd)
     out_bchd = keys.attend(q_bchd, start, start + c, k_bshd, v_bshd)
     return x_bch + _run(attn.o_proj, out_bchd.reshape(b, c, -1))

@@ -72,7 +72,10 @@ class Attention(nn.Module):
         k_bshd = self.k_proj(x_bsh).view(b, s, self.num_kv_heads, self.head_dim)
         v_bshd = self.v_proj(x_bsh).view(b, s, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q_bshd, k_bshd = self.q_norm(q_bshd), self.k_norm(k_bshd)
+            # autocast runs the norms in fp32; the attention kernels take q and k in v's precision
+            # (flash and cuDNN take half precision only: fp32 queries would fall to SDPA per document
+            # and to the reference block kernels), as attention under autocast casts them in HF
+            q_bshd, k_bshd = self.q_norm(q_bshd).to(v_bshd.dtype), self.k_norm(k_bshd).to(v_bshd.dtype)
         q_bshd = apply_rope(q_bshd, cos_bsd, sin_bsd)
         k_bshd = apply_rope(k_bshd, cos_bsd, sin_bsd)
         out_bshd = self.attn_fn(q_bshd, k_bshd, v_bshd, doc_ids=doc_ids, scale=self.scale)

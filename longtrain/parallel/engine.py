@@ -169,10 +169,10 @@ class PlainEngine(StepEngine):
 
     def forward(self, batch, head, last=True):
         self._last = last
-        with self._autocast():
+        with self._autocast():  # the head too: its matmuls in the autocast dtype (the loss accumulates in fp32)
             hidden = self.model.hidden_states(batch["input_ids"], position_ids=batch["position_ids"],
                                               doc_ids=batch["doc_ids"])
-        return head(hidden, self.model.output_weight)
+            return head(hidden, self.model.output_weight)
 
     def backward(self, loss):
         loss.backward()

@@ -104,7 +104,10 @@ def _is_reference(cell) -> bool:
 
 
 CELLS = [c for c in itertools.product(LAYOUTS, STAGES, SBP, MODELS, ACCUM) if not _is_reference(c)]
-PARAMS = [pytest.param(*c, id=cell_id(c), marks=() if c in DEFAULT or refusal(*c) else pytest.mark.slow)
+PARITY = {("u2", 2, "sbp", "dense", 1), ("r2", 3, "plain", "moe", 2)}
+"""Cells of the parity slice .ci/run repeats under ATEN_CPU_CAPABILITY=default (two-rank, fast)."""
+PARAMS = [pytest.param(*c, id=cell_id(c), marks=(pytest.mark.parity,) if c in PARITY else ()
+                       if c in DEFAULT or refusal(*c) else pytest.mark.slow)
           for c in CELLS]  # refused cells only compose a config: all of them in the default run
 
 

@@ -279,6 +279,7 @@ def layouts(single):
     }))
 
 
+@pytest.mark.parity
 def test_layouts_match_single_process(single, layouts):
     """Global scope: dp 2, Ulysses 2, ring 2 and dp 2 with accumulation equal one process on the same
     global batch (loss, gradients, aux losses, loads, eval load by domain); so do ZeRO-2 and ZeRO-3 on
@@ -296,6 +297,7 @@ def test_layouts_match_single_process(single, layouts):
     assert _router_grads_differ(micro, r["global"])
 
 
+@pytest.mark.parity
 def test_planted_errors_fail(single, layouts):
     """The comparison of test_layouts_match_single_process fails on planted errors: a wrong balancing
     scope and a gradient scaled by 2 at the first step, lost Adam moments (which leave step 1 exact)

@@ -10,6 +10,8 @@ The chunk size (48 tokens) divides neither the 256-token sequence nor the 128-to
 """
 from __future__ import annotations
 
+import pytest
+
 from support.harness import run_jobs
 from support.helpers import common
 from support.parity import assert_same_curve, assert_same_step1
@@ -68,6 +70,7 @@ def _check(got, ref):
     assert_same_curve(got["metrics"], ref["metrics"])
 
 
+@pytest.mark.parity
 def test_streambp_training_matches_plain_backprop(tmp_path):
     singles = run_jobs(1, _jobs(tmp_path, {"ref": [], "sbp": SBP}))
     ref = singles["ref"]

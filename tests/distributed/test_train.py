@@ -14,6 +14,7 @@ from support.helpers import SMALL, FakeWandb, cli, compose_cfg, read_metrics, tr
 from support.parity import assert_same_curve
 
 
+@pytest.mark.parity
 def test_accumulation_does_not_change_the_step(tmp_path):
     # One process, the same global batch of 4 sequences split 4x1, 2x2 and 1x4. fp32 on CPU: only the
     # summation order differs (tolerances: support/parity.py).
@@ -25,6 +26,7 @@ def test_accumulation_does_not_change_the_step(tmp_path):
     assert a[0]["loss"] != a[-1]["loss"]  # it trains
 
 
+@pytest.mark.parity
 def test_two_processes_match_one(tmp_path):
     # gloo, 2 ranks x 2 accumulation steps vs 1 rank x 4: the global-count loss makes them the same
     # optimisation problem; tolerance as above (fp32 reordering only).

@@ -36,7 +36,8 @@ def reference(tmp_path_factory):
 
 
 LAYOUTS = [  # (world, ulysses, ring); the 4-rank layout takes ~50 s on 2 cores: slow
-    (2, 1, 1), (2, 2, 1), (2, 1, 2), pytest.param(4, 2, 1, marks=pytest.mark.slow),
+    pytest.param(2, 1, 1, marks=pytest.mark.parity), (2, 2, 1), pytest.param(2, 1, 2, marks=pytest.mark.parity),
+    pytest.param(4, 2, 1, marks=pytest.mark.slow),
 ]
 
 

@@ -344,3 +344,56 @@ def test_residual_stream_dtype_under_autocast(fp32_residual):
         h.remove()
     assert seen == [torch.float32 if fp32_residual else torch.bfloat16] * 2
     torch.testing.assert_close(hidden.float(), model.hidden_states(ids), rtol=0.1, atol=0.1)
+
+
+def test_qk_norm_hands_attention_half_precision_under_autocast():
+    """Under bf16 autocast the q/k norms run in fp32; the attention function gets q and k in v's dtype
+    (flash and cuDNN take half precision only: fp32 queries would fall back to SDPA per document and
+    to the reference block kernels; found by bench/cuda_trace.py). In fp32 nothing changes."""
+    torch.manual_seed(0)
+    model = Transformer(get_model_args("tiny", num_layers=1, qk_norm=True))
+    model.init_weights()
+    seen = []
+
+    def recording(q, k, v, doc_ids=None, scale=None):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return local_attention(q, k, v, doc_ids=doc_ids, scale=scale)
+    model.set_attention_fn(recording)
+    ids = torch.randint(0, model.args.vocab_size, (1, 32))
+    # CUDA's autocast runs RMSNorm in fp32 (CPU's does not): the pre-hooks do what it does
+    hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0].float(),)) for m in model.modules()
+             if isinstance(m, torch.nn.RMSNorm)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.hidden_states(ids)
+    for h in hooks:
+        h.remove()
+    model.hidden_states(ids)
+    assert seen == [(torch.bfloat16,) * 3, (torch.float32,) * 3]
+
+
+def test_streambp_chunks_get_half_precision_queries_and_keys_under_autocast():
+    """StreamBP recomputes the attention half chunk by chunk with its own q/k norms: its chunks reach
+    the attention kernels in v's dtype too (under CUDA's fp32 norms, emulated)."""
+    from longtrain.kernels.attention import LocalAttention
+    from longtrain.kernels.dispatch import AttentionKernels
+    from longtrain.memory import apply_streambp
+
+    seen = []
+
+    class Recording(AttentionKernels):
+        def attention(self, q, k, v, *args):
+            seen.append((q.dtype, k.dtype, v.dtype))
+            return super().attention(q, k, v, *args)
+
+    torch.manual_seed(0)
+    model = Transformer(get_model_args("tiny", num_layers=1, qk_norm=True))
+    model.init_weights()
+    model.set_attention_fn(LocalAttention(Recording()))
+    apply_streambp(model, 16, offload=False)
+    for m in model.modules():  # StreamBP calls the norms' forward without hooks: replace the forward itself
+        if isinstance(m, torch.nn.RMSNorm):
+            m.forward = lambda x, m=m: torch.nn.RMSNorm.forward(m, x.float())
+    ids = torch.randint(0, model.args.vocab_size, (1, 48))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.hidden_states(ids).float().sum().backward()
+    assert len(seen) == 3 and set(seen) == {(torch.bfloat16,) * 3}  # one call per chunk of 16

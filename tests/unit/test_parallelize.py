@@ -102,3 +102,44 @@ def test_resume_plan_reads_only(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
     with pytest.raises(ValueError, match="data.seq_len"):
         plan_resume(ckpt, "auto", tmp_path, {**expected, "seq_len": 512}, stage=2, shards=2)
+
+
+def test_plain_engine_runs_the_lm_head_under_autocast():
+    """Under bf16 autocast the plain engine's head (the chunked loss) multiplies in bf16 like every other
+    matmul: run outside autocast it took fp32 matmuls over the whole vocabulary and kept an fp32
+    gradient of the hidden states (found by bench/cuda_trace.py)."""
+    from functools import partial
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longtrain.optim.loss import chunked_lm_loss
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.vocab_dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+                if vocab in out.shape:
+                    self.vocab_dtypes.add(args[-1].dtype if func is torch.ops.aten.mm.default else args[-2].dtype)
+            return out
+
+    torch.manual_seed(0)
+    model = Transformer(get_model_args("tiny", num_layers=1))
+    model.init_weights()
+    vocab = model.args.vocab_size
+    engine = PlainEngine(model, build_optimizer(model, Config().optim, torch.device("cpu")), None, 1.0,
+                         autocast_dtype=torch.bfloat16)
+    # CUDA's autocast runs RMSNorm in fp32 (CPU's does not), so the final norm hands the head fp32
+    # states: the pre-hooks do what it does
+    for m in model.modules():
+        if isinstance(m, torch.nn.RMSNorm):
+            m.register_forward_pre_hook(lambda mod, args: (args[0].float(),))
+    ids = torch.randint(0, vocab, (1, 65))
+    batch = {"input_ids": ids[:, :-1], "position_ids": torch.arange(64)[None], "doc_ids": None}
+    head = partial(chunked_lm_loss, labels=ids[:, 1:], weights=None, chunk_size=32)
+    with Matmuls() as seen:
+        engine.backward(engine.forward(batch, head))
+    assert seen.vocab_dtypes == {torch.bfloat16}
