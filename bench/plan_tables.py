@@ -40,13 +40,15 @@ ROWS: Dict[str, Tuple[str, List[str], str, int]] = {
     "8b-1xh100-zero2-offload-streambp-offload": ("llama8b", ["zero.stage=2", "zero.offload_optimizer=cpu"] + SBP_OFF,
                                                  "h100", 1),
     "8b-8xh100-u8-zero3-streambp-offload": ("llama8b", ["parallel.sp.ulysses=8", "zero.stage=3"] + SBP_OFF, "h100", 8),
+    "8b-8xh100-u8-zero3-checkpointing": ("llama8b", ["parallel.sp.ulysses=8", "zero.stage=3"] + CKPT, "h100", 8),
 }
 
 
 def run_row(name: str, model: str, overrides: List[str], gpu_name: str, world_size: int, gpu=None) -> dict:
     from longtrain.config import register_configs
-    from longtrain.plan import get_gpu, run_step
+    from longtrain.plan import get_gpu
     from longtrain.plan.cli import SEQ_MULTIPLE, max_seq, with_seq
+    from longtrain.plan.depth import plan_step
     from longtrain.precheck import compose_config
 
     register_configs()
@@ -59,14 +61,15 @@ def run_row(name: str, model: str, overrides: List[str], gpu_name: str, world_si
     if plan is None:
         return {**out, "fits": False}
     half = max(SEQ_MULTIPLE, longest // 2 // SEQ_MULTIPLE * SEQ_MULTIPLE)
-    shorter = run_step(with_seq(cfg, half), gpu, world_size=world_size)
+    shorter = plan_step(with_seq(cfg, half), gpu, world_size=world_size)
     local = (longest - half) / plan.sp
     out.update(peak_gib=plan.peak_bytes / 2**30, bytes_per_token=plan.bytes_per_token,
                marginal_bytes_per_token=(plan.peak_bytes - shorter.peak_bytes) / local if local else None,
                host_gib=plan.host_bytes / 2**30, tokens_per_s=plan.tokens_per_s, mfu=plan.mfu,
                bound_by=plan.bound_by, time_breakdown=plan.time_breakdown,
                streambp_chunk=plan.streambp_chunk, peak_phase=plan.peak_phase,
-               peak_tensors=plan.peak_tensors[:6], seconds=time.perf_counter() - start)
+               peak_tensors=plan.peak_tensors[:6], depth_probes=plan.depth_probes,
+               seconds=time.perf_counter() - start)
     return out
 
 

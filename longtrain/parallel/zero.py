@@ -34,11 +34,12 @@ package.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -239,6 +240,25 @@ def apply_zero(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Paralle
              zo["stage"], dims.size("dp_sp"), dims.describe(), zo.get("offload_optimizer", {}).get("device", "none"),
              zo.get("offload_param", {}).get("device", "none"))
     return engine, grad_divisor(ds_config["zero_optimization"]["stage"], dims)
+
+
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Undo, on leaving, what building a DeepSpeed engine changes for the whole process.
+
+    ZeRO-3's ``zero.Init`` replaces ``torch.nn.functional.linear`` with DeepSpeed's memory-efficient
+    linear (``memory_efficient_linear``, on by default: an autograd function that saves the parameter,
+    not a view of its gathered storage, so released layers are not kept whole until the backward) and
+    leaves it there. A training process wants that for its one engine; a process that builds one
+    engine after another (the planner, one per layout) must not carry it into the next, which may
+    not be ZeRO-3 (under activation checkpointing DeepSpeed's linear changes what the recomputation
+    runs).
+    """
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
 
 
 def grad_divisor(stage: int, dims: ParallelDims) -> float:

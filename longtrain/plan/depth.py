@@ -52,10 +52,10 @@ PROBES = 3
 FIRST_PROBE = 2
 """Periods in the shallowest probe (module docstring)."""
 ATTEMPTS = ((2, 1), (4, 1), (4, 2), (8, 2))
+"""The probe sets tried in turn: (periods in the shallowest probe, periods between probes)."""
 PROBE_BUDGET = 1.5
 """Probes may add up to this many times the model's layers (a probe costs less per layer than the
 whole model: it skips nothing, but the whole model's plan is what the probes are against)."""
-"""The probe sets tried in turn: (periods in the shallowest probe, periods between probes)."""
 FLOAT_RTOL = 1e-9
 
 

@@ -53,6 +53,7 @@ from longtrain.optim.loss import IGNORE_INDEX
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.sharding import shard_batch
 from longtrain.parallel.state_memory import state_tensors
+from longtrain.parallel.zero import process_state_kept
 from longtrain.plan.clock import Clock, TimeBreakdown, combine
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
 from longtrain.plan.fakes import HostAdamStandIn, local_rank, zero_offload_on_host
@@ -243,6 +244,7 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
             is checked for the whole model): a probe of :mod:`longtrain.plan.depth`.
     """
     with ExitStack() as stack:
+        stack.enter_context(process_state_kept())  # one plan's engine must not change the next plan's step
         world_size = _world(stack, fake, world_size, cfg.zero.stage > 0)
         target = torch.device("cuda") if gpu is not None else torch.device("cpu")
         layout = layout_run(cfg, world_size, target)  # the trainer's checks and process groups

@@ -70,6 +70,15 @@ def test_plan_tables_dry_run_prints_a_row():
     assert row["marginal_bytes_per_token"] > 0 and row["host_gib"] > 0
 
 
+def test_plan_speed_dry_run_times_a_plan():
+    """bench/plan_speed.py (the planner's timing targets) runs longtrain-plan in a process and reads its JSON."""
+    proc = subprocess.run([sys.executable, "bench/plan_speed.py", "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["rc"] == 0 and row["fits"] is True and 0 < row["peak_gib"] and row["seconds"] > 0, row
+
+
 def test_gpu_plans_dry_run_plans_each_trial(tmp_path):
     """bench/gpu_plans.py (the plans the GPU suite compares with the device) plans every dry-run trial
     without a GPU, keyed as the suite looks them up, and keeps what the file already holds."""

@@ -27,11 +27,15 @@ CASES = {  # name: (overrides, world size, GPU target)
     "u2-streambp-h100": (SBP + ["parallel.sp.ulysses=2", "model.num_heads=4", "model.num_kv_heads=2"], 2, "h100"),
     "r2-checkpointing-h100": (["memory.checkpointing=true", "parallel.sp.ring=2"], 2, "h100"),
     "dp2-zero3-streambp-h100": (SBP + ["zero.stage=3"], 2, "h100"),
+    "dp2-zero3-h100": (["zero.stage=3"], 2, "h100"),
+    "moe-plain-h100": (MOE, 1, "h100"),
     "dp2-zero2-offload-h100": (["memory.checkpointing=true", "zero.stage=2", "zero.offload_optimizer=cpu"], 2, "h100"),
     "moe-dp2-zero1-cpu": (MOE + ["zero.stage=1"], 2, None),
 }
-DEFAULT = {"dense-plain-h100", "moe-streambp-h100", "dp2-zero3-streambp-h100"}
-EXTENDED = {"dense-plain-h100", "dense-checkpointing-cpu", "moe-streambp-h100", "dp2-zero3-streambp-h100"}
+DEFAULT = {"dense-plain-h100", "moe-plain-h100", "dp2-zero3-h100"}
+"""The default run's cases (about a minute); StreamBP under MoE and ZeRO-3 take about four minutes each: slow."""
+EXTENDED = {"dense-plain-h100", "dense-checkpointing-cpu", "moe-streambp-h100", "dp2-zero3-streambp-h100",
+            "dp2-zero3-h100", "moe-plain-h100"}
 """Cases whose probes are linear: the plan is extended. In the others a local peak is off the line
 between the probes (StreamBP + offload, the ring's and Ulysses' backward) and the whole model is
 planned; the result is checked the same way."""
