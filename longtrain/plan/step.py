@@ -248,10 +248,11 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         world_size = _world(stack, fake, world_size, cfg.zero.stage > 0)
         target = torch.device("cuda") if gpu is not None else torch.device("cpu")
         layout = layout_run(cfg, world_size, target)  # the trainer's checks and process groups
+        # StreamBP's automatic chunk from the whole model's parameters: a probe's chunk is the model's
+        cfg = _config_for_target(cfg, layout.args, gpu is not None, layout.bf16, gpu.memory_bytes if gpu else None)
         if num_layers is not None:
             layout.args = dataclasses.replace(layout.args, num_layers=num_layers)
         dims, args = layout.dims, layout.args
-        cfg = _config_for_target(cfg, args, gpu is not None, layout.bf16, gpu.memory_bytes if gpu else None)
         tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake,
                               clock=Clock(gpu) if gpu else None)
         batches, num_valid = _batches(cfg, args, dims, layout.grad_accum)

@@ -103,3 +103,16 @@ def test_a_quantity_off_the_line_is_refused_and_the_whole_model_planned(caplog):
         extend(probes, [2, 3, 4], DEPTH, 1, None)
     plan = plan_step(cfg, exact=True)
     assert plan.depth_probes is None and plan.peak_bytes == run_step(cfg).peak_bytes
+
+
+def test_a_probe_takes_the_whole_models_automatic_streambp_chunk():
+    """``chunk_size=auto`` sizes StreamBP's chunk from the memory the model's parameters leave: a
+    probe of 2 layers must take the 16-layer model's chunk, not its own (on this GPU: 256 against 512),
+    or its per-layer working set, and so the line through the probes, is another model's."""
+    args = get_model_args("tiny")
+    params = dataclasses.replace(args, num_layers=DEPTH).num_params() * 4
+    gpu = dataclasses.replace(get_gpu("h100"), memory_bytes=params + 511 * 8 * 10240)  # 10,240 B/token a chunk
+    cfg = _cfg(["memory.streambp.enabled=true", "memory.streambp.chunk_size=auto"])
+    whole = run_step(cfg, gpu)
+    assert whole.streambp_chunk == 256
+    assert run_step(cfg, gpu, num_layers=2).streambp_chunk == whole.streambp_chunk
