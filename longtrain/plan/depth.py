@@ -9,8 +9,10 @@ plan of the whole model:
 - the layer kinds repeat with a period ``p`` after a prefix of ``k`` layers (a dense model: ``p = 1,
   k = 0``; Qwen3-MoE's ``decoder_sparse_step`` and ``mlp_only_layers`` give others), and a model of
   ``L`` layers ends with ``r = (L - k) mod p`` layers of a started period; the probes keep that
-  ending: depths ``k + r + 2p``, ``k + r + 3p``, ``k + r + 4p`` (with one period only, the first
-  layer is also the last, and a few bytes of the step differ: one layer's probe is off the line);
+  ending: first depths ``k + r + p``, ``k + r + 2p``, ``k + r + 3p`` (the cheapest; with one period
+  only the first layer is also the last, and in some layouts a few bytes of the step differ: then
+  the check below finds that probe off the line and the next set, ``k + r + 2p`` to ``k + r + 4p``,
+  reuses two of the three plans);
 - every summed quantity (bytes of each kind, host bytes, FLOPs, op times, each collective's count,
   bytes and time) is checked to be exactly linear over the three probes (integers to the unit,
   floating-point sums to 1e-9 relative) and extended to ``L``;
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 PROBES = 3
 FIRST_PROBE = 2
 """Periods in the shallowest probe (module docstring)."""
-ATTEMPTS = ((2, 1), (4, 1), (4, 2), (8, 2))
+ATTEMPTS = ((1, 1), (2, 1), (4, 1), (4, 2), (8, 2))
 """The probe sets tried in turn: (periods in the shallowest probe, periods between probes)."""
 PROBE_BUDGET = 1.5
 """Probes may add up to this many times the model's layers (a probe costs less per layer than the
