@@ -29,7 +29,7 @@ from longtrain.plan.calibration import calibrated
 from longtrain.plan.comm import Interconnect, parse_interconnect
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
 from longtrain.plan.depth import plan_step
-from longtrain.plan.step import StepPlan
+from longtrain.plan.step import StepPlan, long_chunk
 from longtrain.plan.sweep import format_sweep, sweep
 from longtrain.errors import FULL_ERROR_ENV, error_boundary
 from longtrain.precheck import compose_config, precheck
@@ -37,6 +37,9 @@ from longtrain.precheck import compose_config, precheck
 SEQ_MULTIPLE = 256
 """``--max-seq`` searches multiples of this many tokens (the StreamBP auto chunk's granule)."""
 MAX_SEQ_LIMIT = 1 << 24
+SEQ_TOLERANCE = 0.01
+"""``--max-seq`` stops when the longest length known to fit is within this fraction of the shortest
+known not to (the plan itself is a prediction a few percent from a GPU's measurement)."""
 """``--max-seq`` looks no further than this (16M tokens)."""
 
 
@@ -105,11 +108,12 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
 
     Memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows almost
     linearly (what is kept per token is fixed), so the search plans two lengths past the chunk (2x
-    and 4x it; 4K and 8K tokens without StreamBP), extrapolates their line to a full GPU, and then
-    narrows the bracket [fits, does not fit] by interpolating between its ends (regula falsi, with a
-    bisection whenever the same end moved twice running): a handful of plans, most of them short,
-    instead of a doubling and a bisection. Each plan extends a few layers to the model's depth
-    (:mod:`longtrain.plan.depth`) unless ``exact``.
+    and 4x the chunk StreamBP takes at long lengths, over the sequence-parallel ranks; 8K and 16K
+    tokens without StreamBP), extrapolates their line to a full GPU, and then narrows the bracket
+    [fits, does not fit] by interpolating between its ends (regula falsi, with a bisection whenever
+    the same end moved twice running) until it is :data:`SEQ_TOLERANCE` of the length wide (at least
+    :data:`SEQ_MULTIPLE`): a handful of plans instead of a doubling and a bisection. Each plan
+    extends a few layers to the model's depth (:mod:`longtrain.plan.depth`) unless ``exact``.
     """
     seen = {}
 
@@ -124,8 +128,9 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
     lo, hi = 0, None  # longest length known to fit, shortest known not to
     first = SEQ_MULTIPLE * 16
     at(first)  # below StreamBP's chunk the chunk grows with the length: probe past it, where the line holds
-    chunk = seen[first].streambp_chunk or 0
-    probes = (first, 2 * first) if chunk < first else (down(2 * chunk + SEQ_MULTIPLE - 1), down(4 * chunk))
+    span = (long_chunk(cfg, gpu, seen[first].precision == "bf16", MAX_SEQ_LIMIT) or 0) * (
+        cfg.parallel.sp.ulysses * cfg.parallel.sp.ring)
+    probes = (2 * first, 4 * first) if span < first else (down(2 * span + SEQ_MULTIPLE - 1), down(4 * span))
     for seq in (first, *probes):
         if at(seq) > 1:
             hi = seq
@@ -147,7 +152,7 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
         if lo == 0:
             return 0, None
     moved = None
-    while hi - lo > SEQ_MULTIPLE:
+    while hi - lo > max(SEQ_MULTIPLE, SEQ_TOLERANCE * lo):
         mid = down(lo + (1 - at(lo)) * (hi - lo) / max(at(hi) - at(lo), 1e-12))
         if moved == "twice":
             mid = down((lo + hi) // 2)

@@ -9,7 +9,7 @@ plan of the whole model:
 - the layer kinds repeat with a period ``p`` after a prefix of ``k`` layers (a dense model: ``p = 1,
   k = 0``; Qwen3-MoE's ``decoder_sparse_step`` and ``mlp_only_layers`` give others), and a model of
   ``L`` layers ends with ``r = (L - k) mod p`` layers of a started period; the probes keep that
-  ending: first depths ``k + r + p``, ``k + r + 2p``, ``k + r + 3p`` (the cheapest; with one period
+  ending: first depths ``k + r + p``, ``k + r + 2p``, ``k + r + 3p`` (the cheapest, without ZeRO; with one period
   only the first layer is also the last, and in some layouts a few bytes of the step differ: then
   the check below finds that probe off the line and the next set, ``k + r + 2p`` to ``k + r + 4p``,
   reuses two of the three plans);
@@ -54,7 +54,10 @@ PROBES = 3
 FIRST_PROBE = 2
 """Periods in the shallowest probe (module docstring)."""
 ATTEMPTS = ((1, 1), (2, 1), (4, 1), (4, 2), (8, 2))
-"""The probe sets tried in turn: (periods in the shallowest probe, periods between probes)."""
+"""The probe sets tried in turn: (periods in the shallowest probe, periods between probes). Under
+ZeRO the first is skipped: DeepSpeed's buckets and ZeRO-3's prefetch span a layer or two, so over
+1-3 layers a largest-of quantity (the largest transient tensor) can stay flat and then grow in a
+deeper model; from two periods on the tests find every quantity on its line."""
 PROBE_BUDGET = 1.5
 """Probes may add up to this many times the model's layers (a probe costs less per layer than the
 whole model: it skips nothing, but the whole model's plan is what the probes are against)."""
@@ -175,7 +178,7 @@ def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: 
     dp = world_size // (cfg.parallel.sp.ulysses * cfg.parallel.sp.ring)
     planned: Dict[int, StepPlan] = {}
     why = "asked for every layer" if exact else "too shallow to probe"
-    for start, spacing in () if exact else ATTEMPTS:
+    for start, spacing in () if exact else ATTEMPTS[1:] if cfg.zero.stage > 0 else ATTEMPTS:
         depths = probe_depths(args, start, spacing)
         if depths is None or sum(set(depths) | set(planned)) > PROBE_BUDGET * args.num_layers:
             continue  # the probes would cost more than the whole model

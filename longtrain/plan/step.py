@@ -60,7 +60,7 @@ from longtrain.plan.fakes import HostAdamStandIn, local_rank, zero_offload_on_ho
 from longtrain.plan.gpus import Gpu
 from longtrain.plan.tracker import StepTracker
 from longtrain.plan.world import fake_world
-from longtrain.trainer.build import Seams, build_run, layout_run
+from longtrain.trainer.build import Seams, build_model_args, build_run, layout_run
 from longtrain.trainer.step import micro_batches
 
 
@@ -183,6 +183,18 @@ def _config_for_target(cfg: Config, args, on_gpu: bool, bf16: bool, memory_bytes
             free = max(0, memory_bytes - args.num_params() * 4)
         sc.chunk_size = auto_chunk_size(args, cfg.data.seq_len, cfg.data.micro_batch_size, free, elem_bytes=elem)
     return cfg
+
+
+def long_chunk(cfg: Config, gpu: Optional[Gpu], bf16: bool, seq_len: int) -> Optional[int]:
+    """StreamBP's chunk (tokens of a rank's slice) at ``seq_len`` tokens, which ``auto`` does not cap
+    at the sequence when it is long enough (None without StreamBP)."""
+    if not cfg.memory.streambp.enabled:
+        return None
+    cfg = copy.deepcopy(cfg)
+    cfg.data.seq_len = seq_len
+    chunk = _config_for_target(cfg, build_model_args(cfg.model), gpu is not None, bf16,
+                               gpu.memory_bytes if gpu else None).memory.streambp.chunk_size
+    return int(chunk)
 
 
 def _world(stack: ExitStack, fake: bool, world_size: int, zero: bool) -> int:

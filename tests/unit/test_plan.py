@@ -213,3 +213,15 @@ def test_peak_breakdown_lists_the_largest_tensors(capsys):
     assert main([*SMALL, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["plan"]["peak_tensors"][0]["op"] and "buffers_bytes" in doc["plan"]
+
+
+def test_long_chunk_is_the_chunk_auto_takes_past_the_sequence_cap():
+    """--max-seq probes past the chunk StreamBP takes at long lengths: ``auto`` caps the chunk at a
+    short sequence, so the chunk of the first (short) plan would put the probes where the peak is
+    not yet on its line."""
+    from longtrain.plan.step import long_chunk
+
+    cfg = _cfg(["memory.streambp.enabled=true", "memory.streambp.chunk_size=auto"])
+    gpu = get_gpu("h100")
+    assert long_chunk(cfg, gpu, True, 256) == 256
+    assert long_chunk(cfg, gpu, True, 1 << 24) > 256 and long_chunk(_cfg([]), gpu, True, 1 << 24) is None
