@@ -140,7 +140,9 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
         a, b = probes
         while hi is None and lo < MAX_SEQ_LIMIT:
             slope = max(at(b) - at(a), 1e-12) / (b - a)
-            guess = min(MAX_SEQ_LIMIT, max(down(b + (1 - at(b)) / slope), 2 * lo))
+            # a little past the line's full GPU (the bracket's far end, when the line holds), and on
+            guess = min(MAX_SEQ_LIMIT, max(down((b + (1 - at(b)) / slope) * (1 + 2 * SEQ_TOLERANCE)),
+                                           lo + max(SEQ_MULTIPLE, down(SEQ_TOLERANCE * lo))))
             if at(guess) > 1:
                 hi = guess
             else:

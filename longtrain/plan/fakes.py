@@ -7,6 +7,8 @@ or through the library's own extension point; nothing is patched.
   steps its host AdamW, a C++ kernel that reads the tensors' memory (fake tensors have none); the
   stand-in keeps the same state and skips the arithmetic (the real one updates in place, on the
   host, with no temporaries).
+- :class:`PlannedHostCopy`: StreamBP's host copy of a layer input (``Seams.host_copy``) as it
+  behaves on a GPU, for a plan whose tensors all live on the CPU.
 - :func:`zero_offload_on_host`: DeepSpeed runs on its CPU accelerator in a plan, where host and
   device tensors are alike; it page-locks (``pin_memory``) the host buffers of an offload. Within
   the block DeepSpeed's accelerator is :class:`HostCountingAccelerator` (installed with DeepSpeed's
@@ -19,9 +21,13 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from longtrain.plan.tracker import StepTracker
+
 
 @contextmanager
 def local_rank(rank: int = 0) -> Iterator[None]:
@@ -87,4 +93,21 @@ def zero_offload_on_host(zero_extra: dict, offloads: Iterable[str], mark_host: C
         set_accelerator(before)
 
 
-__all__ = ["HostAdamStandIn", "host_counting_accelerator", "local_rank", "zero_offload_on_host"]
+class PlannedHostCopy:
+    """:class:`~longtrain.memory.offload.HostCopy` as it behaves on a GPU, for a plan whose tensors
+    all live on the CPU (the builder's ``Seams.host_copy``): the parked tensor becomes a host tensor
+    (counted as host memory by ``tracker``, so the device copy is free once nothing else holds it)
+    and :meth:`fetch` brings a new device copy."""
+
+    def __init__(self, x_bsh: torch.Tensor, tracker: "StepTracker") -> None:
+        # as HostCopy: a host buffer, then the copy into it, which the tracker times as device-to-host
+        self.tensor = torch.empty_like(x_bsh)
+        tracker.mark_host(self.tensor)
+        self.tensor.copy_(x_bsh.detach())
+
+    def fetch(self) -> torch.Tensor:
+        out, self.tensor = self.tensor.clone(), None
+        return out
+
+
+__all__ = ["HostAdamStandIn", "PlannedHostCopy", "host_counting_accelerator", "local_rank", "zero_offload_on_host"]

@@ -31,7 +31,7 @@ kernels: the planner hands :func:`~longtrain.parallel.parallelize.parallelize` a
 CPU tensors (the ops' shape functions run on any device), for every attention caller (local
 attention, StreamBP's chunks, ring blocks) as training on CUDA with ``flash`` runs them; the tracker
 adds the CUDA backward's workspace. Offload to host
-memory under a GPU target is modelled by :class:`PlannedHostCopy` (layer inputs) and by marking
+memory under a GPU target is modelled by :class:`~longtrain.plan.fakes.PlannedHostCopy` (layer inputs) and by marking
 ZeRO's offloaded optimizer partitions as host memory; without a target (CPU) the real ``HostCopy``
 keeps the tensor as is.
 """
@@ -56,7 +56,7 @@ from longtrain.parallel.state_memory import state_tensors
 from longtrain.parallel.zero import process_state_kept
 from longtrain.plan.clock import Clock, TimeBreakdown, combine
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
-from longtrain.plan.fakes import HostAdamStandIn, local_rank, zero_offload_on_host
+from longtrain.plan.fakes import HostAdamStandIn, PlannedHostCopy, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
 from longtrain.plan.tracker import StepTracker
 from longtrain.plan.world import fake_world
@@ -152,23 +152,6 @@ class StepPlan:
     def bytes_per_token(self) -> float:
         """Device bytes per token of context this rank holds (its ``tokens / sp``)."""
         return self.peak_bytes * self.sp / max(self.tokens, 1)
-
-
-class PlannedHostCopy:
-    """:class:`~longtrain.memory.offload.HostCopy` as it behaves on a GPU, for a plan whose tensors
-    all live on the CPU (the builder's ``Seams.host_copy``): the parked tensor becomes a host tensor
-    (counted as host memory by ``tracker``, so the device copy is free once nothing else holds it)
-    and :meth:`fetch` brings a new device copy."""
-
-    def __init__(self, x_bsh: torch.Tensor, tracker: StepTracker) -> None:
-        # as HostCopy: a host buffer, then the copy into it, which the tracker times as device-to-host
-        self.tensor = torch.empty_like(x_bsh)
-        tracker.mark_host(self.tensor)
-        self.tensor.copy_(x_bsh.detach())
-
-    def fetch(self) -> torch.Tensor:
-        out, self.tensor = self.tensor.clone(), None
-        return out
 
 
 def _config_for_target(cfg: Config, args, on_gpu: bool, bf16: bool, memory_bytes: Optional[int]) -> Config:
