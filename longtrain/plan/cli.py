@@ -39,7 +39,10 @@ SEQ_MULTIPLE = 256
 MAX_SEQ_LIMIT = 1 << 24
 SEQ_TOLERANCE = 0.01
 """``--max-seq`` stops when the longest length known to fit is within this fraction of the shortest
-known not to (the plan itself is a prediction a few percent from a GPU's measurement)."""
+known not to (the plan itself is a prediction a few percent from a GPU's measurement)..."""
+FILLED = 0.995
+"""... or when it fills this much of the GPU (or of the host memory): memory grows about linearly
+with the length, so a longer one that fits is at most about a percent longer."""
 """``--max-seq`` looks no further than this (16M tokens)."""
 
 
@@ -112,7 +115,8 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
     tokens without StreamBP), extrapolates their line to a full GPU, and then narrows the bracket
     [fits, does not fit] by interpolating between its ends (regula falsi, with a bisection whenever
     the same end moved twice running) until it is :data:`SEQ_TOLERANCE` of the length wide (at least
-    :data:`SEQ_MULTIPLE`): a handful of plans instead of a doubling and a bisection. Each plan
+    :data:`SEQ_MULTIPLE`) or the fitting end fills :data:`FILLED` of the memory: a handful of plans
+    instead of a doubling and a bisection. Each plan
     extends a few layers to the model's depth (:mod:`longtrain.plan.depth`) unless ``exact``.
     """
     seen = {}
@@ -154,7 +158,7 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
         if lo == 0:
             return 0, None
     moved = None
-    while hi - lo > max(SEQ_MULTIPLE, SEQ_TOLERANCE * lo):
+    while hi - lo > max(SEQ_MULTIPLE, SEQ_TOLERANCE * lo) and at(lo) < FILLED:
         mid = down(lo + (1 - at(lo)) * (hi - lo) / max(at(hi) - at(lo), 1e-12))
         if moved == "twice":
             mid = down((lo + hi) // 2)
