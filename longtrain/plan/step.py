@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gc
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -327,6 +328,9 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         phases = _Phases(tracker)
         micro_batches(engine, balancer, batches, num_valid, cfg.trainer.loss_chunk_size, phases)
         kept = phases.kept or 0
+        # what only a reference cycle keeps (the autograd graph of a checkpointed layer) dies at the
+        # collector's whim, which would make "alive after the backward" differ from run to run
+        gc.collect()
         buffer_keys = tracker.buffer_serials
         states = tracker.serials(params) | tracker.serials(optim) | buffer_keys
         grad_keys = {s for s in tracker.alive() if s > tracker.step_start} - states
