@@ -37,13 +37,13 @@ from longtrain.precheck import compose_config, precheck
 SEQ_MULTIPLE = 256
 """``--max-seq`` searches multiples of this many tokens (the StreamBP auto chunk's granule)."""
 MAX_SEQ_LIMIT = 1 << 24
+"""``--max-seq`` looks no further than this (16M tokens)."""
 SEQ_TOLERANCE = 0.01
 """``--max-seq`` stops when the longest length known to fit is within this fraction of the shortest
 known not to (the plan itself is a prediction a few percent from a GPU's measurement)..."""
 FILLED = 0.995
 """... or when it fills this much of the GPU (or of the host memory): memory grows about linearly
 with the length, so a longer one that fits is at most about a percent longer."""
-"""``--max-seq`` looks no further than this (16M tokens)."""
 
 
 def _split(argv: List[str]) -> Tuple[dict, List[str]]:
@@ -98,16 +98,10 @@ def _world_size(text: str) -> int:
     return n
 
 
-def load(plan: StepPlan, gpu: Gpu) -> float:
-    """How full the step makes the GPU: the larger of its device memory and its host memory share
-    used (1.0: exactly full; above: it does not fit)."""
-    return max(plan.peak_bytes / gpu.memory_bytes, plan.host_bytes / gpu.host_memory_bytes)
-
-
 def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconnect] = None, exact: bool = False
             ) -> Tuple[int, Optional[StepPlan]]:
     """The longest multiple of :data:`SEQ_MULTIPLE` whose step fits ``gpu``'s memory and its host
-    memory (:func:`load` at most 1), and its plan ((0, None) when not even the shortest fits).
+    memory (``gpu.load(plan)`` at most 1), and its plan ((0, None) when not even the shortest fits).
 
     Memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows almost
     linearly (what is kept per token is fixed), so the search plans two lengths past the chunk (2x
@@ -124,7 +118,7 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
     def at(seq) -> float:
         if seq not in seen:
             seen[seq] = plan_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net, exact=exact)
-        return load(seen[seq], gpu)
+        return gpu.load(seen[seq])
 
     def down(x: float) -> int:
         return int(x) // SEQ_MULTIPLE * SEQ_MULTIPLE

@@ -95,9 +95,14 @@ class Gpu:
     """Host memory per GPU a plan may use (``--host-mem``): the default is a DGX/HGX node's host
     memory over its 8 GPUs (2 TB for H100, H200 and B200 systems, 1 TB for A100: 256 and 128 GiB)."""
 
+    def load(self, plan) -> float:
+        """How full ``plan``'s step makes this GPU: the larger of the shares of its device memory and
+        of its host memory used (1.0: exactly full; above: it does not fit)."""
+        return max(plan.peak_bytes / self.memory_bytes, plan.host_bytes / self.host_memory_bytes)
+
     def fits(self, plan) -> bool:
         """Whether ``plan``'s peak fits this GPU's memory and its host memory the host's share."""
-        return plan.peak_bytes <= self.memory_bytes and plan.host_bytes <= self.host_memory_bytes
+        return self.load(plan) <= 1
 
     def achieved(self) -> Rates:
         """:attr:`rates`, or the H100's scaled by the peak ratio where none are given."""
