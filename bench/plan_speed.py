@@ -21,6 +21,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 ONE_SEQ = ["data.micro_batch_size=1", "data.global_batch_size=1"]
+EIGHT_SEQ = ["data.micro_batch_size=1", "data.global_batch_size=8"]  # a sweep's dp reaches 8: one sequence each
 SBP_OFF = ["memory.streambp.enabled=true", "memory.offload_checkpoints=true"]
 U8_Z3 = ["--world-size", "8", "parallel.sp.ulysses=8", "zero.stage=3"]
 
@@ -30,12 +31,14 @@ CASES: Dict[str, Tuple[List[str], Optional[float]]] = {
     "1b-1m": (["model.name=llama1b", "data.seq_len=1048576", *SBP_OFF], 30.0),
     "8b-8rank-max-seq": (["model.name=llama8b", "data.seq_len=131072", "--max-seq", *U8_Z3, *SBP_OFF], 300.0),
     "8b-8rank-sweep-128k": (["model.name=llama8b", "data.seq_len=131072", "--sweep", "--world-size", "8"], None),
+    "1b-8rank-sweep-128k": (["model.name=llama1b", "data.seq_len=131072", "--sweep", "--world-size", "8"], None),
 }
 DRY = {"tiny-1k": (["model.name=tiny", "data.seq_len=1024", *SBP_OFF], None)}
 
 
 def run_case(name: str, args: List[str], target: Optional[float]) -> dict:
-    cmd = [sys.executable, "-m", "longtrain.plan", "--gpu", "h100", "--json", *ONE_SEQ, *args]
+    batch = EIGHT_SEQ if "--sweep" in args else ONE_SEQ
+    cmd = [sys.executable, "-m", "longtrain.plan", "--gpu", "h100", "--json", *batch, *args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     seconds = time.perf_counter() - start
@@ -47,7 +50,8 @@ def run_case(name: str, args: List[str], target: Optional[float]) -> dict:
     if "rows" in answer:
         rows = answer["rows"]
         out.update(layouts=len(rows), fitting=sum(r["fits"] for r in rows),
-                   refused=sum(r["plan"] is None for r in rows),
+                   refused=sum(r["plan"] is None and r["floor_bytes"] is None for r in rows),
+                   state_alone_too_big=sum(r["floor_bytes"] is not None for r in rows),
                    fastest=next(({k: r[k] for k in ("ulysses", "ring", "dp", "zero_stage", "memory")}
                                  for r in rows if r["fits"]), None))
         return out

@@ -2,15 +2,15 @@
 
     longtrain-plan [--config-name RECIPE] [--config-dir DIR] [key=value ...]
                    [--gpu h100|h200|a100|b200] [--calibration FILE] [--world-size N]
-                   [--interconnect intra=GBps,inter=GBps] [--json] [--max-seq] [--sweep]
+                   [--interconnect intra=GBps,inter=GBps] [--json] [--max-seq] [--sweep [--jobs N]]
 
 The recipe and overrides are composed and checked exactly as ``longtrain-train`` does
 (:func:`longtrain.precheck.precheck`, :func:`longtrain.precheck.compose_config`). The plan is rank 0's
 of ``--world-size`` ranks (a table, or one JSON object with ``--json``); ``--max-seq`` adds the
-longest ``data.seq_len`` that fits the GPU (a binary search over multiples of
-:data:`SEQ_MULTIPLE`); ``--sweep`` plans every layout of the world size instead
-(:mod:`longtrain.plan.sweep`). ``--calibration FILE`` replaces the clock's table of achieved rates
-with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's ``gpu_suite.json`` or a small
+longest ``data.seq_len`` that fits the GPU (a search over multiples of :data:`SEQ_MULTIPLE`);
+``--sweep`` plans every layout of the world size instead (:mod:`longtrain.plan.sweep`), in
+``--jobs`` processes (default: one per CPU). ``--calibration FILE`` replaces the clock's table of
+achieved rates with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's ``gpu_suite.json`` or a small
 JSON of one's own). Bad input ends with one ``longtrain: error: ...`` line and exit
 code 2, as in training.
 """
@@ -44,16 +44,19 @@ known not to (the plan itself is a prediction a few percent from a GPU's measure
 FILLED = 0.995
 """... or when it fills this much of the GPU (or of the host memory): memory grows about linearly
 with the length, so a longer one that fits is at most about a percent longer."""
+AIM = (1 + FILLED) / 2
+"""Where ``--max-seq`` aims its extrapolations: between :data:`FILLED` and a full GPU, so that one
+plan on the line ends the search when the line holds."""
 
 
 def _split(argv: List[str]) -> Tuple[dict, List[str]]:
     """(the planner's own flags, the training command line)."""
-    own = {"gpu": "h100", "world_size": "1", "interconnect": "", "calibration": "", "host_mem": "", "json": False,
-           "max_seq": False, "sweep": False, "exact": False}
+    own = {"gpu": "h100", "world_size": "1", "interconnect": "", "calibration": "", "host_mem": "", "jobs": "",
+           "json": False, "max_seq": False, "sweep": False, "exact": False}
     rest, i = [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
-        if flag in ("--gpu", "--world-size", "--interconnect", "--calibration", "--host-mem"):
+        if flag in ("--gpu", "--world-size", "--interconnect", "--calibration", "--host-mem", "--jobs"):
             if not eq:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
@@ -63,7 +66,7 @@ def _split(argv: List[str]) -> Tuple[dict, List[str]]:
         elif argv[i].startswith("-") and flag not in ("--config-name", "-cn", "--config-dir", "-cd"):
             raise ConfigError(f"{argv[i]}: not a flag of longtrain-plan (it takes --config-name, --config-dir, --gpu, "
                               "--calibration, --world-size, --interconnect, --host-mem, --json, --max-seq, --sweep, "
-                              "--exact and key=value overrides)")
+                              "--jobs, --exact and key=value overrides)")
         else:
             rest.append(argv[i])
         i += 1
@@ -88,14 +91,27 @@ def _host_mem(gpu: Gpu, text: str) -> Gpu:
     return dataclasses.replace(gpu, host_memory_bytes=int(gib * 2**30))
 
 
-def _world_size(text: str) -> int:
+def _positive(flag: str, text: str, what: str) -> int:
     try:
         n = int(text)
     except ValueError:
         n = 0
     if n < 1:
-        raise ConfigError(f"--world-size: '{text}' is not a positive integer (the number of GPUs of the job, e.g. --world-size 8)")
+        raise ConfigError(f"{flag}: '{text}' is not a positive integer ({what})")
     return n
+
+
+def _world_size(text: str) -> int:
+    return _positive("--world-size", text, "the number of GPUs of the job, e.g. --world-size 8")
+
+
+def _jobs(own: dict) -> int:
+    """``--jobs``: processes a sweep plans in (default one per CPU); only with ``--sweep``."""
+    if not own["jobs"]:
+        return os.cpu_count() or 1
+    if not own["sweep"]:
+        raise ConfigError(f"--jobs {own['jobs']}: only a --sweep plans in several processes; drop --jobs")
+    return _positive("--jobs", own["jobs"], "the processes a sweep plans in, e.g. --jobs 4")
 
 
 def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconnect] = None, exact: bool = False
@@ -106,7 +122,8 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
     Memory grows with the length, and beyond StreamBP's chunk and the loss chunk it grows almost
     linearly (what is kept per token is fixed), so the search plans two lengths past the chunk (2x
     and 4x the chunk StreamBP takes at long lengths, over the sequence-parallel ranks; 8K and 16K
-    tokens without StreamBP), extrapolates their line to a full GPU, and then narrows the bracket
+    tokens without StreamBP), extrapolates their line to :data:`AIM` of the GPU (the search ends there
+    when that length fills :data:`FILLED` of it and fits), and otherwise narrows the bracket
     [fits, does not fit] by interpolating between its ends (regula falsi, with a bisection whenever
     the same end moved twice running) until it is :data:`SEQ_TOLERANCE` of the length wide (at least
     :data:`SEQ_MULTIPLE`) or the fitting end fills :data:`FILLED` of the memory: a handful of plans
@@ -134,12 +151,12 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
             hi = seq
             break
         lo = max(lo, seq)
-    if hi is None:  # extrapolate the line through the two probes until a length does not fit
+    if hi is None:  # extrapolate the line through the last two lengths that fit until one fills the GPU
         a, b = probes
-        while hi is None and lo < MAX_SEQ_LIMIT:
+        while hi is None and lo < MAX_SEQ_LIMIT and at(lo) < FILLED:
             slope = max(at(b) - at(a), 1e-12) / (b - a)
-            # a little past the line's full GPU (the bracket's far end, when the line holds), and on
-            guess = min(MAX_SEQ_LIMIT, max(down((b + (1 - at(b)) / slope) * (1 + 2 * SEQ_TOLERANCE)),
+            # the line's length at AIM (just under a full GPU), and on
+            guess = min(MAX_SEQ_LIMIT, max(down(b + (AIM - at(b)) / slope),
                                            lo + max(SEQ_MULTIPLE, down(SEQ_TOLERANCE * lo))))
             if at(guess) > 1:
                 hi = guess
@@ -260,6 +277,7 @@ def plan_main(argv: List[str]) -> int:
     own, rest = _split(argv)
     gpu = _host_mem(calibrated(get_gpu(own["gpu"]), own["calibration"]), own["host_mem"])
     world_size = _world_size(own["world_size"])
+    jobs = _jobs(own)
     net = parse_interconnect(own["interconnect"], gpu.name)
     if own["sweep"] and own["max_seq"]:
         raise ConfigError("--sweep and --max-seq: choose one (a sweep plans data.seq_len as given)")
@@ -268,7 +286,7 @@ def plan_main(argv: List[str]) -> int:
         raise ConfigError(error)
     cfg = compose_config(rest)
     with _quiet(), contextlib.redirect_stdout(sys.stderr):  # what libraries print while the step runs
-        text = _planned(own, cfg, gpu, world_size, net)
+        text = _planned(own, cfg, gpu, world_size, net, jobs)
     print(text)
     return 0
 
@@ -288,10 +306,10 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _planned(own: dict, cfg: Config, gpu: Gpu, world_size: int, net: Interconnect) -> str:
+def _planned(own: dict, cfg: Config, gpu: Gpu, world_size: int, net: Interconnect, jobs: int = 1) -> str:
     """The planner's answer to its flags ``own`` (a table, or JSON with ``--json``)."""
     if own["sweep"]:
-        rows = sweep(cfg, gpu, world_size, net, exact=own["exact"])
+        rows = sweep(cfg, gpu, world_size, net, exact=own["exact"], jobs=jobs)
         if own["json"]:
             return json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
                                "rows": [r.as_dict(gpu) for r in rows]})

@@ -59,7 +59,7 @@ from longtrain.plan.clock import Clock, TimeBreakdown, combine
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
 from longtrain.plan.fakes import HostAdamStandIn, PlannedHostCopy, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
-from longtrain.plan.tracker import StepTracker
+from longtrain.plan.tracker import START_KEY, StepTracker
 from longtrain.plan.world import fake_world
 from longtrain.trainer.build import Seams, build_model_args, build_run, layout_run
 from longtrain.trainer.step import micro_batches
@@ -148,6 +148,12 @@ class StepPlan:
     depth_probes: Optional[List[int]] = None
     """The depths whose plans were extended to the model's (:mod:`longtrain.plan.depth`); None:
     every layer was planned."""
+
+    @property
+    def start_bytes(self) -> int:
+        """Device bytes alive when the step starts: parameters, optimizer state, the engine's and the
+        model's buffers. The memory features (checkpointing, StreamBP, offload) do not change them."""
+        return self.peak_by_key.get(START_KEY, 0)
 
     @property
     def bytes_per_token(self) -> float:

@@ -8,14 +8,25 @@ sequence length the ring cannot cut) is listed with the
 reason (ZeRO stages run DeepSpeed's own step in the fake world, two steps each: see
 :mod:`longtrain.plan.step`). Rows that fit the GPU come first, fastest first (estimated tokens/s with communication
 overlapped), then the rest by peak memory.
+
+Two things keep a sweep short. What is alive when a step starts (the parameters, the optimizer
+state, the engine's buffers: :attr:`~longtrain.plan.step.StepPlan.start_bytes`) depends on the model,
+the layout and the ZeRO stage, not on the memory feature, so each (Ulysses, ring, ZeRO stage) group
+plans its first feature alone, and when that alone exceeds the GPU the group's other features are
+listed as not fitting with it (``floor_bytes``) instead of planned. And the plans run in ``jobs``
+worker processes (``longtrain-plan --sweep --jobs N``, default every CPU), each a fresh interpreter;
+the rows are the same as one process's.
 """
 from __future__ import annotations
 
+import concurrent.futures as futures
 import copy
 import dataclasses
+import logging
+import multiprocessing
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from longtrain.config import Config
 from longtrain.models.args import divisors
@@ -38,12 +49,15 @@ class SweepRow:
     memory: str
     plan: Optional[StepPlan] = None
     error: str = ""
+    floor_bytes: Optional[int] = None
+    """Set on a row left unplanned: the bytes alive when its step would start (its group's first
+    plan's :attr:`~longtrain.plan.step.StepPlan.start_bytes`), more than the GPU holds."""
 
     def fits(self, gpu: Gpu) -> bool:
         return self.plan is not None and gpu.fits(self.plan)
 
     def as_dict(self, gpu: Gpu) -> dict:
-        out = {k: getattr(self, k) for k in ("ulysses", "ring", "dp", "zero_stage", "memory", "error")}
+        out = {k: getattr(self, k) for k in ("ulysses", "ring", "dp", "zero_stage", "memory", "error", "floor_bytes")}
         out["fits"] = self.fits(gpu)
         out["plan"] = None if self.plan is None else dataclasses.asdict(self.plan)
         return out
@@ -73,26 +87,87 @@ def layouts(world_size: int, zero_stages: Tuple[int, ...]) -> Iterator[Tuple[int
 
 def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = None,
           zero_stages: Tuple[int, ...] = (0, 1, 2, 3), progress: Optional[Callable[[str], None]] = None,
-          exact: bool = False) -> List[SweepRow]:
-    """Plan every layout (:func:`layouts`) and return the rows sorted as the module docstring says;
-    each plan extends a few layers to the model's depth (:mod:`longtrain.plan.depth`) unless ``exact``."""
+          exact: bool = False, jobs: int = 1) -> List[SweepRow]:
+    """Plan every layout (:func:`layouts`) in ``jobs`` processes (1: this one) and return the rows
+    sorted as the module docstring says; each plan extends a few layers to the model's depth
+    (:mod:`longtrain.plan.depth`) unless ``exact``."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    rows = []
     todo = list(layouts(world_size, zero_stages))
-    for i, (ulysses, ring, dp, stage, memory) in enumerate(todo, 1):
-        row = SweepRow(ulysses, ring, dp, stage, memory)
-        try:
-            row.plan = plan_step(layout_config(cfg, ulysses, ring, stage, memory), gpu, world_size=world_size, net=net,
-                                 exact=exact)
-        except ValueError as refused:
-            row.error = str(refused).splitlines()[0]
-        progress(f"[{i}/{len(todo)}] ulysses={ulysses} ring={ring} dp={dp} zero={stage} {memory}: "
-                 + (row.error or f"{row.plan.peak_bytes / 2**30:.2f} GiB, {row.plan.tokens_per_s:,.0f} tokens/s"))
-        rows.append(row)
+    rows = [SweepRow(*layout) for layout in todo]
+    groups: Dict[tuple, List[SweepRow]] = {}
+    for row in rows:
+        groups.setdefault((row.ulysses, row.ring, row.zero_stage), []).append(row)
+    done = 0
+
+    def report(row: SweepRow) -> None:
+        nonlocal done
+        done += 1
+        what = (row.error or (f"{row.plan.peak_bytes / 2**30:.2f} GiB, {row.plan.tokens_per_s:,.0f} tokens/s"
+                              if row.plan is not None else
+                              f"not planned: {row.floor_bytes / 2**30:.2f} GiB alive before the step"))
+        progress(f"[{done}/{len(todo)}] ulysses={row.ulysses} ring={row.ring} dp={row.dp} zero={row.zero_stage} "
+                 f"{row.memory}: {what}")
+
+    def settle(row: SweepRow, result) -> List[SweepRow]:
+        """Record ``result`` (a plan or the refusal) on ``row``; the rows of its group still to plan."""
+        if isinstance(result, ValueError):
+            row.error = str(result).splitlines()[0]
+        else:
+            row.plan = result
+        report(row)
+        first, *rest = groups[(row.ulysses, row.ring, row.zero_stage)]
+        if row is not first:
+            return []
+        if row.plan is not None and row.plan.start_bytes > gpu.memory_bytes:
+            for other in rest:
+                other.floor_bytes = row.plan.start_bytes
+                report(other)
+            return []
+        return rest
+
+    args = (world_size, gpu, net, exact)
+    firsts = [group[0] for group in groups.values()]
+    if jobs <= 1:
+        for first in firsts:
+            for row in settle(first, _plan_row(cfg, row_layout(first), *args)):
+                settle(row, _plan_row(cfg, row_layout(row), *args))
+        return sorted(rows, key=lambda r: _order(r, gpu))
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state of this one's plans
+    with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker) as pool:
+        pending = {pool.submit(_plan_row, cfg, row_layout(r), *args): r for r in firsts}
+        while pending:
+            finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                for row in settle(pending.pop(future), future.result()):
+                    pending[pool.submit(_plan_row, cfg, row_layout(row), *args)] = row
     return sorted(rows, key=lambda r: _order(r, gpu))
 
 
+def row_layout(row: SweepRow) -> Tuple[int, int, int, str]:
+    """(ulysses, ring, ZeRO stage, memory feature) of ``row``."""
+    return row.ulysses, row.ring, row.zero_stage, row.memory
+
+
+def _plan_row(cfg: Config, layout: Tuple[int, int, int, str], world_size: int, gpu: Gpu,
+              net: Optional[Interconnect], exact: bool):
+    """The plan of one layout, or the ValueError that refuses it (returned: it crosses processes)."""
+    try:
+        return plan_step(layout_config(cfg, *layout), gpu, world_size=world_size, net=net, exact=exact)
+    except ValueError as refused:
+        return ValueError(str(refused))
+
+
+def _quiet_worker() -> None:
+    """A sweep worker prints nothing on standard output (the sweep's JSON goes there): what
+    libraries print goes to standard error, and their log lines below WARNING nowhere."""
+    sys.stdout = sys.stderr
+    for name in ("longtrain", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _order(row: SweepRow, gpu: Gpu) -> tuple:
+    if row.floor_bytes is not None:
+        return (1, row.floor_bytes)
     if row.plan is None:
         return (2, 0.0)
     if row.fits(gpu):
@@ -106,6 +181,11 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
     lines = [head]
     for r in rows:
         p = r.plan
+        if r.floor_bytes is not None:
+            lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory,
+                          f"> {r.floor_bytes / 2**30:.2f}", "no", "not planned: the state alone does not fit", "", "",
+                          "", ""))
+            continue
         if p is None:
             lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory, "-", "refused",
                           r.error[:60], "", "", "", ""))
@@ -117,4 +197,4 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-__all__ = ["MEMORY_FEATURES", "SweepRow", "format_sweep", "layout_config", "layouts", "sweep"]
+__all__ = ["MEMORY_FEATURES", "SweepRow", "format_sweep", "layout_config", "layouts", "row_layout", "sweep"]

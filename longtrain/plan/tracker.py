@@ -85,6 +85,10 @@ def storage_key(t: torch.Tensor) -> int:
     return id(t.untyped_storage())
 
 
+START_KEY = "step:start"
+"""The key of :attr:`StepTracker.peak_by_key` that holds the bytes alive when the step starts."""
+
+
 class StepTracker(TorchDispatchMode):
     """Live tensor-storage bytes, FLOPs and roofline time of every op run under it (module docstring).
 
@@ -147,7 +151,7 @@ class StepTracker(TorchDispatchMode):
         """Start measuring the step proper: what is alive now (model, optimizer and engine state
         after the warm-up step) stays counted; the peak, FLOPs, time and collectives restart."""
         self.peak, self.peak_phase = self.live, self.phase
-        self.peak_by_key = {f"{self.phase}:start": self.live}
+        self.peak_by_key = {START_KEY: self.live}
         self.host_peak = self.host_live
         self.pinned_peak = self.pinned_live
         self._snapshot()

@@ -9,6 +9,7 @@ bytes.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,7 +19,9 @@ import torch.distributed as dist
 @contextmanager
 def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
     """``torch.distributed`` initialised with the ``fake`` backend as ``rank`` of ``world_size``
-    for the duration of the block (destroyed after it).
+    for the duration of the block (destroyed after it). ``init_process_group`` wraps
+    ``sys.excepthook`` to prefix tracebacks with the rank; the hook is put back after the block, or
+    every plan of a process (a sweep, a ``--max-seq`` search) would add another prefix.
 
     Raises:
         RuntimeError: a process group is initialised already (a plan runs in its own process).
@@ -27,11 +30,13 @@ def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
         raise RuntimeError("torch.distributed is initialised already; the planner needs its own process")
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    hook = sys.excepthook
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 __all__ = ["fake_world"]

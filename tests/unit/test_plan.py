@@ -131,33 +131,6 @@ def test_collectives_and_links():
     assert plan.tokens_per_s == pytest.approx(plan.tokens * 2 / plan.time_s)  # dp = 2 replicas
 
 
-def test_sweep_ranks_fitting_layouts_by_speed(capsys, monkeypatch):
-    import functools
-
-    import longtrain.plan.cli as plan_cli
-    from longtrain.plan.sweep import sweep
-
-    gpu = get_gpu("h100")
-    rows = sweep(_cfg([]), gpu, 2, zero_stages=(0,), progress=lambda msg: None)
-    assert len(rows) == 3 * 4  # (u, r) in (1,1) (1,2) (2,1), four memory features
-    speeds = [r.plan.tokens_per_s for r in rows if r.fits(gpu)]
-    assert speeds == sorted(speeds, reverse=True) and len(speeds) == 12
-    assert {(r.ulysses, r.ring, r.dp) for r in rows} == {(1, 1, 2), (1, 2, 1), (2, 1, 1)}
-    # The command line's sweep, without the ZeRO stages here (the slow test below plans them all).
-    monkeypatch.setattr(plan_cli, "sweep", functools.partial(sweep, zero_stages=(0,)))
-    assert main([*SMALL, "--sweep", "--world-size", "2", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["world_size"] == 2 and doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
-
-
-@pytest.mark.slow
-def test_sweep_command_plans_every_zero_stage(capsys):
-    assert main([*SMALL, "--sweep", "--world-size", "2", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert {r["zero_stage"] for r in doc["rows"]} == {0, 1, 2, 3}
-    assert doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
-
-
 def test_flash_flops_count_the_visible_pairs():
     """The varlen flash ops count 4 x heads x head_dim FLOPs per visible (query, key) pair forward and
     twice that backward; bottom-right causal alignment hides the upper triangle of the last queries."""

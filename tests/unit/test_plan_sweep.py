@@ -1,0 +1,95 @@
+"""``longtrain-plan --sweep`` (longtrain/plan/sweep.py): every layout of a world size, the fitting
+ones fastest first; a group whose state alone exceeds the GPU is not planned further; plans in
+worker processes give the same rows as one process."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+
+import pytest
+
+import longtrain.plan.cli as plan_cli
+from longtrain.config import register_configs
+from longtrain.plan import get_gpu, run_step
+from longtrain.plan.depth import plan_step
+from longtrain.plan.sweep import MEMORY_FEATURES, format_sweep, layout_config, sweep
+from longtrain.precheck import compose_config
+
+SMALL = ["data.seq_len=256", "data.micro_batch_size=1", "data.global_batch_size=2"]
+
+
+def _cfg(overrides=()):
+    register_configs()
+    return compose_config([*SMALL, *overrides])
+
+
+def _key(ulysses, ring, stage, memory, plan):
+    return ulysses, ring, stage, memory, None if plan is None else (plan["peak_bytes"], plan["flops"], plan["time_s"])
+
+
+def test_sweep_ranks_fitting_layouts_by_speed_the_same_in_worker_processes(capfd, monkeypatch):
+    gpu = get_gpu("h100")
+    rows = sweep(_cfg(), gpu, 2, zero_stages=(0,), progress=lambda msg: None)
+    assert len(rows) == 3 * 4  # (u, r) in (1,1) (1,2) (2,1), four memory features
+    speeds = [r.plan.tokens_per_s for r in rows if r.fits(gpu)]
+    assert speeds == sorted(speeds, reverse=True) and len(speeds) == 12
+    assert {(r.ulysses, r.ring, r.dp) for r in rows} == {(1, 1, 2), (1, 2, 1), (2, 1, 1)}
+    # The command line's sweep, without the ZeRO stages here (the slow test below plans them all), in
+    # two worker processes: the same rows in the same order, and nothing but the JSON on standard
+    # output (capfd sees what the workers write to the file descriptor too).
+    monkeypatch.setattr(plan_cli, "sweep", functools.partial(sweep, zero_stages=(0,)))
+    assert plan_cli.main([*SMALL, "--sweep", "--world-size", "2", "--json", "--jobs", "2"]) == 0
+    doc = json.loads(capfd.readouterr().out)
+    assert doc["world_size"] == 2 and doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
+    want = [_key(r.ulysses, r.ring, r.zero_stage, r.memory, r.plan and dataclasses.asdict(r.plan)) for r in rows]
+    assert [_key(r["ulysses"], r["ring"], r["zero_stage"], r["memory"], r["plan"]) for r in doc["rows"]] == want
+
+
+def test_a_group_whose_state_alone_exceeds_the_gpu_is_not_planned_further():
+    cfg = _cfg()
+    start = plan_step(layout_config(cfg, 1, 2, 0, "none"), world_size=2).start_bytes
+    small = dataclasses.replace(get_gpu("h100"), name="small", memory_bytes=start - 1)
+    said = []
+    rows = sweep(cfg, small, 2, zero_stages=(0,), progress=said.append)
+    planned = [r for r in rows if r.plan is not None]
+    assert sorted((r.ulysses, r.ring, r.memory) for r in planned) == [(1, 1, "none"), (1, 2, "none"), (2, 1, "none")]
+    floors = [r for r in rows if r.floor_bytes is not None]
+    assert len(floors) == 9 and len(said) == 12 and not any(r.fits(small) for r in rows)
+    assert "not planned: the state alone does not fit" in format_sweep(rows, small)
+    # what the prune rests on: every memory feature starts its step with the same bytes (and so none fits)
+    for memory in MEMORY_FEATURES[1:]:
+        plan = plan_step(layout_config(cfg, 1, 2, 0, memory), small, world_size=2)
+        floor = next(r.floor_bytes for r in floors if (r.ulysses, r.ring, r.memory) == (1, 2, memory))
+        assert plan.start_bytes == floor == start and not small.fits(plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_memory_features_start_the_step_with_the_same_bytes_under_zero(stage):
+    cfg = _cfg()
+    starts = {memory: run_step(layout_config(cfg, 1, 1, stage, memory), world_size=2).start_bytes
+              for memory in MEMORY_FEATURES}
+    assert len(set(starts.values())) == 1 and starts["none"] > 0, starts
+
+
+def test_plans_leave_the_exception_hook_as_they_found_it():
+    hook = sys.excepthook
+    run_step(_cfg(), world_size=2)
+    assert sys.excepthook is hook
+
+
+@pytest.mark.slow
+def test_sweep_command_plans_every_zero_stage(capsys):
+    assert plan_cli.main([*SMALL, "--sweep", "--world-size", "2", "--json", "--jobs", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {r["zero_stage"] for r in doc["rows"]} == {0, 1, 2, 3}
+    assert doc["rows"][0]["fits"] and doc["rows"][0]["plan"]["tokens_per_s"] > 0
+
+
+def test_jobs_only_with_a_sweep(capsys):
+    assert plan_cli.main([*SMALL, "--jobs", "2"]) == 2
+    assert "--jobs 2: only a --sweep plans in several processes" in capsys.readouterr().err
+    assert plan_cli.main([*SMALL, "--sweep", "--jobs", "0"]) == 2
+    assert "--jobs: '0' is not a positive integer" in capsys.readouterr().err
