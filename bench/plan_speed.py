@@ -6,8 +6,9 @@ target, and what the plan said (fits, peak GiB per GPU, the depths it probed, th
 for ``--max-seq``, the rows of ``--sweep``).
 
 Usage:
-  python bench/plan_speed.py                    # every case (about a quarter of an hour on 2 cores)
+  python bench/plan_speed.py                    # the three timed plans (about 4 minutes on 2 cores)
   python bench/plan_speed.py --cases 1b-1m
+  python bench/plan_speed.py --cases 8b-8rank-sweep-128k   # over an hour on 2 cores
   python bench/plan_speed.py --dry-run          # the tiny model: seconds
 """
 from __future__ import annotations
@@ -66,7 +67,8 @@ def run_case(name: str, args: List[str], target: Optional[float]) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to time")
+    parser.add_argument("--cases", nargs="*", default=[c for c in CASES if "sweep" not in c], choices=list(CASES),
+                        help="cases to time (default: all but the sweeps)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny model only (seconds)")
     args = parser.parse_args(argv)
     cases = DRY if args.dry_run else {name: CASES[name] for name in args.cases}
