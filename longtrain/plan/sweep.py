@@ -15,7 +15,9 @@ the layout and the ZeRO stage, not on the memory feature, so each (Ulysses, ring
 plans its first feature alone, and when that alone exceeds the GPU the group's other features are
 listed as not fitting with it (``floor_bytes``) instead of planned. And the plans run in ``jobs``
 worker processes (``longtrain-plan --sweep --jobs N``, default every CPU), each a fresh interpreter;
-the rows are the same as one process's.
+the rows are the same as one process's. A fresh interpreter imports the caller's ``__main__``
+again, so a script that calls :func:`sweep` with ``jobs > 1`` keeps its work under
+``if __name__ == "__main__":`` (the command line does).
 """
 from __future__ import annotations
 

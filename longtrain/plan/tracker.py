@@ -136,6 +136,7 @@ class StepTracker(TorchDispatchMode):
         """serial -> (op that made it, shape, dtype, phase) of every storage counted."""
         self._op = "setup"
         self.step_start = 0
+        """Serial of the last storage made before :meth:`start_step`."""
         self.comm_serials: Set[int] = set()
         """Storages a collective read or wrote (communication buffers)."""
         self.buffer_probe: Callable[[], List[torch.Tensor]] = list
@@ -145,7 +146,6 @@ class StepTracker(TorchDispatchMode):
         self.peak_by_key: Dict[str, int] = {}
         """``"phase:op"`` -> the most device bytes alive when that op of that phase ran: every local
         peak of the step, by where it happens (the planner extends each to a deeper model apart)."""
-        """Serial of the last storage made before :meth:`start_step`."""
 
     def start_step(self) -> None:
         """Start measuring the step proper: what is alive now (model, optimizer and engine state
