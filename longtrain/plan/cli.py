@@ -9,8 +9,8 @@ The recipe and overrides are composed and checked exactly as ``longtrain-train``
 of ``--world-size`` ranks (a table, or one JSON object with ``--json``); ``--max-seq`` adds the
 longest ``data.seq_len`` that fits the GPU (a search over multiples of :data:`SEQ_MULTIPLE`);
 ``--sweep`` plans every layout of the world size instead (:mod:`longtrain.plan.sweep`), in
-``--jobs`` processes (default: one per CPU). ``--calibration FILE`` replaces the clock's table of
-achieved rates with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's ``gpu_suite.json`` or a small
+``--jobs`` processes (default: one per CPU, at most 8). ``--calibration FILE`` replaces the clock's
+table of achieved rates with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's ``gpu_suite.json`` or a small
 JSON of one's own). Bad input ends with one ``longtrain: error: ...`` line and exit
 code 2, as in training.
 """
@@ -105,10 +105,16 @@ def _world_size(text: str) -> int:
     return _positive("--world-size", text, "the number of GPUs of the job, e.g. --world-size 8")
 
 
+DEFAULT_JOBS_CAP = 8
+"""``--jobs`` defaults to one process per CPU, at most this many (a worker planning an 8B model holds
+about 1 GB of host memory)."""
+
+
 def _jobs(own: dict) -> int:
-    """``--jobs``: processes a sweep plans in (default one per CPU); only with ``--sweep``."""
+    """``--jobs``: processes a sweep plans in (default one per CPU, at most :data:`DEFAULT_JOBS_CAP`);
+    only with ``--sweep``."""
     if not own["jobs"]:
-        return os.cpu_count() or 1
+        return min(os.cpu_count() or 1, DEFAULT_JOBS_CAP)
     if not own["sweep"]:
         raise ConfigError(f"--jobs {own['jobs']}: only a --sweep plans in several processes; drop --jobs")
     return _positive("--jobs", own["jobs"], "the processes a sweep plans in, e.g. --jobs 4")
