@@ -10,9 +10,9 @@ of ``--world-size`` ranks (a table, or one JSON object with ``--json``); ``--max
 longest ``data.seq_len`` that fits the GPU (a search over multiples of :data:`SEQ_MULTIPLE`);
 ``--sweep`` plans every layout of the world size instead (:mod:`longtrain.plan.sweep`), in
 ``--jobs`` processes (default: one per CPU, at most 8). ``--calibration FILE`` replaces the clock's
-table of achieved rates with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's ``gpu_suite.json`` or a small
-JSON of one's own). Bad input ends with one ``longtrain: error: ...`` line and exit
-code 2, as in training.
+table of achieved rates with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's
+``gpu_suite.json`` or a small JSON of one's own). Bad input ends with one ``longtrain: error: ...``
+line and exit code 2, as in training.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from longtrain.plan.comm import Interconnect, parse_interconnect
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
 from longtrain.plan.depth import plan_step
 from longtrain.plan.step import StepPlan, long_chunk
-from longtrain.plan.sweep import format_sweep, sweep
+from longtrain.plan.sweep import LIBRARY_LOGGERS, format_sweep, sweep
 from longtrain.errors import FULL_ERROR_ENV, error_boundary
 from longtrain.precheck import compose_config, precheck
 
@@ -301,7 +301,7 @@ def plan_main(argv: List[str]) -> int:
 def _quiet():
     """The step's own log lines (longtrain's, DeepSpeed's) at WARNING for the block: they would
     interleave with the plan."""
-    loggers = [logging.getLogger(name) for name in ("longtrain", "DeepSpeed")]
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)

@@ -14,9 +14,9 @@ state, the engine's buffers: :attr:`~longtrain.plan.step.StepPlan.start_bytes`) 
 the layout and the ZeRO stage, not on the memory feature, so each (Ulysses, ring, ZeRO stage) group
 plans its first feature alone, and when that alone exceeds the GPU the group's other features are
 listed as not fitting with it (``floor_bytes``) instead of planned. And the plans run in ``jobs``
-worker processes (``longtrain-plan --sweep --jobs N``, default every CPU), each a fresh interpreter;
-the rows are the same as one process's. A fresh interpreter imports the caller's ``__main__``
-again, so a script that calls :func:`sweep` with ``jobs > 1`` keeps its work under
+worker processes (``longtrain-plan --sweep --jobs N``, default one per CPU, at most 8), each a fresh
+interpreter; the rows are the same as one process's. A fresh interpreter imports the caller's
+``__main__`` again, so a script that calls :func:`sweep` with ``jobs > 1`` keeps its work under
 ``if __name__ == "__main__":`` (the command line does).
 """
 from __future__ import annotations
@@ -38,6 +38,8 @@ from longtrain.plan.depth import plan_step
 from longtrain.plan.step import StepPlan
 
 MEMORY_FEATURES = ("none", "checkpointing", "streambp", "streambp+offload")
+LIBRARY_LOGGERS = ("longtrain", "DeepSpeed")
+"""Loggers whose lines below WARNING a plan keeps quiet (they would interleave with its output)."""
 
 
 @dataclass
@@ -131,21 +133,21 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
     firsts = [group[0] for group in groups.values()]
     if jobs <= 1:
         for first in firsts:
-            for row in settle(first, _plan_row(cfg, row_layout(first), *args)):
-                settle(row, _plan_row(cfg, row_layout(row), *args))
+            for row in settle(first, _plan_row(cfg, _row_layout(first), *args)):
+                settle(row, _plan_row(cfg, _row_layout(row), *args))
         return sorted(rows, key=lambda r: _order(r, gpu))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state of this one's plans
     with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker) as pool:
-        pending = {pool.submit(_plan_row, cfg, row_layout(r), *args): r for r in firsts}
+        pending = {pool.submit(_plan_row, cfg, _row_layout(r), *args): r for r in firsts}
         while pending:
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             for future in finished:
                 for row in settle(pending.pop(future), future.result()):
-                    pending[pool.submit(_plan_row, cfg, row_layout(row), *args)] = row
+                    pending[pool.submit(_plan_row, cfg, _row_layout(row), *args)] = row
     return sorted(rows, key=lambda r: _order(r, gpu))
 
 
-def row_layout(row: SweepRow) -> Tuple[int, int, int, str]:
+def _row_layout(row: SweepRow) -> Tuple[int, int, int, str]:
     """(ulysses, ring, ZeRO stage, memory feature) of ``row``."""
     return row.ulysses, row.ring, row.zero_stage, row.memory
 
@@ -163,7 +165,7 @@ def _quiet_worker() -> None:
     """A sweep worker prints nothing on standard output (the sweep's JSON goes there): what
     libraries print goes to standard error, and their log lines below WARNING nowhere."""
     sys.stdout = sys.stderr
-    for name in ("longtrain", "DeepSpeed"):
+    for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -199,4 +201,4 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-__all__ = ["MEMORY_FEATURES", "SweepRow", "format_sweep", "layout_config", "layouts", "row_layout", "sweep"]
+__all__ = ["LIBRARY_LOGGERS", "MEMORY_FEATURES", "SweepRow", "format_sweep", "layout_config", "layouts", "sweep"]
