@@ -3,6 +3,7 @@
     longtrain-plan [--config-name RECIPE] [--config-dir DIR] [key=value ...]
                    [--gpu h100|h200|a100|b200] [--calibration FILE] [--world-size N]
                    [--interconnect intra=GBps,inter=GBps] [--json] [--max-seq] [--sweep [--jobs N]]
+                   [--exact]
 
 The recipe and overrides are composed and checked exactly as ``longtrain-train`` does
 (:func:`longtrain.precheck.precheck`, :func:`longtrain.precheck.compose_config`). The plan is rank 0's
@@ -12,7 +13,8 @@ longest ``data.seq_len`` that fits the GPU (a search over multiples of :data:`SE
 ``--jobs`` processes (default: one per CPU, at most 8). ``--calibration FILE`` replaces the clock's
 table of achieved rates with measured ones (:mod:`longtrain.plan.calibration`: the GPU suite's
 ``gpu_suite.json`` or a small JSON of one's own). Bad input ends with one ``longtrain: error: ...``
-line and exit code 2, as in training.
+line and exit code 2, as in training. ``--exact`` plans every layer and every micro-batch
+(:mod:`longtrain.plan.depth`, :mod:`longtrain.plan.micro`).
 """
 from __future__ import annotations
 

@@ -191,10 +191,12 @@ class Timeline:
 
     def _enter(self, phase: str) -> None:
         if phase != self._phase:
-            self._close()
+            self.close()
             self._phase = phase
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Close the open phase window: its device-to-host copies are exposed where they outlast its
+        device work (a new window opens with the next phase's first op)."""
         self.seconds["host_copy_exposed"] += max(0.0, self._to_host - self._device)
         self._device = self._to_host = 0.0
 
@@ -219,7 +221,7 @@ class Timeline:
 
     def breakdown(self, comm_s: float) -> TimeBreakdown:
         """The step's time with ``comm_s`` seconds of communication (module docstring's overlap)."""
-        self._close()
+        self.close()
         return combine(self.seconds, self.host_copy_s, comm_s)
 
 

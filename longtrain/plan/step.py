@@ -59,14 +59,12 @@ from longtrain.plan.clock import Clock, TimeBreakdown, combine
 from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summarise
 from longtrain.plan.fakes import HostAdamStandIn, PlannedHostCopy, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
+from longtrain.plan.micro import MiddleMarks, planned_micro_batches
+from longtrain.plan.split import StepKinds, split
 from longtrain.plan.tracker import START_KEY, StepTracker
 from longtrain.plan.world import fake_world
 from longtrain.trainer.build import Seams, build_model_args, build_run, layout_run
 from longtrain.trainer.step import micro_batches
-
-
-PEAK_TENSORS = 12
-"""How many of the largest storages alive at the peak a plan lists."""
 
 
 @dataclass
@@ -136,7 +134,7 @@ class StepPlan:
     model buffers such as RoPE tables) or were read or written by a collective (reduce buckets,
     Ulysses' all-to-all receive buffers)."""
     peak_tensors: List[dict] = field(default_factory=list)
-    """The largest storages alive at the peak (:data:`PEAK_TENSORS`): bytes, kind (params, grads,
+    """The largest storages alive at the peak (:data:`~longtrain.plan.split.PEAK_TENSORS`): bytes, kind (params, grads,
     optimizer, buffers, other), the op that made them, shape, dtype and the phase it ran in."""
     extra: Dict[str, float] = field(default_factory=dict)
     host_pinned_bytes: int = 0
@@ -231,7 +229,8 @@ def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int, seq: Option
 
 
 def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_size: int = 1,
-             net: Optional[Interconnect] = None, num_layers: Optional[int] = None) -> StepPlan:
+             net: Optional[Interconnect] = None, num_layers: Optional[int] = None,
+             every_micro_batch: bool = False) -> StepPlan:
     """Run one training step of ``cfg`` as rank 0 of ``world_size`` ranks and return its plan.
 
     Args:
@@ -244,6 +243,8 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         net: the cluster's links (None: the GPU's defaults, :data:`~longtrain.plan.comm.DEFAULT_INTERCONNECT`).
         num_layers: build the model with this many of its decoder layers (the first ones; the layout
             is checked for the whole model): a probe of :mod:`longtrain.plan.depth`.
+        every_micro_batch: plan every micro-batch of a fake step (else three of a longer one and the
+            middle one repeated: :mod:`longtrain.plan.micro`); a real step runs every one.
     """
     with ExitStack() as stack:
         stack.enter_context(process_state_kept())  # one plan's engine must not change the next plan's step
@@ -258,7 +259,7 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake,
                               clock=Clock(gpu) if gpu else None)
         batches, num_valid = _batches(cfg, args, dims, layout.grad_accum)
-        warm_up = _batches(cfg, args, dims, 1, _warm_up_len(cfg, dims))
+        warm_up = [_batches(cfg, args, dims, 1, _warm_up_len(cfg, dims))]  # the step frees it after use
         seams = Seams(load_weights=False, optimizer_device=target)
         if gpu is not None:  # CUDA's attention executors (flash varlen) on the fake CPU tensors, as on the GPU
             seams.kernels = AttentionKernels("flash", cuda_device_types=("cuda", "cpu"))
@@ -274,21 +275,25 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
                 mark = tracker.mark_host if gpu is not None else (lambda t: None)
                 cfg.zero.extra = stack.enter_context(zero_offload_on_host(cfg.zero.extra, offloads, mark))
                 seams.host_optimizer = HostAdamStandIn
-        plan = _tracked_step(cfg, layout, batches, num_valid, tracker, seams, warm_up)
+        plan = _tracked_step(cfg, layout, batches, num_valid, tracker, seams, warm_up, every_micro_batch or not fake)
+        del warm_up
         _add_time(plan, tracker, dims, gpu, net)
         return plan
 
 
 class _Phases:
-    """The planner's view of the micro-batch loop: the tracker's phase, and the bytes the first
-    forward made that are still alive after it (kept for its backward; not the engine's buffers)."""
+    """The planner's view of the micro-batch loop: the tracker's phase, the bytes the first forward
+    made that are still alive after it (kept for its backward; not the engine's buffers), and the
+    sums around a middle micro-batch when the step is shortened (``middle``)."""
 
-    def __init__(self, tracker: StepTracker) -> None:
-        self.tracker, self.kept, self._before = tracker, None, 0
+    def __init__(self, tracker: StepTracker, middle: Optional[MiddleMarks] = None) -> None:
+        self.tracker, self.kept, self._before, self.middle = tracker, None, 0, middle
 
     def before_forward(self, index: int) -> None:
         self.tracker.phase = "forward"
         self._before = self.tracker.serial
+        if self.middle is not None:
+            self.middle.before_forward(index)
 
     def after_forward(self, index: int) -> None:
         t = self.tracker
@@ -305,9 +310,10 @@ def _optimizer_step(engine, balancer, tracker: StepTracker) -> None:
 
 
 def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: StepTracker, seams: Seams,
-                  warm_up: Tuple[list, int]) -> StepPlan:
+                  warm_up: List[Tuple[list, int]], every_micro_batch: bool) -> StepPlan:
     """Build the run as the trainer does (:func:`~longtrain.trainer.build.build_run`, with the plan's
-    seams) and run one step of its micro-batch loop under ``tracker``.
+    seams) and run one step of its micro-batch loop under ``tracker`` (every micro-batch, or three
+    and the middle one repeated: :mod:`longtrain.plan.micro`).
 
     Everything is built under the tracker, so every storage the step finds alive (parameters,
     optimizer state, the engine's buffers) is counted. The optimizer state of a steady-state step
@@ -321,8 +327,9 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         run = build_run(cfg, layout, torch.device("cpu"), seams)
         model, optimizer, engine, balancer = run.model, run.optimizer, run.engine, run.balancer
         if not engine.prime_optimizer():  # steady state (docstring)
-            micro_batches(engine, balancer, *warm_up, cfg.trainer.loss_chunk_size, _Phases(tracker))
+            micro_batches(engine, balancer, *warm_up[0], cfg.trainer.loss_chunk_size, _Phases(tracker))
             _optimizer_step(engine, balancer, tracker)
+        warm_up.clear()  # training has no warm-up batch: it must not be alive in the step
         params, optim = state_tensors(model, optimizer)
         host_optim = optim if on_gpu and cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu" else []
         if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)
@@ -331,14 +338,22 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         tracker.phase = "forward"
         tracker.buffer_probe = engine.buffer_tensors
         tracker.start_step()
-        phases = _Phases(tracker)
-        micro_batches(engine, balancer, batches, num_valid, cfg.trainer.loss_chunk_size, phases)
+        inputs = [tensor for batch in batches for tensor in batch.values()]
+        for tensor in inputs:  # the trainer moves all of a step's micro-batches to the device first
+            tracker.track(tensor)
+        # a balancer counts the step's micro-batches: plan every one
+        planned = planned_micro_batches(batches, every_micro_batch or balancer is not None)
+        middle = MiddleMarks(tracker, len(planned), len(batches))
+        phases = _Phases(tracker, middle)
+        micro_batches(engine, balancer, planned, num_valid, cfg.trainer.loss_chunk_size, phases)
+        planned_micro = middle.finish()
         kept = phases.kept or 0
         # what only a reference cycle keeps (the autograd graph of a checkpointed layer) dies at the
         # collector's whim, which would make "alive after the backward" differ from run to run
         gc.collect()
         buffer_keys = tracker.buffer_serials
-        states = tracker.serials(params) | tracker.serials(optim) | buffer_keys
+        input_keys = tracker.serials(inputs)  # the step's data: neither gradients nor buffers
+        states = tracker.serials(params) | tracker.serials(optim) | buffer_keys | input_keys
         grad_keys = {s for s in tracker.alive() if s > tracker.step_start} - states
         grads_bytes = sum(tracker.size_of(s) for s in grad_keys)
         _optimizer_step(engine, balancer, tracker)
@@ -346,17 +361,9 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         param_keys, state_keys = tracker.serials(params), tracker.serials(optim)
         params_bytes = sum(tracker.size_of(s) for s in param_keys)
         optimizer_bytes = sum(tracker.size_of(s) for s in state_keys)
-    cats = {"params": 0, "grads": 0, "optimizer": 0, "buffers": 0, "other": 0}
-    top = []
-    for serial, (size, where) in tracker.peak_snapshot.items():
-        if where == "host":
-            continue
-        cat = ("params" if serial in param_keys else "grads" if serial in grad_keys
-               else "optimizer" if serial in state_keys
-               else "buffers" if (0 < serial <= tracker.step_start or serial in tracker.comm_serials
-                                  or serial in buffer_keys) else "other")
-        cats[cat] += size
-        top.append((size, serial, cat))
+    kinds = StepKinds(param_keys, grad_keys, state_keys, buffer_keys, input_keys, tracker.step_start,
+                      tracker.comm_serials)
+    cats, peak_tensors = split(tracker, kinds, tracker.peak_snapshot, tracker.peak_phase)
     largest = max([size for serial, size in tracker.allocations if serial not in grad_keys | buffer_keys]
                   + [tracker.workspace_peak])
     seq = cfg.data.seq_len
@@ -369,15 +376,12 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
                     layout=dims.describe(), sp=dims.sp, buffers_bytes=cats["buffers"],
                     streambp_chunk=cfg.memory.streambp.chunk_size if cfg.memory.streambp.enabled else None)
     plan.extra = {f"peak_{k}": v for k, v in cats.items()}
+    if planned_micro is not None:
+        plan.extra["planned_micro_batches"] = float(planned_micro)
     plan.peak_by_key = dict(tracker.peak_by_key)
     plan.host_pinned_bytes = tracker.pinned_peak
-    plan.peak_tensors = [_described(tracker, serial, size, cat) for size, serial, cat in sorted(top, reverse=True)[:PEAK_TENSORS]]
+    plan.peak_tensors = peak_tensors
     return plan
-
-
-def _described(tracker: StepTracker, serial: int, size: int, cat: str) -> dict:
-    op, shape, dtype, phase = tracker.origin.get(serial, ("workspace of the running op", (), "", tracker.peak_phase))
-    return {"bytes": size, "kind": cat, "op": op, "shape": list(shape), "dtype": dtype, "made_in": phase}
 
 
 def axis_namer(dims: ParallelDims, rank: int = 0):
