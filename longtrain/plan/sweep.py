@@ -7,12 +7,15 @@ layer inputs offloaded). Every layout the model and the sequence admit is planne
 sequence length the ring cannot cut) is listed with the
 reason (ZeRO stages run DeepSpeed's own step in the fake world, two steps each: see
 :mod:`longtrain.plan.step`). Rows that fit the GPU come first, fastest first (estimated tokens/s with communication
-overlapped), then the rest by peak memory.
+overlapped), then those left out because a faster feature of their layout fits, then the rest by
+peak memory.
 
-Two things keep a sweep short. What is alive when a step starts (the parameters, the optimizer
+Three things keep a sweep short. A row is not planned when a memory feature of the same layout that
+is at least as fast by construction fits (``faster_fits``, :data:`AT_LEAST_AS_FAST`): it could only
+rank below that row. What is alive when a step starts (the parameters, the optimizer
 state, the engine's buffers: :attr:`~longtrain.plan.step.StepPlan.start_bytes`) depends on the model,
 the layout and the ZeRO stage, not on the memory feature, so each (Ulysses, ring, ZeRO stage) group
-plans its first feature alone, and when that alone exceeds the GPU the group's other features are
+plans its first feature (none) alone, and when that alone exceeds the GPU the group's other features are
 listed as not fitting with it (``floor_bytes``) instead of planned. And the plans run in ``jobs``
 worker processes (``longtrain-plan --sweep --jobs N``, default one per CPU, at most 8), each a fresh
 interpreter; the rows are the same as one process's. A fresh interpreter imports the caller's
@@ -38,6 +41,11 @@ from longtrain.plan.depth import plan_step
 from longtrain.plan.step import StepPlan
 
 MEMORY_FEATURES = ("none", "checkpointing", "streambp", "streambp+offload")
+AT_LEAST_AS_FAST = {"checkpointing": ("none",), "streambp": ("none",), "streambp+offload": ("none", "streambp")}
+"""feature -> the features of the same layout that are at least as fast by construction: no
+memory feature runs the step once (checkpointing and StreamBP recompute the forward), StreamBP
+without offload runs the same work without the host copies. A row is planned once those are
+planned and do not fit (module docstring)."""
 LIBRARY_LOGGERS = ("longtrain", "DeepSpeed")
 """Loggers whose lines below WARNING a plan keeps quiet (they would interleave with its output)."""
 
@@ -56,12 +64,16 @@ class SweepRow:
     floor_bytes: Optional[int] = None
     """Set on a row left unplanned: the bytes alive when its step would start (its group's first
     plan's :attr:`~longtrain.plan.step.StepPlan.start_bytes`), more than the GPU holds."""
+    faster_fits: str = ""
+    """Set on a row left unplanned: the memory feature of the same layout that fits and is at
+    least as fast (:data:`AT_LEAST_AS_FAST`)."""
 
     def fits(self, gpu: Gpu) -> bool:
         return self.plan is not None and gpu.fits(self.plan)
 
     def as_dict(self, gpu: Gpu) -> dict:
-        out = {k: getattr(self, k) for k in ("ulysses", "ring", "dp", "zero_stage", "memory", "error", "floor_bytes")}
+        out = {k: getattr(self, k) for k in ("ulysses", "ring", "dp", "zero_stage", "memory", "error", "floor_bytes",
+                                              "faster_fits")}
         out["fits"] = self.fits(gpu)
         out["plan"] = None if self.plan is None else dataclasses.asdict(self.plan)
         return out
@@ -108,33 +120,50 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
         done += 1
         what = (row.error or (f"{row.plan.peak_bytes / 2**30:.2f} GiB, {row.plan.tokens_per_s:,.0f} tokens/s"
                               if row.plan is not None else
+                              f"not planned: {row.faster_fits} fits and is at least as fast" if row.faster_fits else
                               f"not planned: {row.floor_bytes / 2**30:.2f} GiB alive before the step"))
         progress(f"[{done}/{len(todo)}] ulysses={row.ulysses} ring={row.ring} dp={row.dp} zero={row.zero_stage} "
                  f"{row.memory}: {what}")
 
+    settled, started = set(), set()
+
     def settle(row: SweepRow, result) -> List[SweepRow]:
-        """Record ``result`` (a plan or the refusal) on ``row``; the rows of its group still to plan."""
+        """Record ``result`` (a plan or the refusal) on ``row``; the rows of its group to plan now."""
         if isinstance(result, ValueError):
             row.error = str(result).splitlines()[0]
         else:
             row.plan = result
+        settled.add(id(row))
         report(row)
-        first, *rest = groups[(row.ulysses, row.ring, row.zero_stage)]
-        if row is not first:
-            return []
-        if row.plan is not None and row.plan.start_bytes > gpu.memory_bytes:
-            for other in rest:
-                other.floor_bytes = row.plan.start_bytes
-                report(other)
-            return []
-        return rest
+        group = groups[(row.ulysses, row.ring, row.zero_stage)]
+        first = group[0]
+        ready = []
+        for other in group:
+            if id(other) in settled or id(other) in started:
+                continue
+            if first.plan is not None and first.plan.start_bytes > gpu.memory_bytes:
+                other.floor_bytes = first.plan.start_bytes
+            else:
+                before = [r for r in group if r.memory in AT_LEAST_AS_FAST.get(other.memory, ())]
+                if not all(id(r) in settled for r in before):
+                    continue
+                other.faster_fits = next((r.memory for r in before if r.fits(gpu)), "")
+                if not other.faster_fits:
+                    started.add(id(other))
+                    ready.append(other)
+                    continue
+            settled.add(id(other))
+            report(other)
+        return ready
 
     args = (world_size, gpu, net, exact)
     firsts = [group[0] for group in groups.values()]
+    started.update(id(r) for r in firsts)
     if jobs <= 1:
-        for first in firsts:
-            for row in settle(first, _plan_row(cfg, _row_layout(first), *args)):
-                settle(row, _plan_row(cfg, _row_layout(row), *args))
+        queue = list(firsts)
+        while queue:
+            row = queue.pop(0)
+            queue.extend(settle(row, _plan_row(cfg, _row_layout(row), *args)))
         return sorted(rows, key=lambda r: _order(r, gpu))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state of this one's plans
     with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker) as pool:
@@ -170,13 +199,15 @@ def _quiet_worker() -> None:
 
 
 def _order(row: SweepRow, gpu: Gpu) -> tuple:
+    if row.faster_fits:
+        return (1, 0.0)
     if row.floor_bytes is not None:
-        return (1, row.floor_bytes)
+        return (2, row.floor_bytes)
     if row.plan is None:
-        return (2, 0.0)
+        return (3, 0.0)
     if row.fits(gpu):
         return (0, -row.plan.tokens_per_s)
-    return (1, row.plan.peak_bytes)
+    return (2, row.plan.peak_bytes)
 
 
 def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
@@ -185,6 +216,10 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
     lines = [head]
     for r in rows:
         p = r.plan
+        if r.faster_fits:
+            lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory, "-", "-",
+                          f"not planned: {r.faster_fits} fits and is at least as fast", "", "", "", ""))
+            continue
         if r.floor_bytes is not None:
             lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory,
                           f"> {r.floor_bytes / 2**30:.2f}", "no", "not planned: the state alone does not fit", "", "",
@@ -201,4 +236,4 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-__all__ = ["LIBRARY_LOGGERS", "MEMORY_FEATURES", "SweepRow", "format_sweep", "layout_config", "layouts", "sweep"]
+__all__ = ["AT_LEAST_AS_FAST", "LIBRARY_LOGGERS", "MEMORY_FEATURES", "SweepRow", "format_sweep", "layout_config", "layouts", "sweep"]

@@ -1,6 +1,7 @@
 """``longtrain-plan --sweep`` (longtrain/plan/sweep.py): every layout of a world size, the fitting
-ones fastest first; a group whose state alone exceeds the GPU is not planned further; plans in
-worker processes give the same rows as one process."""
+ones fastest first; a row whose layout fits with a feature at least as fast is left out; a group
+whose state alone exceeds the GPU is not planned further; plans in worker processes give the same
+rows as one process."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import longtrain.plan.cli as plan_cli
 from longtrain.config import register_configs
 from longtrain.plan import get_gpu, run_step
 from longtrain.plan.depth import plan_step
-from longtrain.plan.sweep import MEMORY_FEATURES, format_sweep, layout_config, sweep
+from longtrain.plan.sweep import AT_LEAST_AS_FAST, MEMORY_FEATURES, format_sweep, layout_config, sweep
 from longtrain.precheck import compose_config
 
 SMALL = ["data.seq_len=256", "data.micro_batch_size=1", "data.global_batch_size=2"]
@@ -34,7 +35,8 @@ def test_sweep_ranks_fitting_layouts_by_speed_the_same_in_worker_processes(capfd
     rows = sweep(_cfg(), gpu, 2, zero_stages=(0,), progress=lambda msg: None)
     assert len(rows) == 3 * 4  # (u, r) in (1,1) (1,2) (2,1), four memory features
     speeds = [r.plan.tokens_per_s for r in rows if r.fits(gpu)]
-    assert speeds == sorted(speeds, reverse=True) and len(speeds) == 12
+    assert speeds == sorted(speeds, reverse=True) and len(speeds) == 3  # no memory feature fits: the rest wait
+    assert [r.faster_fits for r in rows[3:]] == ["none"] * 9 and not any(r.plan for r in rows[3:])
     assert {(r.ulysses, r.ring, r.dp) for r in rows} == {(1, 1, 2), (1, 2, 1), (2, 1, 1)}
     # The command line's sweep, without the ZeRO stages here (the slow test below plans them all), in
     # two worker processes: the same rows in the same order, and nothing but the JSON on standard
@@ -63,6 +65,27 @@ def test_a_group_whose_state_alone_exceeds_the_gpu_is_not_planned_further():
         plan = plan_step(layout_config(cfg, 1, 2, 0, memory), small, world_size=2)
         floor = next(r.floor_bytes for r in floors if (r.ulysses, r.ring, r.memory) == (1, 2, memory))
         assert plan.start_bytes == floor == start and not small.fits(plan)
+
+
+def test_a_row_is_left_out_only_where_a_feature_at_least_as_fast_fits():
+    """On a GPU that StreamBP fits and no memory feature does not, checkpointing and StreamBP are
+    planned and StreamBP + offload is left out; each row left out is no faster than the row that
+    fits (planned here to check the rule the sweep rests on)."""
+    cfg = _cfg()
+    plans = {memory: plan_step(layout_config(cfg, 1, 2, 0, memory), world_size=2, gpu=get_gpu("h100"))
+             for memory in MEMORY_FEATURES}
+    for memory, faster in AT_LEAST_AS_FAST.items():
+        for other in faster:
+            assert plans[memory].tokens_per_s <= plans[other].tokens_per_s, (memory, other)
+    assert plans["none"].peak_bytes > plans["streambp"].peak_bytes
+    gpu = dataclasses.replace(get_gpu("h100"), name="streambp-sized", memory_bytes=plans["streambp"].peak_bytes)
+    said = []
+    rows = sweep(cfg, gpu, 2, zero_stages=(0,), progress=said.append)
+    mine = {r.memory: r for r in rows if (r.ulysses, r.ring) == (1, 2)}
+    assert mine["streambp"].fits(gpu) and not mine["none"].fits(gpu)
+    assert mine["checkpointing"].plan is not None and mine["streambp+offload"].plan is None
+    assert mine["streambp+offload"].faster_fits == "streambp" and len(said) == 12
+    assert "not planned: streambp fits and is at least as fast" in format_sweep(rows, gpu)
 
 
 @pytest.mark.slow
