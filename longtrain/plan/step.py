@@ -43,7 +43,7 @@ import functools
 import gc
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -259,7 +259,7 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
         tracker = StepTracker(gpu.bf16_flops if gpu else 0.0, gpu.hbm_bytes_per_s if gpu else 0.0, fake=fake,
                               clock=Clock(gpu) if gpu else None)
         batches, num_valid = _batches(cfg, args, dims, layout.grad_accum)
-        warm_up = [_batches(cfg, args, dims, 1, _warm_up_len(cfg, dims))]  # the step frees it after use
+        warm_up = functools.partial(_batches, cfg, args, dims, 1, _warm_up_len(cfg, dims))  # made if needed
         seams = Seams(load_weights=False, optimizer_device=target)
         if gpu is not None:  # CUDA's attention executors (flash varlen) on the fake CPU tensors, as on the GPU
             seams.kernels = AttentionKernels("flash", cuda_device_types=("cuda", "cpu"))
@@ -276,7 +276,6 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
                 cfg.zero.extra = stack.enter_context(zero_offload_on_host(cfg.zero.extra, offloads, mark))
                 seams.host_optimizer = HostAdamStandIn
         plan = _tracked_step(cfg, layout, batches, num_valid, tracker, seams, warm_up, every_micro_batch or not fake)
-        del warm_up
         _add_time(plan, tracker, dims, gpu, net)
         return plan
 
@@ -310,7 +309,7 @@ def _optimizer_step(engine, balancer, tracker: StepTracker) -> None:
 
 
 def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: StepTracker, seams: Seams,
-                  warm_up: List[Tuple[list, int]], every_micro_batch: bool) -> StepPlan:
+                  warm_up: Callable[[], Tuple[list, int]], every_micro_batch: bool) -> StepPlan:
     """Build the run as the trainer does (:func:`~longtrain.trainer.build.build_run`, with the plan's
     seams) and run one step of its micro-batch loop under ``tracker`` (every micro-batch, or three
     and the middle one repeated: :mod:`longtrain.plan.micro`).
@@ -327,9 +326,9 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         run = build_run(cfg, layout, torch.device("cpu"), seams)
         model, optimizer, engine, balancer = run.model, run.optimizer, run.engine, run.balancer
         if not engine.prime_optimizer():  # steady state (docstring)
-            micro_batches(engine, balancer, *warm_up[0], cfg.trainer.loss_chunk_size, _Phases(tracker))
+            # training has no warm-up batch: made here, it is not alive in the step
+            micro_batches(engine, balancer, *warm_up(), cfg.trainer.loss_chunk_size, _Phases(tracker))
             _optimizer_step(engine, balancer, tracker)
-        warm_up.clear()  # training has no warm-up batch: it must not be alive in the step
         params, optim = state_tensors(model, optimizer)
         host_optim = optim if on_gpu and cfg.zero.stage > 0 and cfg.zero.offload_optimizer == "cpu" else []
         if on_gpu and cfg.zero.stage > 0:  # ZeRO-Offload: the host optimizer's state (the rest is pinned)
