@@ -244,7 +244,7 @@ def _local_case(backend: str, docs: bool, dtype=BF16) -> Case:
 def _sp_case(kind: str, backend: str, docs: bool) -> Case:
     """Ring attention (zigzag, one rank: no process group) or Ulysses (degree 1) over local attention."""
     kernels = AttentionKernels(backend)
-    attn = RingAttention(None, SEQ, kernels=kernels) if kind == "ring" else UlyssesAttention(
+    attn = RingAttention(None, kernels=kernels) if kind == "ring" else UlyssesAttention(
         None, inner=LocalAttention(kernels), num_heads=32, num_kv_heads=8)
     doc_ids = _docs(2) if docs else None
     return _attention_case(lambda q, k, v: attn(q, k, v, doc_ids=doc_ids), *_qkv(2, SEQ))

@@ -96,7 +96,7 @@ def _run_layout(world: int, ulysses: int, ring: int, a) -> dict:
     dims = ParallelDims(world_size=world, ulysses=ulysses, ring=ring)  # dp = world / (U R) fills the rest
     dims.validate_seq_len(a.seq)
     dims.build_groups()
-    attn = build_sp_attention(dims, a.seq)
+    attn = build_sp_attention(dims)
     gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank, then this rank's shard
     full = [torch.randn(a.batch, a.seq, n, a.head_dim, generator=gen, dtype=DTYPES[a.dtype])
             for n in (a.heads, a.kv_heads, a.kv_heads, a.heads)]

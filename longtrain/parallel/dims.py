@@ -88,13 +88,19 @@ class ParallelDims:
 
             validate_ulysses(num_heads, num_kv_heads, self.ulysses)
 
+    @property
+    def seq_len_unit(self) -> int:
+        """Sequence lengths this layout can cut are the multiples of this: ``2 x ring`` zigzag
+        chunks (ring) each split over Ulysses."""
+        return self.ulysses * (2 * self.ring if self.ring > 1 else 1)
+
     def validate_seq_len(self, seq_len: int) -> None:
-        """The sequence must cut into ``2 x ring`` zigzag chunks (ring) each split over Ulysses.
+        """The sequence must be a multiple of :attr:`seq_len_unit`.
 
         Raises:
             ValueError: naming data.seq_len and the nearest valid lengths.
         """
-        unit = self.ulysses * (2 * self.ring if self.ring > 1 else 1)
+        unit = self.seq_len_unit
         if seq_len % unit:
             lower, upper = seq_len // unit * unit, (seq_len // unit + 1) * unit
             raise ValueError(f"data.seq_len={seq_len} must be a multiple of {unit} for ulysses={self.ulysses} x "

@@ -45,7 +45,7 @@ def resolve_ulysses_chunks(chunks: int, group) -> int:
     return 2 if dist.is_initialized() and dist.get_backend(group) == "nccl" else 1
 
 
-def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0,
+def build_sp_attention(dims: ParallelDims, ulysses_chunks: int = 0,
                        kernels: AttentionKernels = DEFAULT_KERNELS):
     """The attention function for ``dims``' sequence-parallel layout.
 
@@ -56,7 +56,6 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
 
     Args:
         dims: the layout, with groups built.
-        seq_len: tokens of a whole (unsharded) sequence.
         ulysses_chunks: head chunks pipelined through the Ulysses all-to-alls (0: auto, see
             :func:`resolve_ulysses_chunks`).
         kernels: the attention kernels every block runs on.
@@ -67,7 +66,7 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
     if dims.ring > 1:
         from longtrain.parallel.ring import RingAttention
 
-        inner = RingAttention(dims.group("ring"), seq_len, kernels=kernels)
+        inner = RingAttention(dims.group("ring"), kernels=kernels)
     if dims.ulysses == 1:
         return inner
     from longtrain.parallel.ulysses import UlyssesAttention
@@ -76,11 +75,11 @@ def build_sp_attention(dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0
     return UlyssesAttention(group, inner=inner, chunks=resolve_ulysses_chunks(ulysses_chunks, group))
 
 
-def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, seq_len: int, ulysses_chunks: int = 0,
+def apply_sequence_parallel(model: nn.Module, dims: ParallelDims, ulysses_chunks: int = 0,
                             kernels: AttentionKernels = DEFAULT_KERNELS) -> None:
     """Make every attention layer of ``model`` sequence-parallel over ``dims`` (local attention at
     sp=1), on ``kernels``."""
-    attn = build_sp_attention(dims, seq_len, ulysses_chunks, kernels)
+    attn = build_sp_attention(dims, ulysses_chunks, kernels)
     model.set_attention_fn(attn)
     if dims.sp == 1:
         log.info("sequence parallel: none (sp=1), local attention on every layer, kernels %r", kernels)
@@ -161,7 +160,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, optimizer: to
     """
     sp, mc = cfg.parallel.sp, cfg.memory
     kernels = AttentionKernels(cfg.trainer.attention_backend) if kernels is None else kernels
-    apply_sequence_parallel(model, dims, cfg.data.seq_len, sp.ulysses_chunks, kernels)
+    apply_sequence_parallel(model, dims, sp.ulysses_chunks, kernels)
     apply_layer_wrappers(model, mc.streambp.enabled, mc.streambp.chunk_size, mc.offload_checkpoints, mc.checkpointing,
                          cfg.data.seq_len // dims.sp, cfg.data.micro_batch_size, 2 if bf16 else 4, device, host_copy)
     autocast_dtype = torch.bfloat16 if bf16 and cfg.zero.stage == 0 else None  # DeepSpeed's bf16 holds bf16 params

@@ -249,10 +249,11 @@ def zigzag_ring_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: to
 
 
 class RingAttention:
-    """:func:`zigzag_ring_attention` over ``group`` for sequences of ``seq_len`` tokens, as an
-    attention function (``fn(q_bshd, k_bshd, v_bshd, doc_ids=None, scale=None) -> out_bshd``).
-    Rows of a whole multiple of ``seq_len`` (evaluation beyond the training length) are taken as
-    zigzag shards of that longer sequence.
+    """:func:`zigzag_ring_attention` over ``group`` as an attention function
+    (``fn(q_bshd, k_bshd, v_bshd, doc_ids=None, scale=None) -> out_bshd``). This rank's rows are
+    taken as zigzag shards of a sequence ``ring`` times their length, whatever that length is
+    (the training length, evaluation beyond it, a planner's short warm-up step); a length the
+    zigzag cut cannot take (not a multiple of ``2 * ring``) is refused.
 
     It does not stream (:mod:`longtrain.kernels.attention`): a chunk's keys live on every rank of
     the ring, so StreamBP recomputes ring attention whole (one ring pass, as under checkpointing).
@@ -260,19 +261,18 @@ class RingAttention:
 
     can_stream = False
 
-    def __init__(self, group: Optional[dist.ProcessGroup], seq_len: int, stats: Optional[RingStats] = None,
+    def __init__(self, group: Optional[dist.ProcessGroup], stats: Optional[RingStats] = None,
                  kernels: AttentionKernels = DEFAULT_KERNELS):
-        self.group, self.seq_len, self.stats, self.kernels = group, seq_len, stats, kernels
+        self.group, self.stats, self.kernels = group, stats, kernels
 
     def __repr__(self) -> str:
-        return f"RingAttention(seq_len={self.seq_len})"
+        return f"RingAttention(ring={_Ring(self.group).size})"
 
     def __call__(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,
                  doc_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
-        full = q_bshd.shape[1] * _Ring(self.group).size
-        seq_len = full if full % self.seq_len == 0 else self.seq_len  # any other length is refused below
         return zigzag_ring_attention(q_bshd, k_bshd, v_bshd, doc_ids, scale, group=self.group,
-                                     seq_len=seq_len, stats=self.stats, kernels=self.kernels)
+                                     seq_len=q_bshd.shape[1] * _Ring(self.group).size, stats=self.stats,
+                                     kernels=self.kernels)
 
     def chunk_keys(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor, doc_ids: Optional[torch.Tensor],
                    scale: float, num_heads: int) -> None:

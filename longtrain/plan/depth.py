@@ -121,30 +121,46 @@ def _extend_rows(rows: Sequence[List[dict]], depths, depth: int) -> List[dict]:
     return out
 
 
+def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], depth: int,
+                   what: str) -> Tuple[Dict[str, int], str]:
+    """A maximum over keys (the local peaks, the largest transient by op) at ``depth``: each key's
+    value on its line, and the key of the largest. A key off the line is left out where its value
+    extended at its steepest step between the probes stays below the largest (module docstring).
+
+    Raises:
+        NotPeriodic: a key off the line could reach the largest.
+    """
+    lines, bounds = {}, {}
+    for key in by_key[-1]:
+        values = [b.get(key, 0) for b in by_key]
+        try:
+            lines[key] = _extend(values, depths, depth, f"{what} at {key}")
+        except NotPeriodic:  # off the line: extended at its steepest step, an upper bound
+            steps = (depth - depths[-1]) // (depths[1] - depths[0])
+            bounds[key] = values[-1] + max(values[1] - values[0], values[2] - values[1], 0) * steps
+    if not lines:
+        raise NotPeriodic(f"{what}: no key is on its line")
+    top = max(lines, key=lines.get)
+    for key, bound in bounds.items():
+        if bound >= lines[top]:
+            raise NotPeriodic(f"{what} at {key}: {[b.get(key, 0) for b in by_key]} at depths {list(depths)} "
+                              f"is off the line and could reach the {what}")
+    return lines, top
+
+
 def extend(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int, gpu: Optional[Gpu]) -> StepPlan:
     """The plan at ``depth`` from the probes' ``plans`` at ``depths`` (module docstring).
 
     Raises:
         NotPeriodic: a quantity is not linear over the probes.
     """
-    peaks, bounds = {}, {}
-    for key in plans[-1].peak_by_key:
-        values = [p.peak_by_key.get(key, 0) for p in plans]
-        try:
-            peaks[key] = _extend(values, depths, depth, f"peak at {key}")
-        except NotPeriodic:  # off the line: extended at its steepest step, an upper bound
-            steps = (depth - depths[-1]) // (depths[1] - depths[0])
-            bounds[key] = values[-1] + max(values[1] - values[0], values[2] - values[1], 0) * steps
-    top = max(peaks, key=peaks.get)
-    for key, bound in bounds.items():  # a local peak off the line may be ignored only far below the peak
-        if bound >= peaks[top]:
-            raise NotPeriodic(f"peak at {key}: {[p.peak_by_key.get(key, 0) for p in plans]} at depths "
-                              f"{list(depths)} is off the line and could reach the peak")
+    peaks, top = _extend_maxima([p.peak_by_key for p in plans], depths, depth, "peak")
     for d, p in zip(depths, plans):
         here = max(p.peak_by_key, key=p.peak_by_key.get)
         if here != top:  # the split of the peak into kinds was measured elsewhere
             raise NotPeriodic(f"the peak moves from {here} ({d} layers) to {top} ({depth} layers)")
-    out = {"peak_by_key": peaks}
+    largest, top_transient = _extend_maxima([p.largest_by_key for p in plans], depths, depth, "largest transient")
+    out = {"peak_by_key": peaks, "largest_by_key": largest, "largest_transient": largest[top_transient]}
     for f in dataclasses.fields(StepPlan):
         values = [getattr(p, f.name) for p in plans]
         if f.name in out:

@@ -19,7 +19,7 @@ partitions under ZeRO 1/2/3, which runs DeepSpeed's own code in the fake world).
 is a steady-state one: the optimizer state exists before it starts (AdamW creates it lazily in
 its first step): the engine primes it (``StepEngine.prime_optimizer``), or, where it cannot
 (DeepSpeed), one whole step runs first and the tracker's peak, FLOPs and collectives restart after
-it (a short one, :data:`WARM_UP_TOKENS` per sequence, except under ring attention). Each row is
+it (a short one, about :data:`WARM_UP_TOKENS` per sequence). Each row is
 one document (``doc_ids`` all 0).
 
 Precision and kernels: the tensors live on the CPU (this torch build cannot fake CUDA tensors: the
@@ -143,6 +143,9 @@ class StepPlan:
     peak_by_key: Dict[str, int] = field(default_factory=dict)
     """Device bytes alive at every local peak, by ``"phase:op"`` (the tracker's); the plan's peak is
     their maximum. How :mod:`longtrain.plan.depth` extends the peak to a deeper model."""
+    largest_by_key: Dict[str, int] = field(default_factory=dict)
+    """The largest single transient storage (or op workspace) by ``"phase:op"`` that made it;
+    :attr:`largest_transient` is their maximum (extended by key as :attr:`peak_by_key` is)."""
     depth_probes: Optional[List[int]] = None
     """The depths whose plans were extended to the model's (:mod:`longtrain.plan.depth`); None:
     every layer was planned."""
@@ -200,15 +203,14 @@ def _world(stack: ExitStack, fake: bool, world_size: int, zero: bool) -> int:
 
 
 WARM_UP_TOKENS = 1024
-"""Tokens per sequence of the warm-up step (module docstring); ring layouts take the whole length."""
+"""Tokens per sequence of the warm-up step (module docstring), rounded to a length the layout can cut."""
 
 
 def _warm_up_len(cfg: Config, dims: ParallelDims) -> int:
     """The warm-up step's sequence length: short (it only has to create the optimizer state and the
-    engine's buffers), except under ring attention, whose blocks are cut for ``data.seq_len``."""
-    if dims.ring > 1:
-        return cfg.data.seq_len
-    return min(cfg.data.seq_len, max(WARM_UP_TOKENS // dims.ulysses, 1) * dims.ulysses)
+    engine's buffers), a multiple of the layout's unit (Ulysses x 2 ring)."""
+    unit = dims.seq_len_unit
+    return min(cfg.data.seq_len, max(WARM_UP_TOKENS // unit, 1) * unit)
 
 
 def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int, seq: Optional[int] = None) -> Tuple[list, int]:
@@ -363,8 +365,13 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
     kinds = StepKinds(param_keys, grad_keys, state_keys, buffer_keys, input_keys, tracker.step_start,
                       tracker.comm_serials)
     cats, peak_tensors = split(tracker, kinds, tracker.peak_snapshot, tracker.peak_phase)
-    largest = max([size for serial, size in tracker.allocations if serial not in grad_keys | buffer_keys]
-                  + [tracker.workspace_peak])
+    largest_by_key = {"workspace": tracker.workspace_peak}
+    for serial, size in tracker.allocations:
+        if serial not in grad_keys | buffer_keys:
+            op, _, _, phase = tracker.origin[serial]
+            key = f"{phase}:{op}"
+            largest_by_key[key] = max(largest_by_key.get(key, 0), size)
+    largest = max(largest_by_key.values())
     seq = cfg.data.seq_len
     tokens = cfg.data.micro_batch_size * seq * layout.grad_accum
     plan = StepPlan(seq_len=seq, tokens=tokens, precision=precision, peak_bytes=tracker.peak,
@@ -378,6 +385,7 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
     if planned_micro is not None:
         plan.extra["planned_micro_batches"] = float(planned_micro)
     plan.peak_by_key = dict(tracker.peak_by_key)
+    plan.largest_by_key = largest_by_key
     plan.host_pinned_bytes = tracker.pinned_peak
     plan.peak_tensors = peak_tensors
     return plan

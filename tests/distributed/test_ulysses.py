@@ -104,7 +104,7 @@ def _run_hybrid(rank):
     """Ulysses 2 x ring 2 on 4 ranks: ring attention as the inner function, on Ulysses subgroups."""
     dims = ParallelDims(world_size=4, ulysses=2, ring=2)
     dims.build_groups()
-    attn = build_sp_attention(dims, S)
+    attn = build_sp_attention(dims)
     assert isinstance(attn, UlyssesAttention) and attn.degree == 2
     part = functools.partial(shard_sequence, ring_size=2, ring_rank=dims.rank("ring"), ulysses_size=2,
                              ulysses_rank=dims.rank("ulysses"))

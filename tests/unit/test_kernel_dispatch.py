@@ -180,7 +180,7 @@ def test_every_caller_runs_on_its_kernels(fresh):
 
     check("local", lambda: local(q, k, v, scale=0.25), "one", "cudnn")
     check("local, packed", lambda: local(q, k, v, doc_ids=doc, scale=0.25), "packed", "flash")
-    check("ring of one", lambda: RingAttention(None, 64, kernels=kernels)(q, k, v, scale=0.25), "one", "cudnn")
+    check("ring of one", lambda: RingAttention(None, kernels=kernels)(q, k, v, scale=0.25), "one", "cudnn")
     for name, attn in (("local chunk", local), ("ulysses chunk", UlyssesAttention(None, inner=local))):
         keys = attn.chunk_keys(k, v, doc, 0.25, num_heads=4)
         assert keys.kernels is kernels

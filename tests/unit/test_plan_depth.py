@@ -48,7 +48,7 @@ def _cfg(overrides):
 
 def _assert_equal(got: StepPlan, want: StepPlan) -> None:
     for f in dataclasses.fields(StepPlan):
-        if f.name in ("peak_tensors", "depth_probes", "extra", "peak_by_key"):
+        if f.name in ("peak_tensors", "depth_probes", "extra", "peak_by_key", "largest_by_key"):  # maxima: below
             continue
         a, b = getattr(got, f.name), getattr(want, f.name)
         if f.name == "comm":
@@ -65,6 +65,8 @@ def _assert_equal(got: StepPlan, want: StepPlan) -> None:
     assert {k: v for k, v in got.extra.items() if k != "planned_layers"} == pytest.approx(want.extra, rel=1e-9)
     top = max(want.peak_by_key, key=want.peak_by_key.get)  # the local peaks: the largest one is the same
     assert got.peak_by_key[top] == want.peak_by_key[top] == want.peak_bytes
+    top = max(want.largest_by_key, key=want.largest_by_key.get)  # so is the largest transient's op
+    assert got.largest_by_key[top] == want.largest_by_key[top] == want.largest_transient
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow) for n in CASES])
@@ -101,6 +103,18 @@ def test_a_quantity_off_the_line_is_refused_and_the_whole_model_planned(caplog):
     probes[1].peak_by_key[top] += 1  # a local peak off the line
     with pytest.raises(NotPeriodic, match="peak at"):
         extend(probes, [2, 3, 4], DEPTH, 1, None)
+    probes[1].peak_by_key[top] -= 1
+    top = max(probes[1].largest_by_key, key=probes[1].largest_by_key.get)
+    probes[1].largest_by_key[top] += 1  # the largest transient off its line
+    with pytest.raises(NotPeriodic, match="largest transient at"):
+        extend(probes, [2, 3, 4], DEPTH, 1, None)
+    # a maximum whose key changes deeper (ZeRO-2's float64 copy of its flat gradient partition, which
+    # grows with the depth, overtakes the embedding-sized copy): each key on its line, the largest wins
+    probes[1] = dataclasses.replace(probes[1], params_bytes=probes[1].params_bytes - 1)
+    for d, probe in zip((2, 3, 4), probes):
+        probe.largest_by_key = {"forward:embedding": 1000, "optimizer:_to_copy": 100 * d}
+    deep = extend(probes, [2, 3, 4], DEPTH, 1, None)
+    assert deep.largest_transient == 100 * DEPTH and deep.largest_by_key["forward:embedding"] == 1000
     plan = plan_step(cfg, exact=True)
     assert plan.depth_probes is None and plan.peak_bytes == run_step(cfg).peak_bytes
 
