@@ -51,8 +51,11 @@ def run_case(name: str, args: List[str], target: Optional[float]) -> dict:
     if "rows" in answer:
         rows = answer["rows"]
         out.update(layouts=len(rows), fitting=sum(r["fits"] for r in rows),
-                   refused=sum(r["plan"] is None and r["floor_bytes"] is None for r in rows),
-                   state_alone_too_big=sum(r["floor_bytes"] is not None for r in rows),
+                   refused=sum(bool(r["error"]) for r in rows),
+                   state_alone_too_big=sum(r["floor_bytes"] is not None and not r["exceeds"] for r in rows),
+                   left_out_faster_fits=sum(bool(r["faster_fits"]) for r in rows),
+                   left_out_holds_more=sum(bool(r["exceeds"]) for r in rows),
+                   planned=sum(r["plan"] is not None for r in rows),
                    fastest=next(({k: r[k] for k in ("ulysses", "ring", "dp", "zero_stage", "memory")}
                                  for r in rows if r["fits"]), None))
         return out

@@ -10,12 +10,15 @@ reason (ZeRO stages run DeepSpeed's own step in the fake world, two steps each: 
 overlapped), then those left out because a faster feature of their layout fits, then the rest by
 peak memory.
 
-Three things keep a sweep short. A row is not planned when a memory feature of the same layout that
+Four things keep a sweep short. A row is not planned when a memory feature of the same layout that
 is at least as fast by construction fits (``faster_fits``, :data:`AT_LEAST_AS_FAST`): it could only
-rank below that row. What is alive when a step starts (the parameters, the optimizer
+rank below that row. Nor when a feature of the same layout whose step holds no more does not fit
+(``exceeds``, :data:`HOLDS_AT_MOST`): no memory feature holds every activation checkpointing holds
+and more, so where checkpointing does not fit neither does it (at long context the costliest plans
+of a sweep, and never the answer). What is alive when a step starts (the parameters, the optimizer
 state, the engine's buffers: :attr:`~longtrain.plan.step.StepPlan.start_bytes`) depends on the model,
 the layout and the ZeRO stage, not on the memory feature, so each (Ulysses, ring, ZeRO stage) group
-plans its first feature (none) alone, and when that alone exceeds the GPU the group's other features are
+plans :data:`PLANNED_FIRST` alone, and when that alone exceeds the GPU the group's other features are
 listed as not fitting with it (``floor_bytes``) instead of planned. And the plans run in ``jobs``
 worker processes (``longtrain-plan --sweep --jobs N``, default one per CPU, at most 8), each a fresh
 interpreter; the rows are the same as one process's. A fresh interpreter imports the caller's
@@ -45,7 +48,13 @@ AT_LEAST_AS_FAST = {"checkpointing": ("none",), "streambp": ("none",), "streambp
 """feature -> the features of the same layout that are at least as fast by construction: no
 memory feature runs the step once (checkpointing and StreamBP recompute the forward), StreamBP
 without offload runs the same work without the host copies. A row is planned once those are
-planned and do not fit (module docstring)."""
+planned and do not fit (module docstring), except :data:`PLANNED_FIRST`, which is planned first."""
+HOLDS_AT_MOST = {"none": ("checkpointing",)}
+"""feature -> the features of the same layout whose step holds at most what its own holds at each
+point (checkpointing keeps a subset of the activations no memory feature keeps, and runs the same
+ops): where one of those does not fit, the feature is not planned (module docstring)."""
+PLANNED_FIRST = "checkpointing"
+"""The feature each (Ulysses, ring, ZeRO stage) group plans first: the one the others wait on."""
 LIBRARY_LOGGERS = ("longtrain", "DeepSpeed")
 """Loggers whose lines below WARNING a plan keeps quiet (they would interleave with its output)."""
 
@@ -63,17 +72,21 @@ class SweepRow:
     error: str = ""
     floor_bytes: Optional[int] = None
     """Set on a row left unplanned: the bytes alive when its step would start (its group's first
-    plan's :attr:`~longtrain.plan.step.StepPlan.start_bytes`), more than the GPU holds."""
+    plan's :attr:`~longtrain.plan.step.StepPlan.start_bytes`), more than the GPU holds; or, with
+    ``exceeds``, the peak of a feature whose step holds no more."""
     faster_fits: str = ""
     """Set on a row left unplanned: the memory feature of the same layout that fits and is at
     least as fast (:data:`AT_LEAST_AS_FAST`)."""
+    exceeds: str = ""
+    """Set on a row left unplanned: the memory feature of the same layout whose step holds no more
+    and does not fit (:data:`HOLDS_AT_MOST`); ``floor_bytes`` is that feature's peak."""
 
     def fits(self, gpu: Gpu) -> bool:
         return self.plan is not None and gpu.fits(self.plan)
 
     def as_dict(self, gpu: Gpu) -> dict:
         out = {k: getattr(self, k) for k in ("ulysses", "ring", "dp", "zero_stage", "memory", "error", "floor_bytes",
-                                              "faster_fits")}
+                                              "faster_fits", "exceeds")}
         out["fits"] = self.fits(gpu)
         out["plan"] = None if self.plan is None else dataclasses.asdict(self.plan)
         return out
@@ -121,6 +134,8 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
         what = (row.error or (f"{row.plan.peak_bytes / 2**30:.2f} GiB, {row.plan.tokens_per_s:,.0f} tokens/s"
                               if row.plan is not None else
                               f"not planned: {row.faster_fits} fits and is at least as fast" if row.faster_fits else
+                              f"not planned: more than {row.exceeds}'s {row.floor_bytes / 2**30:.2f} GiB"
+                              if row.exceeds else
                               f"not planned: {row.floor_bytes / 2**30:.2f} GiB alive before the step"))
         progress(f"[{done}/{len(todo)}] ulysses={row.ulysses} ring={row.ring} dp={row.dp} zero={row.zero_stage} "
                  f"{row.memory}: {what}")
@@ -136,7 +151,7 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
         settled.add(id(row))
         report(row)
         group = groups[(row.ulysses, row.ring, row.zero_stage)]
-        first = group[0]
+        first = _first(group)
         ready = []
         for other in group:
             if id(other) in settled or id(other) in started:
@@ -144,11 +159,16 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
             if first.plan is not None and first.plan.start_bytes > gpu.memory_bytes:
                 other.floor_bytes = first.plan.start_bytes
             else:
-                before = [r for r in group if r.memory in AT_LEAST_AS_FAST.get(other.memory, ())]
-                if not all(id(r) in settled for r in before):
+                faster = [r for r in group if r.memory in AT_LEAST_AS_FAST.get(other.memory, ())]
+                smaller = [r for r in group if r.memory in HOLDS_AT_MOST.get(other.memory, ())]
+                if not all(id(r) in settled for r in faster + smaller):
                     continue
-                other.faster_fits = next((r.memory for r in before if r.fits(gpu)), "")
-                if not other.faster_fits:
+                over = next((r for r in smaller if r.plan is not None and not r.fits(gpu)), None)
+                if over is not None:
+                    other.exceeds, other.floor_bytes = over.memory, over.plan.peak_bytes
+                else:
+                    other.faster_fits = next((r.memory for r in faster if r.fits(gpu)), "")
+                if not other.faster_fits and not other.exceeds:
                     started.add(id(other))
                     ready.append(other)
                     continue
@@ -157,7 +177,7 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
         return ready
 
     args = (world_size, gpu, net, exact)
-    firsts = [group[0] for group in groups.values()]
+    firsts = [_first(group) for group in groups.values()]
     started.update(id(r) for r in firsts)
     if jobs <= 1:
         queue = list(firsts)
@@ -174,6 +194,11 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
                 for row in settle(pending.pop(future), future.result()):
                     pending[pool.submit(_plan_row, cfg, _row_layout(row), *args)] = row
     return sorted(rows, key=lambda r: _order(r, gpu))
+
+
+def _first(group: List[SweepRow]) -> SweepRow:
+    """The row of ``group`` planned first (:data:`PLANNED_FIRST`)."""
+    return next(r for r in group if r.memory == PLANNED_FIRST)
 
 
 def _row_layout(row: SweepRow) -> Tuple[int, int, int, str]:
@@ -221,9 +246,9 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
                           f"not planned: {r.faster_fits} fits and is at least as fast", "", "", "", ""))
             continue
         if r.floor_bytes is not None:
+            why = f"not planned: holds more than {r.exceeds}" if r.exceeds else "not planned: the state alone does not fit"
             lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory,
-                          f"> {r.floor_bytes / 2**30:.2f}", "no", "not planned: the state alone does not fit", "", "",
-                          "", ""))
+                          f"> {r.floor_bytes / 2**30:.2f}", "no", why, "", "", "", ""))
             continue
         if p is None:
             lines.append((str(r.ulysses), str(r.ring), str(r.dp), str(r.zero_stage), r.memory, "-", "refused",
@@ -236,4 +261,5 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-__all__ = ["AT_LEAST_AS_FAST", "LIBRARY_LOGGERS", "MEMORY_FEATURES", "SweepRow", "format_sweep", "layout_config", "layouts", "sweep"]
+__all__ = ["AT_LEAST_AS_FAST", "HOLDS_AT_MOST", "LIBRARY_LOGGERS", "MEMORY_FEATURES", "PLANNED_FIRST", "SweepRow",
+           "format_sweep", "layout_config", "layouts", "sweep"]
