@@ -16,8 +16,8 @@ The schema is split by config group; every name is importable from ``longtrain.c
 - ``domains``: the domain names and mix check ``data.domains`` is validated with;
 - ``errors``: :class:`ConfigError`.
 
-This module composes the groups into :class:`Config` (with the checks that span groups) and
-registers it in Hydra's ConfigStore.
+This module composes the groups into :class:`Config` and registers it in Hydra's ConfigStore
+(checks that span groups run where the run is built: ``longtrain.precheck``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from longtrain.config.domains import DOMAIN_NAMES, domain_probabilities
-from longtrain.config.errors import ConfigError, require
+from longtrain.config.errors import ConfigError
 from longtrain.config.schema_data import DataConfig, DomainsConfig, PasskeyConfig
 from longtrain.config.schema_model import ModelConfig, MoEConfig
 from longtrain.config.schema_parallel import (ZERO_OWNED_KEYS, MemoryConfig, ParallelConfig, SequenceParallelConfig,
@@ -55,12 +55,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     moe: MoETrainConfig = field(default_factory=MoETrainConfig)
-
-    def __post_init__(self) -> None:
-        require(not (self.memory.streambp.enabled and self.zero.stage == 3 and self.parallel.sp.ring > 1),
-                "memory.streambp.enabled", f"with zero.stage=3 needs local or Ulysses attention, not "
-                f"parallel.sp.ring={self.parallel.sp.ring}: ring and hybrid layouts recompute attention whole "
-                "through ZeRO-3's module hooks; use zero.stage 1 or 2 there")
 
 
 def register_configs() -> None:

@@ -27,13 +27,12 @@ communication. With Ulysses attention the chunks are chunks of the local slice: 
 through the all-to-all once (every rank then holds its heads of the whole sequence), each chunk's
 queries go through the all-to-all, attend to the key prefix and come back, and the accumulated
 dK/dV return with one all-to-all before step 3 (the KV replicas of GQA are summed).
-With ring or hybrid attention, whose keys live on other ranks, the attention half of the layer is
-recomputed whole (its ring passes run once, as under gradient checkpointing) and the MLP half,
-the larger working set, streams. Streaming the ring's attention too would run one ring pass per
-chunk with the chunk's queries against every visiting K/V block and send the dK/dV accumulators
-round with them: the same bytes per chunk as a whole ring backward, so C chunks cost C times the
-ring traffic unless the chunk loop is moved inside the ring loop (each visiting block streamed
-over the local chunks), which is the plan for it.
+With ring or hybrid attention, whose keys live on other ranks, only the attention core (Q, K, V ->
+output) runs whole, through the attention function's own forward and backward (one ring pass each,
+as under gradient checkpointing; the ring's block kernels tile the local queries), and the norm,
+the projections, the residuals and the MLP stream in chunks around it (:mod:`longtrain.memory.two_pass`).
+Streaming the ring by key prefix instead would run one ring pass per chunk: C chunks would cost C
+times the ring's bytes.
 
 MoE layers. The chunked recomputation routes every token to the experts the forward chose (kept
 as [B, S, top_k] ids), so a near-tie in the router that rounding could flip between a chunk and
@@ -62,8 +61,10 @@ import torch
 from torch import nn
 
 from longtrain.kernels.attention import ChunkKeys
+from longtrain.memory.layer_parts import accumulate, keys_values, mlp_branch, queries, run
 from longtrain.memory.offload import HostCopy
-from longtrain.models.llama import DecoderLayer, apply_rope
+from longtrain.memory.two_pass import attention_half_whole, backward_attention_whole
+from longtrain.models.llama import DecoderLayer
 from longtrain.models.moe import MoE
 
 HostCopyFactory = Callable[[torch.Tensor], HostCopy]
@@ -71,25 +72,6 @@ HostCopyFactory = Callable[[torch.Tensor], HostCopy]
 
 ParamGather = Callable[[List[torch.Tensor]], ContextManager]
 """``factory(params) -> context manager`` in which ``params`` are whole (module docstring)."""
-
-
-def _run(module: nn.Module, *args):
-    """``module(*args)`` without its hooks: with a parameter gather (ZeRO-3) the streamed backward
-    gathers a layer's parameters once, and the per-module hooks would gather and release them again
-    around every call, once per chunk."""
-    return module.forward(*args)
-
-
-def _mlp(layer: DecoderLayer, h_bsh: torch.Tensor, routing_bsk: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The MLP half's residual branch, ``mlp(post_attention_layernorm(h))``, through :func:`_run`.
-    An MoE block routes by ``routing_bsk`` (the forward's expert ids) when given, and records its
-    routing only when not (i.e. in a forward, not in a recomputation)."""
-    mlp = layer.mlp
-    x = _run(layer.post_attention_layernorm, h_bsh)
-    if isinstance(mlp, MoE):
-        routing = None if routing_bsk is None else routing_bsk.reshape(-1, routing_bsk.shape[-1])
-        return mlp.forward(x, routing=routing, stash=routing is None, call=_run)
-    return _run(mlp.down_proj, torch.nn.functional.silu(_run(mlp.gate_proj, x)) * _run(mlp.up_proj, x))
 
 
 class _HeldGather:
@@ -123,18 +105,6 @@ class _ReleaseAfterBackward(torch.autograd.Function):
         return None, grad_bsh
 
 
-def _keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor):
-    """K (after k-norm and RoPE) and V of the tokens of ``x_bsh``."""
-    attn = layer.self_attn
-    b, s, _ = x_bsh.shape
-    h_bsh = _run(layer.input_layernorm, x_bsh)
-    k_bshd = _run(attn.k_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
-    v_bshd = _run(attn.v_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
-    if attn.qk_norm:  # in v's precision, as Attention.forward: the fused kernels take half precision only
-        k_bshd = _run(attn.k_norm, k_bshd).to(v_bshd.dtype)
-    return apply_rope(k_bshd, cos_bsd, sin_bsd), v_bshd
-
-
 def can_stream(attn_fn) -> bool:
     """Whether ``attn_fn`` streams its keys (``attn_fn.can_stream``; False for a function without
     the streaming contract of :mod:`longtrain.kernels.attention`)."""
@@ -145,7 +115,7 @@ def _chunk_keys(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
                 doc_ids: Optional[torch.Tensor]) -> ChunkKeys:
     """The attention function's key strategy for ``layer`` (one that streams, :func:`can_stream`)."""
     attn = layer.self_attn
-    k_bshd, v_bshd = _keys_values(layer, x_bsh, cos_bsd, sin_bsd)
+    k_bshd, v_bshd = keys_values(layer, x_bsh, cos_bsd, sin_bsd)
     keys = attn.attn_fn.chunk_keys(k_bshd, v_bshd, doc_ids, attn.scale, attn.num_heads)
     assert keys is not None, f"{attn.attn_fn!r} says it can stream but returned no chunk keys"
     return keys
@@ -156,12 +126,9 @@ def _attention_half(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k
     """``x + attn(norm(x))`` for the tokens ``[start, start + chunk)`` given the keys they may see."""
     attn = layer.self_attn
     b, c, _ = x_bch.shape
-    q_bchd = _run(attn.q_proj, _run(layer.input_layernorm, x_bch)).view(b, c, attn.num_heads, attn.head_dim)
-    if attn.qk_norm:  # in v's precision, as Attention.forward
-        q_bchd = _run(attn.q_norm, q_bchd).to(v_bshd.dtype)
-    q_bchd = apply_rope(q_bchd, cos_bcd, sin_bcd)
+    q_bchd = queries(layer, x_bch, cos_bcd, sin_bcd, v_bshd.dtype)
     out_bchd = keys.attend(q_bchd, start, start + c, k_bshd, v_bshd)
-    return x_bch + _run(attn.o_proj, out_bchd.reshape(b, c, -1))
+    return x_bch + run(attn.o_proj, out_bchd.reshape(b, c, -1))
 
 
 def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k_bshd: torch.Tensor,
@@ -170,7 +137,7 @@ def _chunk_output(layer: DecoderLayer, x_bch: torch.Tensor, keys: ChunkKeys, k_b
     """The layer's output for the tokens ``[start, start + chunk)`` given the keys they may see
     (and, for an MoE layer in the backward, the experts the forward chose for them)."""
     h_bch = _attention_half(layer, x_bch, keys, k_bshd, v_bshd, cos_bcd, sin_bcd, start)
-    return h_bch + _mlp(layer, h_bch, routing_bck)
+    return h_bch + mlp_branch(layer, h_bch, routing_bck)
 
 
 def _mlp_in_chunks(layer: DecoderLayer, h_bsh: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -180,11 +147,11 @@ def _mlp_in_chunks(layer: DecoderLayer, h_bsh: torch.Tensor, chunk: int) -> torc
     routing, kept for the backward, and its load statistics are the whole sequence's."""
     seq = h_bsh.shape[1]
     if isinstance(layer.mlp, MoE) or chunk >= seq:
-        return h_bsh + _mlp(layer, h_bsh)
+        return h_bsh + mlp_branch(layer, h_bsh)
     out_bsh = torch.empty_like(h_bsh)
     for start in range(0, seq, chunk):
         end = min(start + chunk, seq)
-        out_bsh[:, start:end] = h_bsh[:, start:end] + _mlp(layer, h_bsh[:, start:end])
+        out_bsh[:, start:end] = h_bsh[:, start:end] + mlp_branch(layer, h_bsh[:, start:end])
     return out_bsh
 
 
@@ -193,12 +160,6 @@ def _routing(layer: DecoderLayer, x_bsh: torch.Tensor) -> Optional[torch.Tensor]
     if not isinstance(layer.mlp, MoE):
         return None
     return layer.mlp.last_routing.experts.view(*x_bsh.shape[:2], -1)
-
-
-def _accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
-    for i, g in enumerate(grads):
-        if g is not None:
-            acc[i] = g if acc[i] is None else acc[i] + g
 
 
 class _StreamedLayer(torch.autograd.Function):
@@ -212,9 +173,7 @@ class _StreamedLayer(torch.autograd.Function):
         if held is None:  # the attention half as the layer's own forward runs it
             h_bsh = x_bsh + layer.self_attn(layer.input_layernorm(x_bsh), cos_bsd, sin_bsd, doc_ids)
         else:  # gathered by streamed_layer: compute without the module hooks
-            keys = _chunk_keys(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
-            h_bsh = _attention_half(layer, x_bsh, keys, keys.k_bshd, keys.v_bshd, cos_bsd, sin_bsd, 0)
-            del keys
+            h_bsh = attention_half_whole(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
         out_bsh = _mlp_in_chunks(layer, h_bsh, chunk_size)
         ctx.routing_bsk = _routing(layer, x_bsh)
         return out_bsh
@@ -235,36 +194,11 @@ class _StreamedLayer(torch.autograd.Function):
                 dx_bsh, dparams = _stream_whole_layer(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd,
                                                       sin_bsd, doc_ids, params, ctx.routing_bsk)
             else:
-                dx_bsh, dparams = _stream_mlp(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
-                                              params, ctx.routing_bsk)
+                dx_bsh, dparams = backward_attention_whole(layer, ctx.chunk_size, x_bsh, dout_bsh, cos_bsd,
+                                                           sin_bsd, doc_ids, params, ctx.routing_bsk)
         ctx.routing_bsk = None
         dparams = [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)]
         return (None, None, None, None, None, None, None, dx_bsh.to(x_bsh.dtype), *dparams)
-
-
-def _stream_mlp(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids, params,
-                routing_bsk=None):
-    """Backward for a layer whose attention cannot stream (ring, hybrid): the attention half is
-    recomputed whole (its collectives run once, as in gradient checkpointing) and the MLP half,
-    the larger working set, streams in chunks."""
-    with torch.enable_grad():
-        x_leaf = x_bsh.requires_grad_()
-        h_bsh = x_leaf + layer.self_attn(layer.input_layernorm(x_leaf), cos_bsd, sin_bsd, doc_ids)
-    h_detached = h_bsh.detach()
-    dh_bsh = torch.empty_like(h_detached)  # each token's gradient is written once, by its chunk
-    dparams: List[Optional[torch.Tensor]] = [None] * len(params)
-    for start in range(0, h_detached.shape[1], chunk):
-        end = min(start + chunk, h_detached.shape[1])
-        with torch.enable_grad():
-            h_bch = h_detached[:, start:end].requires_grad_()
-            routing_bck = None if routing_bsk is None else routing_bsk[:, start:end]
-            out_bch = h_bch + _mlp(layer, h_bch, routing_bck)
-        grads = torch.autograd.grad(out_bch, [h_bch, *params], dout_bsh[:, start:end], allow_unused=True)
-        dh_bsh[:, start:end] = grads[0]
-        _accumulate(dparams, grads[1:])
-    grads = torch.autograd.grad(h_bsh, [x_leaf, *params], dh_bsh, allow_unused=True)
-    _accumulate(dparams, grads[1:])
-    return grads[0], dparams
 
 
 def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bsd, sin_bsd, doc_ids,
@@ -294,19 +228,19 @@ def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bs
         dx_bsh[:, start:end] += grads[0]
         dk_bshd[:, :key_end] += grads[1]
         dv_bshd[:, :key_end] += grads[2]
-        _accumulate(dparams, grads[3:])
+        accumulate(dparams, grads[3:])
     keys.k_bshd = keys.v_bshd = None  # free the whole-sequence K/V before the projection pass
     dk_bshd, dv_bshd = keys.local_grads(dk_bshd, dv_bshd)
     for start in range(0, seq, chunk):  # dK, dV through k-norm, RoPE and the projections
         end = min(start + chunk, seq)
         with torch.enable_grad():
             x_bch = x_bsh[:, start:end].requires_grad_()
-            k_bchd, v_bchd = _keys_values(layer, x_bch, cos_bsd[:, start:end], sin_bsd[:, start:end])
+            k_bchd, v_bchd = keys_values(layer, x_bch, cos_bsd[:, start:end], sin_bsd[:, start:end])
         grads = torch.autograd.grad([k_bchd, v_bchd], [x_bch, *params],
                                     [dk_bshd[:, start:end].to(k_bchd.dtype),
                                      dv_bshd[:, start:end].to(v_bchd.dtype)], allow_unused=True)
         dx_bsh[:, start:end] += grads[0]
-        _accumulate(dparams, grads[1:])
+        accumulate(dparams, grads[1:])
     return dx_bsh, dparams
 
 
@@ -318,9 +252,9 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
 
     Args:
         layer: a :class:`~longtrain.models.llama.DecoderLayer`. When its attention function
-            streams (``can_stream``: local, Ulysses over local) all of it streams; otherwise
-            (ring, hybrid, a plain function) the MLP half streams and the attention half is
-            recomputed whole.
+            streams its keys (``can_stream``: local, Ulysses over local) all of it streams;
+            otherwise (ring, hybrid, a plain function) everything but the attention core streams
+            (:mod:`longtrain.memory.two_pass`).
         x_bsh: [B, S, hidden] layer input (the only activation kept for the backward).
         cos_bsd, sin_bsd: [B, S, head_dim] RoPE tables.
         doc_ids: [B, S] document ids, or None.
@@ -338,7 +272,7 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
         every parameter of ``layer``.
 
     Raises:
-        ValueError: ``chunk_size < 1``, or a ``param_gather`` with attention that cannot stream.
+        ValueError: ``chunk_size < 1``.
     """
     if chunk_size < 1:
         raise ValueError(f"memory.streambp.chunk_size must be positive, got {chunk_size}")
@@ -346,7 +280,6 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
     offload = HostCopy if offload is True else (offload or None)
     if param_gather is None:
         return _StreamedLayer.apply(layer, chunk_size, offload, None, cos_bsd, sin_bsd, doc_ids, x_bsh, *params)
-    check_param_gather(layer)
     held = _HeldGather(param_gather, params)
     x_bsh = _ReleaseAfterBackward.apply(held, x_bsh)
     with param_gather(params):  # whole parameters while autograd records their shapes
@@ -354,21 +287,10 @@ def streamed_layer(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tens
 
 
 def is_streamable(module: nn.Module) -> bool:
-    """Whether ``module`` is a decoder layer whose attention :func:`streamed_layer` streams too
-    (local or Ulysses attention); otherwise (ring, hybrid) the attention half is recomputed whole."""
+    """Whether ``module`` is a decoder layer whose attention :func:`streamed_layer` streams by key
+    prefix too (local or Ulysses attention); otherwise (ring, hybrid) the attention core runs whole
+    and the rest streams (:mod:`longtrain.memory.two_pass`)."""
     return isinstance(module, DecoderLayer) and can_stream(module.self_attn.attn_fn)
-
-
-def check_param_gather(layer: DecoderLayer) -> None:
-    """Refuse a parameter gather (ZeRO-3) for a layer whose attention cannot stream.
-
-    Raises:
-        ValueError: ring or hybrid attention (it recomputes attention whole through the module
-            hooks, which the gathered path bypasses).
-    """
-    if not is_streamable(layer):
-        raise ValueError("memory.streambp with zero.stage=3 needs local or Ulysses attention (ring and hybrid layouts "
-                         "recompute attention whole through the module hooks); use zero.stage 1 or 2 there")
 
 
 def chunk_working_set_bytes(args, batch: int, elem_bytes: int) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longtrain.memory.offload import HostCopy
-from longtrain.memory.streambp import (HostCopyFactory, ParamGather, check_param_gather, is_streamable,
+from longtrain.memory.streambp import (HostCopyFactory, ParamGather, is_streamable,
                                       streamed_layer)
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,7 @@ def _streamed_forward(self, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd:
 def _set_param_gather(self, factory: Optional[ParamGather]) -> None:
     """Gather this layer's partitioned parameters with ``factory(params) -> context manager``
     (ZeRO-3: ``deepspeed.zero.GatheredParameters``), once for the forward and once for the
-    streamed backward; None: the parameters are whole.
-
-    Raises:
-        ValueError: a factory for a layer whose attention cannot stream (ring, hybrid).
-    """
-    if factory is not None:
-        check_param_gather(self)
+    streamed backward; None: the parameters are whole."""
     self.param_gather = factory
 
 
@@ -127,7 +121,7 @@ def apply_streambp(model: nn.Module, chunk_size: int, offload: bool, host_copy: 
         layer.streambp_chunk, layer.param_gather = chunk_size, None
         layer.streambp_offload = host_copy if offload else None
     streams = "every part" if all(is_streamable(layer) for layer in layers) \
-        else "the MLP half (attention recomputed whole)"
+        else "all but the attention core (ring or hybrid attention runs whole)"
     log.info("StreamBP: %d decoder layers stream their backward in chunks of %d tokens, streaming %s%s", len(layers),
              chunk_size, streams, "; layer inputs offloaded to host memory" if offload else "")
 

@@ -38,10 +38,11 @@ to 2e-5, single entries much lower) differ by up to 1e-3 relative: hence the ato
 observed absolute differences and 20x below the smallest per-tensor median, so a wrong scale (x2,
 /dp, /accum), a lost shard edge or chunk, or a wrong balancing scope still fails at step 1.
 
-Cells longtrain refuses at start-up assert their one-line ConfigError naming the keys instead.
+Every cell trains: none is refused (StreamBP with ZeRO-3 under ring and hybrid layouts, refused
+before, streams all but the attention core: longtrain/memory/two_pass.py).
 
 The default run takes a slice (every layout, every stage, StreamBP on and off, dense and MoE,
-accumulation 1 and 2, and every refused cell); ``-m slow`` runs the other cells and ``-m "not gpu"``
+accumulation 1 and 2, and StreamBP + ZeRO-3 under the ring); ``-m slow`` runs the other cells and ``-m "not gpu"``
 all of them. The cells selected in a session run grouped by world size (test_zero.py's job
 runner: the cells of a group one after the other in the same ranks, at most GROUP_CELLS per
 group), each reference once per module, in the first single-process group.
@@ -52,8 +53,7 @@ import itertools
 
 import pytest
 
-from longtrain.config import ConfigError
-from support.helpers import SMALL, compose_cfg
+from support.helpers import SMALL
 from support.harness import run_jobs
 from support.parity import STEP1_RTOL, assert_same_curve, assert_same_step1, assert_scalar
 
@@ -76,20 +76,13 @@ def kv_heads(world: int) -> int:
     return 1 if world == 4 else 2
 
 
-def refusal(layout: str, stage: int, sbp: str, model: str, accum: int):
-    """The keys a refused cell's error must name, or None for a cell that trains."""
-    _, _, ring = LAYOUTS[layout]
-    if sbp == "sbp" and stage == 3 and ring > 1:
-        return ("memory.streambp.enabled", "zero.stage=3", "parallel.sp.ring")
-    return None
-
-
 # The default slice: every layout, every stage, StreamBP on and off, dense and MoE, accumulation 1
-# and 2, on each world size; and every refused cell. The rest is slow.
+# and 2, on each world size; and StreamBP with ZeRO-3 under the ring. The rest is slow.
 DEFAULT = {
     ("1", 1, "sbp", "moe", 2), ("1", 3, "plain", "dense", 1),
     ("u2", 2, "sbp", "dense", 1), ("r2", 3, "plain", "moe", 2),
     ("u2xr2", 0, "sbp", "moe", 1), ("dp2xu2", 3, "sbp", "dense", 2), ("dp2xr2", 2, "plain", "moe", 2),
+    ("r2", 3, "sbp", "moe", 2),
 }
 
 
@@ -107,8 +100,8 @@ CELLS = [c for c in itertools.product(LAYOUTS, STAGES, SBP, MODELS, ACCUM) if no
 PARITY = {("u2", 2, "sbp", "dense", 1), ("r2", 3, "plain", "moe", 2)}
 """Cells of the parity slice .ci/run repeats under ATEN_CPU_CAPABILITY=default (two-rank, fast)."""
 PARAMS = [pytest.param(*c, id=cell_id(c), marks=(pytest.mark.parity,) if c in PARITY else ()
-                       if c in DEFAULT or refusal(*c) else pytest.mark.slow)
-          for c in CELLS]  # refused cells only compose a config: all of them in the default run
+                       if c in DEFAULT else pytest.mark.slow)
+          for c in CELLS]
 
 
 def overrides(tmp, name, layout, stage, sbp, model, accum):
@@ -156,7 +149,7 @@ def matrix(request, tmp_path_factory):
     its cells one after the other (test_zero.py's job runner); every reference once, in the first
     world-1 group. A group that fails fails each of its cells with its error (it is not rerun)."""
     tmp = tmp_path_factory.mktemp("matrix")
-    cells = [c for c in _selected_cells(request.session) if refusal(*c) is None]
+    cells = _selected_cells(request.session)
     groups, runs = {}, {}
     for world in sorted({LAYOUTS[c[0]][0] for c in cells} | {1}):
         mine = [c for c in cells if LAYOUTS[c[0]][0] == world]
@@ -191,14 +184,7 @@ def assert_matches(got, ref, moe):
 
 
 @pytest.mark.parametrize("layout, stage, sbp, model, accum", PARAMS)
-def test_cell(matrix, tmp_path, layout, stage, sbp, model, accum):
-    keys = refusal(layout, stage, sbp, model, accum)
-    if keys is not None:
-        with pytest.raises(ConfigError) as err:
-            compose_cfg(overrides(tmp_path, "refused", layout, stage, sbp, model, accum))
-        message = str(err.value)
-        assert "\n" not in message and all(k in message for k in keys), message
-        return
+def test_cell(matrix, layout, stage, sbp, model, accum):
     reference, result = matrix
     ref = reference(reference_key(layout, model, accum))
     assert_matches(result((layout, stage, sbp, model, accum)), ref, moe=model == "moe")

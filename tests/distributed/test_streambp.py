@@ -43,8 +43,8 @@ def _grads(layer, x, out, dout):
 
 
 def _distributed_attention(q, k, v, doc_ids=None, scale=None):
-    """Stands for Ulysses/ring attention: any attention function other than local_attention makes
-    the streamed backward recompute attention whole and stream the MLP half."""
+    """Stands for ring attention: an attention function without ``chunk_keys`` makes the streamed
+    backward run the attention core whole and stream the rest (longtrain/memory/two_pass.py)."""
     return local_attention(q, k, v, doc_ids=doc_ids, scale=scale)
 
 
@@ -171,9 +171,9 @@ def _sp_worker(rank: int, world: int) -> dict:
     keys = UlyssesAttention(None).chunk_keys(k, k, None, 0.5, 4)
     errs["chunk_keys ulysses"] = float(not isinstance(keys, ChunkKeys) or keys.k_bshd.shape != (B, S, 1, 8)
                                        or keys.key_end(0, 7) != S // world + 7)
-    errs["chunk_keys hybrid"] = float(UlyssesAttention(None, inner=RingAttention(None, S)).chunk_keys(
+    errs["chunk_keys hybrid"] = float(UlyssesAttention(None, inner=RingAttention(None)).chunk_keys(
         k, k, None, 0.5, 4) is not None)
-    errs["chunk_keys ring"] = float(RingAttention(None, S).chunk_keys(k, k, None, 0.5, 4) is not None)
+    errs["chunk_keys ring"] = float(RingAttention(None).chunk_keys(k, k, None, 0.5, 4) is not None)
     for model in ("gqa", "qwen3"):  # qwen3 here has one KV head: replicated for U=2
         for layout in ("ulysses", "ring"):
             layer, x, dout, cos, sin = _layer_and_inputs(model, torch.float64)

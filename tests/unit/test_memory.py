@@ -99,12 +99,16 @@ def test_each_apply_logs_one_line(caplog):
     assert len(lines) == 1 and "chunks of 8 tokens" in lines[0] and "every part" in lines[0], lines
 
 
-def test_a_param_gather_is_used_once_for_the_forward_and_once_for_the_backward():
+@pytest.mark.parametrize("attention", ["local", "ring"])
+def test_a_param_gather_is_used_once_for_the_forward_and_once_for_the_backward(attention):
     """The gathered (ZeRO-3) path on CPU with a counting stand-in for the gather: the same
-    gradients (fp64, 1e-10), two gathers per layer, each of the layer's parameters."""
+    gradients (fp64, 1e-10), two gathers per layer, each of the layer's parameters; under ring
+    attention (a ring of one here), whose attention core runs whole, as under local attention."""
     net = _model()
     ids, labels = _inputs(net)
     want_loss, want = _loss_and_grads(net, ids, labels)
+    if attention == "ring":
+        net.set_attention_fn(RingAttention(None))
     apply_streambp(net, 13, offload=False)
     gathered = []
 
@@ -140,12 +144,25 @@ def test_the_streamed_forward_never_holds_the_whole_mlp_working_set(gathered):
     assert not any(s[-1:] == (inner,) and S in s for s in shapes)
 
 
-def test_a_param_gather_is_refused_where_attention_cannot_stream():
+def test_the_streamed_backward_under_ring_holds_no_whole_sequence_mlp_or_norm():
+    """Under ring attention only the attention core runs whole in the backward: no tensor has the
+    whole sequence's [S, intermediate] shape, and the input norm's statistics and RoPE's rotation
+    exist per chunk only (a whole recomputation of the attention half makes both for all S)."""
+    from longtrain.plan.tracker import StepTracker
+
     net = _model()
-    net.set_attention_fn(RingAttention(None, S))
-    apply_streambp(net, 8, offload=False)
-    with pytest.raises(ValueError, match="memory.streambp with zero.stage=3 needs local or Ulysses attention"):
-        net.layers[0].set_param_gather(lambda params: contextlib.nullcontext())
+    ids, labels = _inputs(net)
+    net.set_attention_fn(RingAttention(None))
+    apply_streambp(net, 13, offload=False)
+    loss = chunked_lm_loss(net.hidden_states(ids, doc_ids=DOCS), net.output_weight, labels, chunk_size=16)
+    with StepTracker() as tracker:
+        loss.backward()
+    shapes = [shape for op, shape, _, _ in tracker.origin.values()]
+    inner = net.args.intermediate_size
+    assert any(s[-1:] == (inner,) and 13 in s for s in shapes)  # the chunks ran
+    assert not any(s[-1:] == (inner,) and S in s for s in shapes)
+    whole = [(op, shape) for op, shape, _, _ in tracker.origin.values() if op in ("rsqrt", "neg") and S in shape]
+    assert not whole, whole
 
 
 def test_install_param_gather_reaches_every_streamed_layer():
@@ -173,7 +190,7 @@ def test_chunk_keys_of_each_attention_function():
         torch.testing.assert_close(keys.attend(q, 8, 16, k[:, :16], v[:, :16]),
                                    local_attention(torch.cat([torch.zeros(B, 8, 4, 8), q], 1), k[:, :16], v[:, :16],
                                                    doc_ids=DOCS[:, :16], scale=0.5)[:, 8:], rtol=1e-5, atol=1e-6)
-    for fn in (RingAttention(None, S), UlyssesAttention(None, inner=RingAttention(None, S))):
+    for fn in (RingAttention(None), UlyssesAttention(None, inner=RingAttention(None))):
         assert not fn.can_stream and fn.chunk_keys(k, v, DOCS, 0.5, 4) is None
 
 

@@ -1,0 +1,65 @@
+"""The parts of a decoder layer that StreamBP's backward recomputes for a slice of tokens, run
+without the modules' hooks (with a parameter gather, ZeRO-3, the streamed backward gathers a
+layer's parameters once, and the per-module hooks would gather and release them again around every
+call, once per chunk).
+
+Layouts: ``x_bsh`` [B, S, hidden]; ``q_bshd`` [B, S, Hq, D]; ``k_bshd``/``v_bshd`` [B, S, Hkv, D].
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from longtrain.models.llama import DecoderLayer, apply_rope
+from longtrain.models.moe import MoE
+
+
+def run(module: nn.Module, *args):
+    """``module(*args)`` without its hooks (module docstring)."""
+    return module.forward(*args)
+
+
+def mlp_branch(layer: DecoderLayer, h_bsh: torch.Tensor, routing_bsk: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The MLP half's residual branch, ``mlp(post_attention_layernorm(h))``, through :func:`run`.
+    An MoE block routes by ``routing_bsk`` (the forward's expert ids) when given, and records its
+    routing only when not (i.e. in a forward, not in a recomputation)."""
+    mlp = layer.mlp
+    x = run(layer.post_attention_layernorm, h_bsh)
+    if isinstance(mlp, MoE):
+        routing = None if routing_bsk is None else routing_bsk.reshape(-1, routing_bsk.shape[-1])
+        return mlp.forward(x, routing=routing, stash=routing is None, call=run)
+    return run(mlp.down_proj, torch.nn.functional.silu(run(mlp.gate_proj, x)) * run(mlp.up_proj, x))
+
+
+def keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
+                sin_bsd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K (after k-norm and RoPE) and V of the tokens of ``x_bsh``."""
+    attn = layer.self_attn
+    b, s, _ = x_bsh.shape
+    h_bsh = run(layer.input_layernorm, x_bsh)
+    k_bshd = run(attn.k_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
+    v_bshd = run(attn.v_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
+    if attn.qk_norm:  # in v's precision, as Attention.forward: the fused kernels take half precision only
+        k_bshd = run(attn.k_norm, k_bshd).to(v_bshd.dtype)
+    return apply_rope(k_bshd, cos_bsd, sin_bsd), v_bshd
+
+
+def queries(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Q (after q-norm, in ``dtype``, v's precision as Attention.forward casts it, and RoPE) of the
+    tokens of ``x_bsh``."""
+    attn = layer.self_attn
+    b, s, _ = x_bsh.shape
+    q_bshd = run(attn.q_proj, run(layer.input_layernorm, x_bsh)).view(b, s, attn.num_heads, attn.head_dim)
+    if attn.qk_norm:
+        q_bshd = run(attn.q_norm, q_bshd).to(dtype)
+    return apply_rope(q_bshd, cos_bsd, sin_bsd)
+
+
+def accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """Add ``grads`` into ``acc`` in place, position by position (None: nothing to add)."""
+    for i, g in enumerate(grads):
+        if g is not None:
+            acc[i] = g if acc[i] is None else acc[i] + g
