@@ -33,12 +33,10 @@ def mlp_branch(layer: DecoderLayer, h_bsh: torch.Tensor, routing_bsk: Optional[t
     return run(mlp.down_proj, torch.nn.functional.silu(run(mlp.gate_proj, x)) * run(mlp.up_proj, x))
 
 
-def keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
-                sin_bsd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """K (after k-norm and RoPE) and V of the tokens of ``x_bsh``."""
+def _keys_values(layer: DecoderLayer, h_bsh: torch.Tensor, cos_bsd: torch.Tensor,
+                 sin_bsd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     attn = layer.self_attn
-    b, s, _ = x_bsh.shape
-    h_bsh = run(layer.input_layernorm, x_bsh)
+    b, s, _ = h_bsh.shape
     k_bshd = run(attn.k_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
     v_bshd = run(attn.v_proj, h_bsh).view(b, s, attn.num_kv_heads, attn.head_dim)
     if attn.qk_norm:  # in v's precision, as Attention.forward: the fused kernels take half precision only
@@ -46,16 +44,36 @@ def keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
     return apply_rope(k_bshd, cos_bsd, sin_bsd), v_bshd
 
 
+def _queries(layer: DecoderLayer, h_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    attn = layer.self_attn
+    b, s, _ = h_bsh.shape
+    q_bshd = run(attn.q_proj, h_bsh).view(b, s, attn.num_heads, attn.head_dim)
+    if attn.qk_norm:
+        q_bshd = run(attn.q_norm, q_bshd).to(dtype)
+    return apply_rope(q_bshd, cos_bsd, sin_bsd)
+
+
+def keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
+                sin_bsd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K (after k-norm and RoPE) and V of the tokens of ``x_bsh``."""
+    return _keys_values(layer, run(layer.input_layernorm, x_bsh), cos_bsd, sin_bsd)
+
+
 def queries(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
             dtype: torch.dtype) -> torch.Tensor:
     """Q (after q-norm, in ``dtype``, v's precision as Attention.forward casts it, and RoPE) of the
     tokens of ``x_bsh``."""
-    attn = layer.self_attn
-    b, s, _ = x_bsh.shape
-    q_bshd = run(attn.q_proj, run(layer.input_layernorm, x_bsh)).view(b, s, attn.num_heads, attn.head_dim)
-    if attn.qk_norm:
-        q_bshd = run(attn.q_norm, q_bshd).to(dtype)
-    return apply_rope(q_bshd, cos_bsd, sin_bsd)
+    return _queries(layer, run(layer.input_layernorm, x_bsh), cos_bsd, sin_bsd, dtype)
+
+
+def queries_keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
+                        sin_bsd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V of the tokens of ``x_bsh`` (as :func:`queries` and :func:`keys_values`), the input
+    norm computed once."""
+    h_bsh = run(layer.input_layernorm, x_bsh)
+    k_bshd, v_bshd = _keys_values(layer, h_bsh, cos_bsd, sin_bsd)
+    return _queries(layer, h_bsh, cos_bsd, sin_bsd, v_bshd.dtype), k_bshd, v_bshd
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:

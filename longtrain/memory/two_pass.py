@@ -27,13 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from longtrain.memory.layer_parts import accumulate, keys_values, mlp_branch, queries, run
+from longtrain.memory.layer_parts import accumulate, mlp_branch, queries_keys_values, run
 from longtrain.models.llama import DecoderLayer
-
-
-def _qkv(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor):
-    k_bshd, v_bshd = keys_values(layer, x_bsh, cos_bsd, sin_bsd)
-    return queries(layer, x_bsh, cos_bsd, sin_bsd, v_bshd.dtype), k_bshd, v_bshd
 
 
 def attention_half_whole(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
@@ -41,7 +36,7 @@ def attention_half_whole(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torc
     """``x + attn(norm(x))`` of the whole sequence as the layer's forward computes it, without the
     modules' hooks (the forward of a layer whose parameters a gather holds)."""
     attn = layer.self_attn
-    q_bshd, k_bshd, v_bshd = _qkv(layer, x_bsh, cos_bsd, sin_bsd)
+    q_bshd, k_bshd, v_bshd = queries_keys_values(layer, x_bsh, cos_bsd, sin_bsd)
     out_bshd = attn.attn_fn(q_bshd, k_bshd, v_bshd, doc_ids=doc_ids, scale=attn.scale)
     return x_bsh + run(attn.o_proj, out_bshd.reshape(*x_bsh.shape[:2], -1))
 
@@ -54,7 +49,7 @@ def _whole_qkv(layer: DecoderLayer, x_bsh, cos_bsd, sin_bsd, spans) -> Tuple[tor
     """Step 1's Q, K, V of the whole sequence, computed chunk by chunk into preallocated buffers."""
     whole: List[torch.Tensor] = []
     for start, end in spans:
-        parts = _qkv(layer, x_bsh[:, start:end], cos_bsd[:, start:end], sin_bsd[:, start:end])
+        parts = queries_keys_values(layer, x_bsh[:, start:end], cos_bsd[:, start:end], sin_bsd[:, start:end])
         if not whole:
             whole = [p.new_empty((p.shape[0], x_bsh.shape[1], *p.shape[2:])) for p in parts]
         for buffer, part in zip(whole, parts):
@@ -97,7 +92,7 @@ def backward_attention_whole(layer: DecoderLayer, chunk: int, x_bsh: torch.Tenso
     for start, end in spans:  # step 4: Q, K, V back to the input and the projections
         with torch.enable_grad():
             x_bch = x_bsh[:, start:end].requires_grad_()
-            parts = _qkv(layer, x_bch, cos_bsd[:, start:end], sin_bsd[:, start:end])
+            parts = queries_keys_values(layer, x_bch, cos_bsd[:, start:end], sin_bsd[:, start:end])
         grads = torch.autograd.grad(parts, [x_bch, *params], [g[:, start:end] for g in dqkv], allow_unused=True)
         dx_bsh[:, start:end] += grads[0]
         accumulate(dparams, grads[1:])

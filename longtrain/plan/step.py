@@ -365,9 +365,9 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
     kinds = StepKinds(param_keys, grad_keys, state_keys, buffer_keys, input_keys, tracker.step_start,
                       tracker.comm_serials)
     cats, peak_tensors = split(tracker, kinds, tracker.peak_snapshot, tracker.peak_phase)
-    largest_by_key = {"workspace": tracker.workspace_peak}
+    largest_by_key, held = {"workspace": tracker.workspace_peak}, grad_keys | buffer_keys
     for serial, size in tracker.allocations:
-        if serial not in grad_keys | buffer_keys:
+        if serial not in held:
             op, _, _, phase = tracker.origin[serial]
             key = f"{phase}:{op}"
             largest_by_key[key] = max(largest_by_key.get(key, 0), size)
