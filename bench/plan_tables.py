@@ -39,6 +39,9 @@ ROWS: Dict[str, Tuple[str, List[str], str, int]] = {
     # Llama-3.1-8B on one H100 needs the optimizer in host memory (16 bytes per parameter = 120 GiB)
     "8b-1xh100-zero2-offload-streambp-offload": ("llama8b", ["zero.stage=2", "zero.offload_optimizer=cpu"] + SBP_OFF,
                                                  "h100", 1),
+    # ...or the parameters and the optimizer both there (ZeRO-3 Offload): the GPU holds a layer's gathered ones
+    "8b-1xh100-zero3-offload-all-streambp-offload": ("llama8b", ["zero.stage=3", "zero.offload_optimizer=cpu",
+                                                                 "zero.offload_params=cpu"] + SBP_OFF, "h100", 1),
     "8b-8xh100-u8-zero3-streambp-offload": ("llama8b", ["parallel.sp.ulysses=8", "zero.stage=3"] + SBP_OFF, "h100", 8),
     "8b-8xh100-u8-zero3-checkpointing": ("llama8b", ["parallel.sp.ulysses=8", "zero.stage=3"] + CKPT, "h100", 8),
 }
