@@ -1,6 +1,7 @@
 """Training with StreamBP equals training without it (gloo, CPU): single process, Ulysses 2, ring 2,
-ZeRO 1/2/3 on dp 2 and ZeRO-3 with Ulysses 2, against one process without StreamBP on the same
-global batch. Under ZeRO-2 each parameter's gradient is reduced once per backward and under ZeRO-3
+ZeRO 1/2/3 on dp 2 and ZeRO-3 with Ulysses 2 and ring 2 (and, slow, ZeRO-3 with the parameters and
+the optimizer offloaded on dp 2, Ulysses 2, ring 2 and Ulysses 2 x ring 2), against one process
+without StreamBP on the same global batch. Under ZeRO-2 each parameter's gradient is reduced once per backward and under ZeRO-3
 each layer's parameters are gathered once for its forward and once for its streamed backward,
 whatever the number of chunks (both counted).
 
@@ -88,6 +89,26 @@ def test_streambp_training_matches_plain_backprop(tmp_path):
         assert gathers == 2 * layer_passes, (name, gathers, layer_passes)
     counts, num_params = results["dp2-zero2"]["reductions"]
     assert counts == [2] and num_params == len(ref["grads"])  # 2 micro-batches per step on dp 2
+
+
+ZERO3_OFFLOAD = ["zero.stage=3", "zero.offload_params=cpu", "zero.offload_optimizer=cpu"]
+"""ZeRO-3 with the parameters and the optimizer in host memory (the one-GPU layout for an 8B model)."""
+
+
+@pytest.mark.slow
+def test_streambp_with_zero3_parameter_and_optimizer_offload_matches_plain_backprop(tmp_path):
+    """ZeRO-3 Offload (parameters and optimizer on the host, DeepSpeed's CPU Adam) under StreamBP,
+    with and without the layer inputs offloaded, on dp 2, Ulysses 2, ring 2 and Ulysses 2 x ring 2,
+    equals one process without either (about a minute: slow)."""
+    ref = run_jobs(1, _jobs(tmp_path, {"ref": []}))["ref"]
+    off = SBP + ["memory.offload_checkpoints=true"]
+    two = {"dp2": SBP + ZERO3_OFFLOAD, "u2-offload": off + ZERO3_OFFLOAD + ["parallel.sp.ulysses=2"],
+           "r2-offload": off + ZERO3_OFFLOAD + ["parallel.sp.ring=2"]}
+    four = {"u2xr2": SBP + ZERO3_OFFLOAD + ["parallel.sp.ulysses=2", "parallel.sp.ring=2"]}
+    results = {**run_jobs(2, _jobs(tmp_path, two)), **run_jobs(4, _jobs(tmp_path, four))}
+    for name, result in results.items():
+        assert result["streamed"] == 48, name
+        _check(result, ref)
 
 
 def test_streambp_config_errors():
