@@ -255,8 +255,10 @@ class RingAttention:
     (the training length, evaluation beyond it, a planner's short warm-up step); a length the
     zigzag cut cannot take (not a multiple of ``2 * ring``) is refused.
 
-    It does not stream (:mod:`longtrain.kernels.attention`): a chunk's keys live on every rank of
-    the ring, so StreamBP recomputes ring attention whole (one ring pass, as under checkpointing).
+    It does not stream by key prefix (:mod:`longtrain.kernels.attention`): a chunk's keys live on
+    every rank of the ring, so StreamBP runs this attention core whole (one ring pass forward and
+    one backward, as under checkpointing) and streams the rest of the layer
+    (:mod:`longtrain.memory.two_pass`).
     """
 
     can_stream = False
