@@ -107,6 +107,19 @@ def _join_head_chunks(parts: Sequence[torch.Tensor], degree: int) -> torch.Tenso
     return torch.stack([p.unflatten(HEAD_DIM, (degree, -1)) for p in parts], dim=3).flatten(2, 4)
 
 
+def _forget(attention) -> Callable[[weakref.ref], None]:
+    """The callback that drops ``attention``'s cached gathered document ids once the tensor they
+    were gathered from dies (holds ``attention`` weakly)."""
+    owner = weakref.ref(attention)
+
+    def drop(ref: weakref.ref) -> None:
+        me = owner()
+        if me is not None and me._doc_cache is not None and me._doc_cache[0] is ref:
+            me._doc_cache = None
+
+    return drop
+
+
 class _PipelinedUlysses(torch.autograd.Function):
     """Ulysses attention with the heads in C chunks whose all-to-alls overlap the other chunks' work.
 
@@ -246,7 +259,8 @@ class UlyssesAttention:
         reuse the gathered copy. A hit needs the very object (weak reference still alive) at the
         same in-place version; every rank runs the same program, so all ranks hit or miss together
         and the all-gather stays matched across the group. Inference-mode tensors carry no version
-        counter and are never cached.
+        counter and are never cached. The gathered copy is dropped when ``doc_ids`` dies, so it does
+        not outlive its batch (8 bytes per token of the Ulysses-level sequence, held between steps).
         """
         if doc_ids_bs is None:
             return None
@@ -255,7 +269,8 @@ class UlyssesAttention:
         if cacheable and cache is not None and cache[0]() is doc_ids_bs and cache[1] == doc_ids_bs._version:
             return cache[2]
         doc_ids_bS = all_gather_seq(doc_ids_bs, self.group, self.stats)
-        self._doc_cache = (weakref.ref(doc_ids_bs), doc_ids_bs._version, doc_ids_bS) if cacheable else None
+        self._doc_cache = ((weakref.ref(doc_ids_bs, _forget(self)), doc_ids_bs._version, doc_ids_bS)
+                           if cacheable else None)
         return doc_ids_bS
 
     def __call__(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor,

@@ -153,6 +153,9 @@ def _worker(rank, world):
     after_two = attn.stats.as_dict()
     doc_local.add_(0)  # an in-place change must invalidate the cache
     attn(q[:, sl], k[:, sl], v[:, sl], doc_ids=doc_local)
+    cached_while_alive = attn._doc_cache is not None
+    del doc_local  # the batch is gone: its gathered ids go with it (not held until the next step)
+    dropped_with_batch = attn._doc_cache is None
     with torch.inference_mode():  # inference tensors have no version counter: never cached
         doc_inf = doc_bs[:, sl].clone()
         for _ in range(2):
@@ -162,7 +165,8 @@ def _worker(rank, world):
         error = ""
     except ValueError as exc:
         error = str(exc)
-    out[("traffic", rank)] = dict(after_two=after_two, gathers=attn.stats.num_all_gather, error=error)
+    out[("traffic", rank)] = dict(after_two=after_two, gathers=attn.stats.num_all_gather, error=error,
+                                  dropped=cached_while_alive and dropped_with_batch)
     if world == 4:
         out[("hybrid", rank)] = _run_hybrid(rank)
     return out
@@ -240,6 +244,7 @@ def test_attention_traffic_and_doc_id_cache(world_results):
         assert r["after_two"]["fwd_bytes_sent"] == 2 * a2a_per_layer + gather
         assert r["after_two"]["bwd_bytes_sent"] == 2 * a2a_per_layer
         assert r["gathers"] == 4  # in-place change: gathered again; inference mode: every call
+        assert r["dropped"]
         if world == 4:
             assert "parallel.sp.ulysses=4 does not divide model.num_heads=6" in r["error"]
         else:
