@@ -31,6 +31,10 @@ plan of the whole model:
   model; its flat buffers are padded, which alternates with the depth's parity): when three probes
   are not linear, the next set is deeper, or twice as far apart (:data:`ATTEMPTS`), and the whole
   model is planned when no set below its depth is linear (the log says why);
+- the largest single transient tensor, a figure the plan reports and nothing else uses, is extended
+  op by op as the local peaks are, but an op off its line is kept at its bound instead of sending
+  the plan to deeper probes: the figure is then an upper bound (under ZeRO-2 DeepSpeed's fp32 copies
+  of gradient pieces, cut by partition boundaries that move with the depth, are such ops);
 - the derived figures (step time with overlap, tokens/s, MFU) are recomputed from the extended
   sums, and the largest tensors at the peak are those of the deepest probe (a per-layer tensor
   is the same at any depth; a flat buffer over every parameter grows with it).
@@ -122,13 +126,15 @@ def _extend_rows(rows: Sequence[List[dict]], depths, depth: int) -> List[dict]:
 
 
 def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], depth: int,
-                   what: str) -> Tuple[Dict[str, int], str]:
+                   what: str, bound: bool = False) -> Tuple[Dict[str, int], str]:
     """A maximum over keys (the local peaks, the largest transient by op) at ``depth``: each key's
     value on its line, and the key of the largest. A key off the line is left out where its value
-    extended at its steepest step between the probes stays below the largest (module docstring).
+    extended at its steepest step between the probes stays below the largest (module docstring);
+    with ``bound``, it is kept at that value instead, so the maximum is an upper bound (for a figure
+    only reported, the largest transient: no reason to plan the whole model for it).
 
     Raises:
-        NotPeriodic: a key off the line could reach the largest.
+        NotPeriodic: a key off the line could reach the largest (without ``bound``).
     """
     lines, bounds = {}, {}
     for key in by_key[-1]:
@@ -138,6 +144,9 @@ def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], dept
         except NotPeriodic:  # off the line: extended at its steepest step, an upper bound
             steps = (depth - depths[-1]) // (depths[1] - depths[0])
             bounds[key] = values[-1] + max(values[1] - values[0], values[2] - values[1], 0) * steps
+    if bound:
+        lines.update(bounds)
+        bounds = {}
     if not lines:
         raise NotPeriodic(f"{what}: no key is on its line")
     top = max(lines, key=lines.get)
@@ -159,7 +168,8 @@ def extend(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int
         here = max(p.peak_by_key, key=p.peak_by_key.get)
         if here != top:  # the split of the peak into kinds was measured elsewhere
             raise NotPeriodic(f"the peak moves from {here} ({d} layers) to {top} ({depth} layers)")
-    largest, top_transient = _extend_maxima([p.largest_by_key for p in plans], depths, depth, "largest transient")
+    largest, top_transient = _extend_maxima([p.largest_by_key for p in plans], depths, depth, "largest transient",
+                                            bound=True)
     out = {"peak_by_key": peaks, "largest_by_key": largest, "largest_transient": largest[top_transient]}
     for f in dataclasses.fields(StepPlan):
         values = [getattr(p, f.name) for p in plans]

@@ -17,9 +17,11 @@ rank below that row. Nor when a feature of the same layout whose step holds no m
 and more, so where checkpointing does not fit neither does it (at long context the costliest plans
 of a sweep, and never the answer). What is alive when a step starts (the parameters, the optimizer
 state, the engine's buffers: :attr:`~longtrain.plan.step.StepPlan.start_bytes`) depends on the model,
-the layout and the ZeRO stage, not on the memory feature, so each (Ulysses, ring, ZeRO stage) group
-plans :data:`PLANNED_FIRST` alone, and when that alone exceeds the GPU the group's other features are
-listed as not fitting with it (``floor_bytes``) instead of planned. And the plans run in ``jobs``
+the world size and the ZeRO stage, not on the memory feature nor on how the ranks split into Ulysses,
+ring and data parallelism (ZeRO shards over all of them; ``tests/unit/test_plan_sweep.py`` holds it
+equal), so each (Ulysses, ring, ZeRO stage) group plans :data:`PLANNED_FIRST` alone, and when that
+alone exceeds the GPU every row of that ZeRO stage not yet started is listed as not fitting with it
+(``floor_bytes``) instead of planned. And the plans run in ``jobs``
 worker processes (``longtrain-plan --sweep --jobs N``, default one per CPU, at most 8), each a fresh
 interpreter; the rows are the same as one process's. A fresh interpreter imports the caller's
 ``__main__`` again, so a script that calls :func:`sweep` with ``jobs > 1`` keeps its work under
@@ -33,6 +35,7 @@ import dataclasses
 import logging
 import multiprocessing
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -80,13 +83,15 @@ class SweepRow:
     exceeds: str = ""
     """Set on a row left unplanned: the memory feature of the same layout whose step holds no more
     and does not fit (:data:`HOLDS_AT_MOST`); ``floor_bytes`` is that feature's peak."""
+    seconds: Optional[float] = None
+    """Wall seconds its plan (or refusal) took in its worker; None when not planned."""
 
     def fits(self, gpu: Gpu) -> bool:
         return self.plan is not None and gpu.fits(self.plan)
 
     def as_dict(self, gpu: Gpu) -> dict:
         out = {k: getattr(self, k) for k in ("ulysses", "ring", "dp", "zero_stage", "memory", "error", "floor_bytes",
-                                              "faster_fits", "exceeds")}
+                                              "faster_fits", "exceeds", "seconds")}
         out["fits"] = self.fits(gpu)
         out["plan"] = None if self.plan is None else dataclasses.asdict(self.plan)
         return out
@@ -137,13 +142,25 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
                               f"not planned: more than {row.exceeds}'s {row.floor_bytes / 2**30:.2f} GiB"
                               if row.exceeds else
                               f"not planned: {row.floor_bytes / 2**30:.2f} GiB alive before the step"))
+        if row.seconds is not None:
+            whole = row.plan is not None and row.plan.depth_probes is None
+            what += f" (planned in {row.seconds:.0f} s" + (", every layer" if whole else "") + ")"
         progress(f"[{done}/{len(todo)}] ulysses={row.ulysses} ring={row.ring} dp={row.dp} zero={row.zero_stage} "
                  f"{row.memory}: {what}")
 
     settled, started = set(), set()
 
-    def settle(row: SweepRow, result) -> List[SweepRow]:
-        """Record ``result`` (a plan or the refusal) on ``row``; the rows of its group to plan now."""
+    def leave_out(group: List[SweepRow], start_bytes: int) -> None:
+        """Settle ``group``'s rows not started as not fitting: ``start_bytes`` alive before the step."""
+        for other in group:
+            if id(other) not in settled and id(other) not in started:
+                other.floor_bytes = start_bytes
+                settled.add(id(other))
+                report(other)
+
+    def settle(row: SweepRow, timed) -> List[SweepRow]:
+        """Record ``timed`` (a plan or the refusal, and its seconds) on ``row``; the rows of its group to plan now."""
+        result, row.seconds = timed
         if isinstance(result, ValueError):
             row.error = str(result).splitlines()[0]
         else:
@@ -152,47 +169,59 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
         report(row)
         group = groups[(row.ulysses, row.ring, row.zero_stage)]
         first = _first(group)
+        if row is first and first.plan is not None and first.plan.start_bytes > gpu.memory_bytes:
+            for key, others in groups.items():  # the same bytes in every layout of the stage (docstring)
+                if key[2] == row.zero_stage:
+                    leave_out(others, first.plan.start_bytes)
+            return []
         ready = []
         for other in group:
             if id(other) in settled or id(other) in started:
                 continue
-            if first.plan is not None and first.plan.start_bytes > gpu.memory_bytes:
-                other.floor_bytes = first.plan.start_bytes
+            faster = [r for r in group if r.memory in AT_LEAST_AS_FAST.get(other.memory, ())]
+            smaller = [r for r in group if r.memory in HOLDS_AT_MOST.get(other.memory, ())]
+            if not all(id(r) in settled for r in faster + smaller):
+                continue
+            over = next((r for r in smaller if r.plan is not None and not r.fits(gpu)), None)
+            if over is not None:
+                other.exceeds, other.floor_bytes = over.memory, over.plan.peak_bytes
             else:
-                faster = [r for r in group if r.memory in AT_LEAST_AS_FAST.get(other.memory, ())]
-                smaller = [r for r in group if r.memory in HOLDS_AT_MOST.get(other.memory, ())]
-                if not all(id(r) in settled for r in faster + smaller):
-                    continue
-                over = next((r for r in smaller if r.plan is not None and not r.fits(gpu)), None)
-                if over is not None:
-                    other.exceeds, other.floor_bytes = over.memory, over.plan.peak_bytes
-                else:
-                    other.faster_fits = next((r.memory for r in faster if r.fits(gpu)), "")
-                if not other.faster_fits and not other.exceeds:
-                    started.add(id(other))
-                    ready.append(other)
-                    continue
+                other.faster_fits = next((r.memory for r in faster if r.fits(gpu)), "")
+            if not other.faster_fits and not other.exceeds:
+                ready.append(other)
+                continue
             settled.add(id(other))
             report(other)
         return ready
 
     args = (world_size, gpu, net, exact)
-    firsts = [_first(group) for group in groups.values()]
-    started.update(id(r) for r in firsts)
-    if jobs <= 1:
-        queue = list(firsts)
+    queue = [_first(group) for group in groups.values()]
+
+    def take() -> Optional[SweepRow]:
+        """The next row of the queue still to plan (marked started), None when none is left."""
         while queue:
             row = queue.pop(0)
-            queue.extend(settle(row, _plan_row(cfg, _row_layout(row), *args)))
+            if id(row) not in settled and id(row) not in started:
+                started.add(id(row))
+                return row
+        return None
+
+    if jobs <= 1:
+        while (row := take()) is not None:
+            queue[:0] = settle(row, _plan_row(cfg, _row_layout(row), *args))
         return sorted(rows, key=lambda r: _order(r, gpu))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state of this one's plans
     with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker) as pool:
-        pending = {pool.submit(_plan_row, cfg, _row_layout(r), *args): r for r in firsts}
-        while pending:
+        pending: Dict[futures.Future, SweepRow] = {}
+        while True:
+            while len(pending) < jobs and (row := take()) is not None:  # one plan per worker: a queued
+                pending[pool.submit(_plan_row, cfg, _row_layout(row), *args)] = row  # row may yet be left out
+            if not pending:
+                break
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             for future in finished:
-                for row in settle(pending.pop(future), future.result()):
-                    pending[pool.submit(_plan_row, cfg, _row_layout(row), *args)] = row
+                row = pending.pop(future)
+                queue[:0] = settle(row, future.result())
     return sorted(rows, key=lambda r: _order(r, gpu))
 
 
@@ -208,11 +237,14 @@ def _row_layout(row: SweepRow) -> Tuple[int, int, int, str]:
 
 def _plan_row(cfg: Config, layout: Tuple[int, int, int, str], world_size: int, gpu: Gpu,
               net: Optional[Interconnect], exact: bool):
-    """The plan of one layout, or the ValueError that refuses it (returned: it crosses processes)."""
+    """The plan of one layout, or the ValueError that refuses it (returned: it crosses processes),
+    and the wall seconds it took."""
+    start = time.perf_counter()
     try:
-        return plan_step(layout_config(cfg, *layout), gpu, world_size=world_size, net=net, exact=exact)
+        result = plan_step(layout_config(cfg, *layout), gpu, world_size=world_size, net=net, exact=exact)
     except ValueError as refused:
-        return ValueError(str(refused))
+        result = ValueError(str(refused))
+    return result, time.perf_counter() - start
 
 
 def _quiet_worker() -> None:

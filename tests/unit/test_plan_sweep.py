@@ -1,7 +1,7 @@
 """``longtrain-plan --sweep`` (longtrain/plan/sweep.py): every layout of a world size, the fitting
 ones fastest first; a row whose layout fits with a feature at least as fast is left out, and so is
-one whose layout does not fit with a feature that holds no more; a group whose state alone exceeds
-the GPU is not planned further; plans in worker processes give the same rows as one process."""
+one whose layout does not fit with a feature that holds no more; a ZeRO stage whose state alone
+exceeds the GPU is not planned further; plans in worker processes give the same rows as one process."""
 from __future__ import annotations
 
 import dataclasses
@@ -52,23 +52,24 @@ def test_sweep_ranks_fitting_layouts_by_speed_the_same_in_worker_processes(capfd
     assert [_key(r["ulysses"], r["ring"], r["zero_stage"], r["memory"], r["plan"]) for r in doc["rows"]] == want
 
 
-def test_a_group_whose_state_alone_exceeds_the_gpu_is_not_planned_further():
+def test_a_zero_stage_whose_state_alone_exceeds_the_gpu_is_not_planned_further():
     cfg = _cfg()
     start = plan_step(layout_config(cfg, 1, 2, 0, PLANNED_FIRST), world_size=2).start_bytes
     small = dataclasses.replace(get_gpu("h100"), name="small", memory_bytes=start - 1)
     said = []
     rows = sweep(cfg, small, 2, zero_stages=(0,), progress=said.append)
     planned = [r for r in rows if r.plan is not None]
-    assert sorted((r.ulysses, r.ring, r.memory) for r in planned) == [(1, 1, PLANNED_FIRST), (1, 2, PLANNED_FIRST),
-                                                                      (2, 1, PLANNED_FIRST)]
+    assert [(r.ulysses, r.ring, r.memory) for r in planned] == [(1, 1, PLANNED_FIRST)]
     floors = [r for r in rows if r.floor_bytes is not None]
-    assert len(floors) == 9 and len(said) == 12 and not any(r.fits(small) for r in rows)
+    assert len(floors) == 11 and len(said) == 12 and not any(r.fits(small) for r in rows)
+    assert {r.floor_bytes for r in floors} == {start}
     assert "not planned: the state alone does not fit" in format_sweep(rows, small)
-    # what the prune rests on: every memory feature starts its step with the same bytes (and so none fits)
-    for memory in set(MEMORY_FEATURES) - {PLANNED_FIRST}:
-        plan = plan_step(layout_config(cfg, 1, 2, 0, memory), small, world_size=2)
-        floor = next(r.floor_bytes for r in floors if (r.ulysses, r.ring, r.memory) == (1, 2, memory))
-        assert plan.start_bytes == floor == start and not small.fits(plan)
+    # what the prune rests on: every layout of the stage and every memory feature start the step
+    # with the same bytes (and so none fits)
+    for ulysses, ring, memory in [(1, 1, PLANNED_FIRST), (2, 1, PLANNED_FIRST),
+                                  *((1, 2, m) for m in set(MEMORY_FEATURES) - {PLANNED_FIRST})]:
+        plan = plan_step(layout_config(cfg, ulysses, ring, 0, memory), small, world_size=2)
+        assert plan.start_bytes == start and not small.fits(plan), (ulysses, ring, memory)
 
 
 def test_a_row_is_left_out_only_where_a_faster_feature_fits_or_one_holding_less_does_not():
@@ -110,13 +111,15 @@ def test_a_row_is_left_out_only_where_a_faster_feature_fits_or_one_holding_less_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_memory_features_start_the_step_with_the_same_bytes_under_zero(stage):
+def test_memory_features_and_layouts_start_the_step_with_the_same_bytes_under_zero(stage):
     """...and no memory feature holds at least what checkpointing does, under every ZeRO stage too
     (the rule :data:`HOLDS_AT_MOST` rests on; at 256 tokens the model state dominates, the case
     where ZeRO-3's gathers in the recomputation could have tipped it)."""
     cfg = _cfg()
     plans = {memory: run_step(layout_config(cfg, 1, 1, stage, memory), world_size=2) for memory in MEMORY_FEATURES}
     starts = {memory: plan.start_bytes for memory, plan in plans.items()}
+    for ulysses, ring in ((1, 2), (2, 1)):  # and so does every layout of the stage (ZeRO shards over all ranks)
+        starts[(ulysses, ring)] = run_step(layout_config(cfg, ulysses, ring, stage, PLANNED_FIRST), world_size=2).start_bytes
     assert len(set(starts.values())) == 1 and starts["none"] > 0, starts
     assert plans["none"].peak_bytes >= plans["checkpointing"].peak_bytes
 
