@@ -18,9 +18,11 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
@@ -137,27 +139,89 @@ def load_model(model: nn.Module, path: Union[str, Path]) -> None:
 
 
 def save_torch(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` (optimizer, scheduler, RNG states)."""
+    """``torch.save`` of a state made of tensors, numbers, strings and containers (optimizer,
+    scheduler, balancer, RNG states): :func:`load_torch` reads it back without unpickling code."""
     torch.save(obj, path)
 
 
-def load_torch(path: Union[str, Path]) -> Any:
-    """``torch.load`` on CPU with ``weights_only=False``: only load checkpoints you trust."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+class UnsafeStateFile(ValueError):
+    """A state file holds a pickled global (a function or class) that loading would call: code, not data."""
+
+
+def load_torch(path: Union[str, Path], allowed: Sequence[Any] = (), mmap: bool = False) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True``: tensors, numbers, strings and containers,
+    plus the classes and functions in ``allowed`` (plain-data types of a library, e.g. DeepSpeed's
+    loss scaler); a file that names any other global is refused before any of it is called.
+
+    Args:
+        mmap: map the file instead of reading it (a check that only unpickles).
+
+    Raises:
+        UnsafeStateFile: naming the file and the globals it would call.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise UnsafeStateFile(f"'{path}' holds {_disallowed(path, allowed, err)}, which loading it would call "
+                              "(code, not data); longtrain loads state files as tensors and plain values only") from None
+
+
+def _disallowed(path: Union[str, Path], allowed: Sequence[Any], err: Exception) -> str:
+    """The globals of ``path`` outside torch's allow-list and ``allowed``, as a phrase."""
+    with torch.serialization.safe_globals(list(allowed)):
+        try:
+            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - the scan is for the message only; the load already refused
+            names = []
+    if names:
+        return ("the global " if len(names) == 1 else "the globals ") + ", ".join(names)
+    found = re.search(r"Unsupported (global|operand)[^\n]*", str(err))  # pushed dynamically: torch's words
+    return found.group(0).rstrip(".") if found else "a pickle torch's restricted loader refuses"
+
+
+LEGACY_RNG_GLOBALS = (np.ndarray, np.dtype, np.dtypes.UInt32DType)
+"""What RNG files of earlier longtrain versions hold besides plain values (numpy's generator state
+as an array): allowed when loading them (:func:`load_rng_state`), with numpy's array constructor."""
+
+
+def load_rng_state(path: Union[str, Path]) -> Dict[str, Any]:
+    """An RNG file (:func:`rng_state`); one written by an earlier version, with numpy's state as an
+    array, loads too (:data:`LEGACY_RNG_GLOBALS`)."""
+    return load_torch(path, allowed=(*LEGACY_RNG_GLOBALS, numpy_reconstruct()))
+
+
+def numpy_reconstruct():
+    """numpy's array constructor used by pickles (its module moved in numpy 2)."""
+    core = getattr(np, "_core", None) or np.core
+    return core.multiarray._reconstruct
 
 
 def rng_state() -> Dict[str, Any]:
-    """Every random generator this process uses: python, numpy, torch CPU and all CUDA devices."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator this process uses: python, numpy, torch CPU and all CUDA devices, as
+    tensors, numbers and lists (loadable with ``weights_only=True``)."""
+    version, words, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": list(words), "gauss_next": gauss_next},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore generators saved by :func:`rng_state` (CUDA states only where devices exist)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore generators saved by :func:`rng_state` (or by an earlier version, which kept python's
+    and numpy's states as their own tuples); CUDA states only where devices exist."""
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"]), py["gauss_next"])
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+               npy["cached_gaussian"])
+    random.setstate(py)
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):

@@ -156,7 +156,8 @@ def check_layout(cfg: Config, world_size: int) -> None:
     the same function): the parallel degrees against the world size and the sequence, the model
     geometry (registry entry with the overrides, or ``model.hf_path``'s config.json) and its heads
     against the layout, and the batch split ``micro_batch_size x grad_accum x dp =
-    global_batch_size``; then ``model.init_from``'s geometry. No process group, no tensor.
+    global_batch_size``; then ``model.init_from``'s geometry and, for a ZeRO checkpoint, its files
+    (:func:`~longtrain.trainer.init_from.check_loadable`). No process group, no tensor.
 
     Raises:
         ValueError: naming the key and a consistent value.
@@ -167,9 +168,11 @@ def check_layout(cfg: Config, world_size: int) -> None:
 
     layout = layout_run(cfg, world_size, torch.device("cpu"), build_groups=False)
     if cfg.model.init_from is not None:
-        from longtrain.trainer.init_from import check_geometry, find_checkpoint
+        from longtrain.trainer.init_from import check_geometry, check_loadable, find_checkpoint
 
-        check_geometry(find_checkpoint(cfg.model.init_from, "model.init_from"), layout.args, "model.init_from")
+        checkpoint = find_checkpoint(cfg.model.init_from, "model.init_from")
+        check_geometry(checkpoint, layout.args, "model.init_from")
+        check_loadable(checkpoint, "model.init_from")
 
 
 def sweep_jobs(overrides: List[str]) -> Optional[List[List[str]]]:

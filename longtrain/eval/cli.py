@@ -39,7 +39,7 @@ from longtrain.models.args import ModelArgs
 from longtrain.optim.loss import IGNORE_INDEX, chunked_lm_loss
 from longtrain.precheck import compose_config, compose_saved_config, precheck, writable_dir_problem
 from longtrain.trainer.data import cache_root, collate, load_records, load_tokenizer, pack_cached, tokenize
-from longtrain.trainer.init_from import find_checkpoint, load_weights, saved_model_args
+from longtrain.trainer.init_from import check_loadable, find_checkpoint, load_weights, saved_model_args
 from longtrain.trainer.metrics import format_needle
 from longtrain.trainer.needle import answer_hits, needle_grid, score_passkey
 from longtrain.trainer.plots import plot_needle
@@ -89,7 +89,7 @@ def load_checkpoint_model(checkpoint: Path, cfg: Config) -> Transformer:
     if cfg.model.rope_scaling:
         args = dataclasses.replace(args, rope_scaling=cfg.model.rope_scaling)
     model = Transformer(args)
-    load_weights(model, checkpoint)
+    load_weights(model, checkpoint, "--checkpoint")
     return model
 
 
@@ -146,6 +146,8 @@ def eval_main(argv: List[str]) -> int:
         if problem is not None:
             raise ConfigError(problem)
     checkpoint = find_checkpoint(own["checkpoint"], "--checkpoint") if own["checkpoint"] else None
+    if checkpoint is not None:
+        check_loadable(checkpoint, "--checkpoint")
     named = any(a.split("=")[0] in ("--config-name", "-cn", "--config-dir", "-cd") for a in rest)
     if checkpoint is not None and not named:
         cfg = run_config(checkpoint, rest)

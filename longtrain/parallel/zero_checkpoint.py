@@ -16,6 +16,8 @@ from typing import Dict
 
 import torch
 
+from longtrain.io import load_torch
+
 ZERO_DIR, TAG = "zero", "state"
 _PREFIX = "model."  # HeadModule's name for the Transformer: DeepSpeed's parameter names start with it
 
@@ -77,13 +79,24 @@ def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
     # Its global optimizer file has the layout of the source stage too: ZeRO-1/2 read top-level
     # param_groups, ZeRO-3 reads optimizer_state_dict.{state[0].step, param_groups}. Write both.
     optim_file = dst / "zero" / "optimizer_state.pt"
-    optim = torch.load(optim_file, map_location="cpu", weights_only=False)
+    optim = load_torch(optim_file, state_globals())
     inner = optim.get("optimizer_state_dict", {})
     groups = optim.get("param_groups", inner.get("param_groups"))
-    step = torch.load(next((dst / "zero").glob("*/step.pt")), map_location="cpu", weights_only=False)
+    step = load_torch(next((dst / "zero").glob("*/step.pt")), state_globals())
     optim["param_groups"] = groups
     optim["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": groups, **inner}
     torch.save(optim, optim_file)
+
+
+def state_globals() -> tuple:
+    """The classes DeepSpeed's ZeRO checkpoint files hold besides tensors and plain containers: its
+    loss scalers, the ZeRO stage enum and the fragment addresses of the optimizer partitions; plain
+    data, which :func:`longtrain.io.load_torch` may construct (``allowed``)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
 def consolidated_fp32(ckpt_dir: Path) -> Dict[str, torch.Tensor]:

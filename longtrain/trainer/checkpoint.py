@@ -332,8 +332,8 @@ class CheckpointManager:
             if found is None:
                 return None
             files = _manifest_files(found)
-            mine = files[self.rank::self.world_size] if isinstance(files, list) else []
-            problems = [p for part in self._all_gather(_hash_problems(found, mine)) for p in part]
+            problems = self.check_shared(files if isinstance(files, list) else [],
+                                         lambda mine, found=found: _hash_problems(found, mine))
             if not problems:
                 return found
             if spec.strip().lower() != "auto" and (Path(spec).expanduser() / MANIFEST).is_file():
@@ -342,6 +342,11 @@ class CheckpointManager:
             self._warn("checkpoint: %s is corrupted (%s); falling back to the previous checkpoint", found,
                        "; ".join(problems[:3]))
             rejected.append(found)
+
+    def check_shared(self, items: Sequence[Any], check: Callable[[List[Any]], List[str]]) -> List[str]:
+        """The problems ``check`` finds in ``items``, each rank checking every ``world_size``-th
+        (its share): every rank's, on every rank. Collective."""
+        return [p for part in self._all_gather(check(list(items)[self.rank::self.world_size])) for p in part]
 
     def _resolve(self, spec: str, exclude: Sequence[Path]) -> Optional[Path]:
         if spec.strip().lower() == "none":

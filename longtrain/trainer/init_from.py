@@ -12,6 +12,8 @@ from typing import Dict
 from longtrain.config import ConfigError
 from longtrain.io import load_model
 from longtrain.models import ModelArgs, Transformer
+from longtrain.parallel.zero_checkpoint import ZERO_DIR
+from longtrain.trainer import state_files
 from longtrain.trainer.checkpoint import CheckpointManager
 
 FREE_KEYS = ("rope_scaling", "max_position_embeddings")
@@ -54,13 +56,31 @@ def check_geometry(checkpoint: Path, args: ModelArgs, key: str) -> None:
                           "keys it was trained with (its run's config.yaml)")
 
 
-def load_weights(model: Transformer, checkpoint: Path) -> None:
-    """Load the model weights of ``checkpoint`` (plain: ``model.safetensors``; ZeRO: its fp32 shards
-    gathered offline) into ``model``; the RoPE buffer is recomputed from ``model.args``."""
+def check_loadable(checkpoint: Path, key: str) -> None:
+    """Refuse a ZeRO ``checkpoint`` (given by ``key``) whose files DeepSpeed would unpickle into
+    code (:func:`~longtrain.trainer.state_files.check`); a plain one's weights are safetensors.
+
+    Raises:
+        ConfigError: naming ``key``, the file and the global it names.
+    """
+    if not (checkpoint / "model.safetensors").is_file():
+        state_files.check(checkpoint, key, under=ZERO_DIR)
+
+
+def load_weights(model: Transformer, checkpoint: Path, key: str = "model.init_from") -> None:
+    """Load the model weights of ``checkpoint`` (given by ``key``) into ``model``: plain,
+    ``model.safetensors`` and nothing else; ZeRO, its fp32 shards gathered offline once every file
+    DeepSpeed would unpickle has been checked (:func:`~longtrain.trainer.state_files.check`). The
+    RoPE buffer is recomputed from ``model.args``.
+
+    Raises:
+        ConfigError: naming ``key``: a ZeRO file that would run code when loaded.
+    """
     if (checkpoint / "model.safetensors").is_file():
         load_model(model, checkpoint / "model.safetensors")
     else:
         from longtrain.parallel.zero_checkpoint import consolidated_fp32
 
+        check_loadable(checkpoint, key)
         model.load_state_dict(consolidated_fp32(checkpoint), strict=False)
     model.reset_rope()

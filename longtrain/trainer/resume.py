@@ -25,7 +25,8 @@ from longtrain.config import ConfigError
 from longtrain.models import Transformer
 from longtrain.parallel.distributed import barrier
 from longtrain.parallel.engine import RESUME_MODES
-from longtrain.io import load_model, load_torch, rng_state, save_torch, set_rng_state
+from longtrain.io import load_model, load_rng_state, load_torch, rng_state, save_torch, set_rng_state
+from longtrain.trainer import state_files
 from longtrain.trainer.checkpoint import CheckpointManager
 
 log = logging.getLogger("longtrain")
@@ -59,7 +60,8 @@ def plan_resume(ckpt: CheckpointManager, spec: str, run_dir: Path, expected: Dic
 
     Raises:
         ConfigError: the checkpoint holds another model, batch size, sequence length or seed, or
-            ``none`` was asked over existing checkpoints.
+            a state file that would run code when loaded (:mod:`longtrain.trainer.state_files`),
+            or ``none`` was asked over existing checkpoints.
     """
     if spec == "none":
         existing = ckpt.latest_in()
@@ -70,6 +72,9 @@ def plan_resume(ckpt: CheckpointManager, spec: str, run_dir: Path, expected: Dic
     path = ckpt.resolve_resume(spec, check_hashes=True)  # a corrupted newest one falls back
     if path is None:
         return None
+    refused = ckpt.check_shared(state_files.pickles(path), lambda mine: state_files.unsafe(path, mine))
+    if refused:  # a file that would run code when unpickled: refused, not skipped
+        raise state_files.refusal("checkpoint.resume", refused)
     state = json.loads((path / "trainer_state.json").read_text())
     mine = json.loads(json.dumps(expected["model_args"]))  # as stored: tuples become lists
     if state["model_args"] != mine:
@@ -152,7 +157,7 @@ class CheckpointMixin:
         self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
         rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
         if rng_file.exists():
-            set_rng_state(load_torch(rng_file))
+            set_rng_state(load_rng_state(rng_file))
         else:  # resumed on more ranks than saved: derive a fresh, deterministic stream for this rank
             torch.manual_seed(self.cfg.trainer.seed * 100003 + self.step * 1009 + self.dist.rank)
         self._info(f"resumed from {path} at step {self.step}")

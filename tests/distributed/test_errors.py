@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from longtrain.train import cli_main
+from support.planted import plant
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +83,16 @@ def hf_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def trained_zero(tmp_path_factory):
+    """The same 2-step run under ZeRO-2 (one process): DeepSpeed's shards under ``zero/``."""
+    root = tmp_path_factory.mktemp("trained_zero")
+    code, err = run_cli([*MODEL, *REST, f"run.dir={root / 'run'}", f"data.cache_dir={root / 'cache'}",
+                         "checkpoint.every=1", "zero.stage=2"])
+    assert code == 0, err[-3000:]
+    return root
+
+
 def write_inputs(tmp: Path) -> None:
     """Malformed data, tokenizer and config files under ``tmp``."""
     (tmp / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",,}\n')
@@ -124,12 +135,26 @@ def flip_byte(path: Path) -> None:
 STEP1, STEP2 = "checkpoints/step_00000001", "checkpoints/step_00000002"
 
 
+PLANTED = {  # kind -> the state file of the newest checkpoint that gets a payload (support/planted.py)
+    "ck_code_optimizer": "optimizer.pt", "ck_code_scheduler": "scheduler.pt", "ck_code_rng": "rng/rank_00000.pt",
+    "ck_code_balancer": "moe_balance.pt",
+    "ckz_code_model_states": "zero/state/mp_rank_00_model_states.pt",
+    "ckz_code_optim_states": "zero/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "ckz_code_scheduler": "scheduler.pt", "ckz_code_rng": "rng/rank_00000.pt",
+    "ckz_code_extra": "zero/state/zero_pp_rank_1_mp_rank_00_optim_states.pt",  # a shard of a rank the run had not
+}
+MARKER = "PLANTED_CODE_RAN"
+
+
 def prepare(kind: str, tmp: Path, trained: Path, hf: Path) -> dict:
-    """Build the input a case needs; returns the names its arguments use."""
+    """Build the input a case needs; returns the names its arguments use (``trained`` is the ZeRO
+    run for the ``ckz`` kinds)."""
     names = {"tmp": tmp}
     if kind.startswith("ck"):
         run = copy_run(trained, tmp)
         names["ck"] = run
+        if kind in PLANTED:
+            plant(run / STEP2, PLANTED[kind], tmp / MARKER)
         if kind == "ck_trunc2":
             truncate(run / STEP2 / "model.safetensors", 100)
         elif kind == "ck_manifest2":
@@ -274,6 +299,12 @@ CASES = [
     ("ck-auto-none-intact", "ck_trunc_both", "run.dir={ck}", ["checkpoint.resume=auto", "none is complete"]),
     ("ck-none-over-existing", "ck", "run.dir={ck} checkpoint.resume=none",
      ["checkpoint.resume: run.dir '{ck}' already holds checkpoint", "choose another run.dir"]),
+    # a state file that would run code when unpickled (support/planted.py): refused, never loaded
+    *((f"ck-code-{k.split('_code_')[1].replace('_', '-')}{'-zero' if k.startswith('ckz') else ''}", k,
+       "checkpoint.resume={ck}", ["checkpoint.resume: '{ck}/" + STEP2 + "/" + rel + "' holds the global posix.system",
+                                  "code, not data", "a checkpoint you trust"]) for k, rel in PLANTED.items()),
+    ("ck-code-own-run", "ck_code_scheduler", "run.dir={ck}",
+     ["checkpoint.resume: '{ck}/" + STEP2 + "/scheduler.pt' holds the global posix.system"]),
     # ---------------------------------------------------------------- HF import
     ("hf-missing", "", "nomodel model.hf_path={tmp}/nohf", ["model.hf_path: '{tmp}/nohf' does not exist"]),
     ("hf-is-file", "hf_is_file", "nomodel model.hf_path={hf}", ["model.hf_path: '{hf}' is not a directory"]),
@@ -307,9 +338,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case_id, kind, args, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line(tmp_path, trained, hf_dir, case_id, kind, args, expected):
+def test_bad_input_is_one_line(tmp_path, request, trained, hf_dir, case_id, kind, args, expected):
     write_inputs(tmp_path)
-    names = prepare(kind, tmp_path, trained, hf_dir)
+    source = request.getfixturevalue("trained_zero") if kind.startswith("ckz") else trained
+    names = prepare(kind, tmp_path, source, hf_dir)
     words = [w.format(**names) if "${" not in w else w for w in args.split()]
     env = dict(w.split("=", 1) for w in words if w.split("=")[0].isupper())
     words = [w for w in words if not w.split("=")[0].isupper()]
@@ -327,6 +359,7 @@ def test_bad_input_is_one_line(tmp_path, trained, hf_dir, case_id, kind, args, e
     if "ck" in names and kind.startswith("ck"):
         assert not (names["ck"] / "config.yaml").read_text().count("num_layers: 3"), "config.yaml overwritten"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "files written by a refused start"
+    assert not (tmp_path / MARKER).exists(), "the planted code ran"
 
 
 def test_the_table_is_large_enough():
