@@ -125,6 +125,26 @@ def test_a_quantity_off_the_line_is_refused_and_the_whole_model_planned(caplog):
     assert plan.depth_probes is None and plan.peak_bytes == run_step(cfg).peak_bytes
 
 
+def test_a_time_sum_a_little_off_its_line_is_extended_at_its_steepest_step():
+    """A sum of op seconds a little off its line (DeepSpeed's reduce-bucket concatenations under
+    ZeRO-2 move with the partition boundaries) is extended at its steepest step, an upper bound, and
+    the plan counts it; one far off, or any byte or FLOP count off by one, still refuses the probes."""
+    cfg, gpu = _cfg([]), get_gpu("h100")
+    probes = [run_step(cfg, gpu, num_layers=d) for d in (2, 3, 4)]
+    exact = extend(probes, [2, 3, 4], DEPTH, 1, gpu)
+    assert "time_sums_bounded" not in exact.extra
+    a, b, c = (p.memory_s for p in probes)
+    off = dataclasses.replace(probes[1], memory_s=b - 1e-4 * c)  # slopes (b - a) - 1e-4 c and (c - b) + 1e-4 c
+    deep = extend([probes[0], off, probes[2]], [2, 3, 4], DEPTH, 1, gpu)
+    assert deep.memory_s == pytest.approx(c + (c - b + 1e-4 * c) * (DEPTH - 4), rel=1e-12)
+    assert deep.memory_s > exact.memory_s and deep.extra["time_sums_bounded"] == 1
+    assert deep.peak_bytes == exact.peak_bytes and deep.flops == exact.flops
+    with pytest.raises(NotPeriodic, match="memory_s"):
+        extend([probes[0], dataclasses.replace(probes[1], memory_s=b - 0.1 * c), probes[2]], [2, 3, 4], DEPTH, 1, gpu)
+    with pytest.raises(NotPeriodic, match="flops"):
+        extend([probes[0], dataclasses.replace(off, flops=off.flops + 1), probes[2]], [2, 3, 4], DEPTH, 1, gpu)
+
+
 def test_a_probe_takes_the_whole_models_automatic_streambp_chunk():
     """``chunk_size=auto`` sizes StreamBP's chunk from the memory the model's parameters leave: a
     probe of 2 layers must take the 16-layer model's chunk, not its own (on this GPU: 256 against 512),
