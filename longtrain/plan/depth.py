@@ -31,19 +31,10 @@ plan of the whole model:
   model; its flat buffers are padded, which alternates with the depth's parity): when three probes
   are not linear, the next set is deeper, or twice as far apart (:data:`ATTEMPTS`), and the whole
   model is planned when no set below its depth is linear (the log says why);
-- when no probe set is exactly linear, the sets already planned are extended once more, with
-  bounds, before the whole model is planned: the largest single transient tensor, a figure the
-  plan reports and nothing else uses, keeps an op off its line at its bound (the figure is then an
-  upper bound; under ZeRO-2 DeepSpeed's fp32 copies of gradient pieces, cut by partition boundaries
-  that move with the depth, are such ops); a sum of op times (:data:`TIME_SUMS`) a little off its line (at most :data:`TIME_BOUND_RTOL` of its
-  value between the steps) is extended at its steepest step, an upper bound of the time: under ZeRO-2 DeepSpeed concatenates gradients into its reduce
-  buckets, and which of them it concatenates (rather than reducing alone) depends on where the
-  partition boundaries fall, which moves with the depth (about 0.1% of the backward's memory time
-  for Llama-3.1-8B); so is a byte count (a local peak, a ``*_bytes`` field) off its line by at most
-  :data:`BYTES_SLACK` between the steps: DeepSpeed pads its flat buffers to an alignment, which
-  wiggles by a few KB with the depth (35 KB per two layers in the flash backward's local peak of
-  Llama-3.1-8B under ZeRO-2 with StreamBP + offload); FLOPs and collectives stay exact, and every
-  plan extended so says how many quantities are bounds (``extra["bounded"]``);
+- the largest single transient tensor, a figure the plan reports and nothing else uses, is extended
+  op by op as the local peaks are, but an op off its line is kept at its bound instead of sending
+  the plan to deeper probes: the figure is then an upper bound (under ZeRO-2 DeepSpeed's fp32 copies
+  of gradient pieces, cut by partition boundaries that move with the depth, are such ops);
 - the derived figures (step time with overlap, tokens/s, MFU) are recomputed from the extended
   sums, and the largest tensors at the peak are those of the deepest probe (a per-layer tensor
   is the same at any depth; a flat buffer over every parameter grows with it).
@@ -78,14 +69,6 @@ PROBE_BUDGET = 1.5
 """Probes may add up to this many times the model's layers (a probe costs less per layer than the
 whole model: it skips nothing, but the whole model's plan is what the probes are against)."""
 FLOAT_RTOL = 1e-9
-TIME_SUMS = ("roofline_s", "compute_s", "memory_s", "host_copy_s", "time_breakdown")
-"""Fields of seconds summed over ops: off their line by at most :data:`TIME_BOUND_RTOL`, they are
-extended at their steepest step (an upper bound) instead of refusing the probes (module docstring)."""
-TIME_BOUND_RTOL = 1e-2
-BYTES_SLACK = 2**20
-"""Bytes a byte count (a local peak, a ``*_bytes`` field) may be off its line between the probes'
-steps and still be extended, at its steepest step: DeepSpeed pads its flat buffers to an alignment,
-which wiggles by a few KB with the depth (module docstring)."""
 
 
 class NotPeriodic(ValueError):
@@ -113,12 +96,8 @@ def probe_depths(args: ModelArgs, start: int = FIRST_PROBE, spacing: int = 1) ->
     return depths if depths[-1] < args.num_layers else None
 
 
-def _extend(values: Sequence, depths: Sequence[int], depth: int, what: str, bounded: Optional[List[str]] = None,
-            slack: int = 0):
-    """The line through ``values`` at ``depths`` (evenly spaced), checked, at ``depth``; with
-    ``bounded`` (a list: ``what`` is appended to it), floating-point values a little off the line
-    (:data:`TIME_BOUND_RTOL`), and integers off it by at most ``slack`` between the steps, are
-    extended at their steepest step instead."""
+def _extend(values: Sequence, depths: Sequence[int], depth: int, what: str):
+    """The line through ``values`` at ``depths`` (evenly spaced), checked, at ``depth``."""
     (a, b, c), step = values, depths[1] - depths[0]
     if isinstance(a, bool) or a is None or isinstance(a, str):
         if not a == b == c:
@@ -127,17 +106,10 @@ def _extend(values: Sequence, depths: Sequence[int], depth: int, what: str, boun
     slope1, slope2 = b - a, c - b
     if isinstance(a, int):
         if slope1 != slope2:
-            if bounded is None or abs(slope1 - slope2) > slack:
-                raise NotPeriodic(f"{what}: {a}, {b}, {c} at depths {list(depths)}")
-            bounded.append(what)
-            return c + max(slope1, slope2) * (depth - depths[-1]) // step
+            raise NotPeriodic(f"{what}: {a}, {b}, {c} at depths {list(depths)}")
         return c + slope2 * (depth - depths[-1]) // step
-    scale = max(abs(a), abs(b), abs(c), 1e-300)
-    if abs(slope1 - slope2) > FLOAT_RTOL * scale:
-        if bounded is None or abs(slope1 - slope2) > TIME_BOUND_RTOL * scale:
-            raise NotPeriodic(f"{what}: {a!r}, {b!r}, {c!r} at depths {list(depths)}")
-        bounded.append(what)
-        return c + max(slope1, slope2) * (depth - depths[-1]) / step
+    if abs(slope1 - slope2) > FLOAT_RTOL * max(abs(a), abs(b), abs(c), 1e-300):
+        raise NotPeriodic(f"{what}: {a!r}, {b!r}, {c!r} at depths {list(depths)}")
     return c + slope2 * (depth - depths[-1]) / step
 
 
@@ -154,10 +126,9 @@ def _extend_rows(rows: Sequence[List[dict]], depths, depth: int) -> List[dict]:
 
 
 def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], depth: int,
-                   what: str, bounded: Optional[List[str]], bound: bool = False) -> Tuple[Dict[str, int], str]:
+                   what: str, bound: bool = False) -> Tuple[Dict[str, int], str]:
     """A maximum over keys (the local peaks, the largest transient by op) at ``depth``: each key's
-    value on its line (with a ``bounded`` list, within :data:`BYTES_SLACK`, then named in it), and
-    the key of the largest. A key off the line is left out where its value
+    value on its line, and the key of the largest. A key off the line is left out where its value
     extended at its steepest step between the probes stays below the largest (module docstring);
     with ``bound``, it is kept at that value instead, so the maximum is an upper bound (for a figure
     only reported, the largest transient: no reason to plan the whole model for it).
@@ -169,7 +140,7 @@ def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], dept
     for key in by_key[-1]:
         values = [b.get(key, 0) for b in by_key]
         try:
-            lines[key] = _extend(values, depths, depth, f"{what} at {key}", bounded, BYTES_SLACK)
+            lines[key] = _extend(values, depths, depth, f"{what} at {key}")
         except NotPeriodic:  # off the line: extended at its steepest step, an upper bound
             steps = (depth - depths[-1]) // (depths[1] - depths[0])
             bounds[key] = values[-1] + max(values[1] - values[0], values[2] - values[1], 0) * steps
@@ -186,27 +157,21 @@ def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], dept
     return lines, top
 
 
-def extend(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int, gpu: Optional[Gpu],
-           bounds: bool = False) -> StepPlan:
-    """The plan at ``depth`` from the probes' ``plans`` at ``depths`` (module docstring); with
-    ``bounds``, a quantity a little off its line is extended at its steepest step (an upper bound)
-    and the largest transient at its bound, instead of refusing the probes.
+def extend(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int, gpu: Optional[Gpu]) -> StepPlan:
+    """The plan at ``depth`` from the probes' ``plans`` at ``depths`` (module docstring).
 
     Raises:
-        NotPeriodic: a quantity is not linear over the probes (beyond the bounds' slack).
+        NotPeriodic: a quantity is not linear over the probes.
     """
-    bounded: Optional[List[str]] = [] if bounds else None
-    peaks, top = _extend_maxima([p.peak_by_key for p in plans], depths, depth, "peak", bounded)
+    peaks, top = _extend_maxima([p.peak_by_key for p in plans], depths, depth, "peak")
     for d, p in zip(depths, plans):
         here = max(p.peak_by_key, key=p.peak_by_key.get)
         if here != top:  # the split of the peak into kinds was measured elsewhere
             raise NotPeriodic(f"the peak moves from {here} ({d} layers) to {top} ({depth} layers)")
     largest, top_transient = _extend_maxima([p.largest_by_key for p in plans], depths, depth, "largest transient",
-                                            bounded, bound=bounds)
+                                            bound=True)
     out = {"peak_by_key": peaks, "largest_by_key": largest, "largest_transient": largest[top_transient]}
     for f in dataclasses.fields(StepPlan):
-        times = bounded if f.name in TIME_SUMS or f.name.endswith("_bytes") else None
-        slack = BYTES_SLACK if f.name.endswith("_bytes") else 0
         values = [getattr(p, f.name) for p in plans]
         if f.name in out:
             continue
@@ -217,20 +182,16 @@ def extend(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int
         elif isinstance(values[0], dict):
             if not values[0].keys() == values[1].keys() == values[2].keys():
                 raise NotPeriodic(f"{f.name}: keys differ between depths")
-            out[f.name] = {k: _extend([v[k] for v in values], depths, depth, f"{f.name}.{k}", times)
-                           for k in values[-1]
+            out[f.name] = {k: _extend([v[k] for v in values], depths, depth, f"{f.name}.{k}") for k in values[-1]
                            if (f.name, k) != ("time_breakdown", "comm_exposed")}  # derived: recombined below
         else:
-            out[f.name] = _extend(values, depths, depth, f.name, times, slack)
+            out[f.name] = _extend(values, depths, depth, f.name)
     plan = StepPlan(**out)
     if plan.peak_bytes != peaks[top]:
         raise NotPeriodic(f"peak_bytes {plan.peak_bytes} is not the largest local peak {peaks[top]} ({top})")
     if gpu is not None:
         derive_totals(plan, dp, gpu)
     plan.extra = {**plan.extra, "planned_layers": float(depth)}
-    if bounded:
-        log.info("extended at the steepest step between the probes (an upper bound): %s", ", ".join(bounded))
-        plan.extra["bounded"] = float(len(bounded))
     plan.depth_probes = list(depths)
     return plan
 
@@ -246,7 +207,6 @@ def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: 
     args = build_model_args(cfg.model)
     dp = world_size // (cfg.parallel.sp.ulysses * cfg.parallel.sp.ring)
     planned: Dict[int, StepPlan] = {}
-    tried: List[List[int]] = []
     why = "asked for every layer" if exact else "too shallow to probe"
     for start, spacing in () if exact else ATTEMPTS[1:] if cfg.zero.stage > 0 else ATTEMPTS:
         depths = probe_depths(args, start, spacing)
@@ -255,19 +215,13 @@ def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: 
         for d in depths:
             if d not in planned:
                 planned[d] = run_step(cfg, gpu, world_size=world_size, net=net, num_layers=d)
-        tried.append(depths)
         try:
             return extend([planned[d] for d in depths], depths, args.num_layers, dp, gpu)
         except NotPeriodic as err:
             why = f"the probes at depths {depths} are not linear ({err})"
-    for depths in tried:  # none is exactly linear: the first within the bounds' slack (module docstring)
-        try:
-            return extend([planned[d] for d in depths], depths, args.num_layers, dp, gpu, bounds=True)
-        except NotPeriodic:
-            pass
     if not exact:
         log.warning("planning all %d layers: %s", args.num_layers, why)
     return run_step(cfg, gpu, world_size=world_size, net=net, every_micro_batch=exact)
 
 
-__all__ = ["BYTES_SLACK", "NotPeriodic", "TIME_BOUND_RTOL", "TIME_SUMS", "extend", "layer_period", "plan_step", "probe_depths"]
+__all__ = ["NotPeriodic", "extend", "layer_period", "plan_step", "probe_depths"]
