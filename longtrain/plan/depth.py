@@ -35,6 +35,13 @@ plan of the whole model:
   op by op as the local peaks are, but an op off its line is kept at its bound instead of sending
   the plan to deeper probes: the figure is then an upper bound (under ZeRO-2 DeepSpeed's fp32 copies
   of gradient pieces, cut by partition boundaries that move with the depth, are such ops);
+- ZeRO-2 is planned whole: DeepSpeed allocates its fp32 gradient partition (a buffer over every
+  parameter of the rank's partition, so as deep as the model) at its first gradient reduction and
+  frees it after the step. In a shallow model the step's peak comes before that reduction, in a
+  deep one after it, at the same op: the peak's make-up changes with the depth, which no line
+  through shallow probes can show (Llama-3.1-8B with StreamBP + offload at 128K tokens: probes of
+  2-4 layers, every quantity but two floating-point time sums on its line, extend to a peak 3.7
+  GiB below the whole model's). Planned whole, a ZeRO-2 row of the 8B sweep takes 1-2 minutes;
 - the derived figures (step time with overlap, tokens/s, MFU) are recomputed from the extended
   sums, and the largest tensors at the peak are those of the deepest probe (a per-layer tensor
   is the same at any depth; a flat buffer over every parameter grows with it).
@@ -69,6 +76,8 @@ PROBE_BUDGET = 1.5
 """Probes may add up to this many times the model's layers (a probe costs less per layer than the
 whole model: it skips nothing, but the whole model's plan is what the probes are against)."""
 FLOAT_RTOL = 1e-9
+ZERO_PLANNED_WHOLE = 2
+"""The ZeRO stage planned whole, never from probes (module docstring)."""
 
 
 class NotPeriodic(ValueError):
@@ -208,7 +217,11 @@ def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: 
     dp = world_size // (cfg.parallel.sp.ulysses * cfg.parallel.sp.ring)
     planned: Dict[int, StepPlan] = {}
     why = "asked for every layer" if exact else "too shallow to probe"
-    for start, spacing in () if exact else ATTEMPTS[1:] if cfg.zero.stage > 0 else ATTEMPTS:
+    if cfg.zero.stage == ZERO_PLANNED_WHOLE and not exact:
+        why = ("under ZeRO-2 the make-up of the peak changes with the depth: DeepSpeed allocates the fp32 "
+               "gradient partition at its first reduction, after a shallow model's peak, before a deep one's")
+    attempts = () if exact or cfg.zero.stage == ZERO_PLANNED_WHOLE else ATTEMPTS[1:] if cfg.zero.stage else ATTEMPTS
+    for start, spacing in attempts:
         depths = probe_depths(args, start, spacing)
         if depths is None or sum(set(depths) | set(planned)) > PROBE_BUDGET * args.num_layers:
             continue  # the probes would cost more than the whole model
@@ -224,4 +237,4 @@ def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: 
     return run_step(cfg, gpu, world_size=world_size, net=net, every_micro_batch=exact)
 
 
-__all__ = ["NotPeriodic", "extend", "layer_period", "plan_step", "probe_depths"]
+__all__ = ["NotPeriodic", "ZERO_PLANNED_WHOLE", "extend", "layer_period", "plan_step", "probe_depths"]

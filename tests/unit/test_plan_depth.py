@@ -5,6 +5,7 @@ layouts; the layer-kind period; and the fallback when a quantity is not linear."
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
@@ -79,6 +80,8 @@ def test_extended_plan_equals_the_whole_model(name):
     whole = run_step(cfg, gpu, world_size=world)
     if name in EXTENDED:
         assert extended.depth_probes is not None and extended.depth_probes[-1] < DEPTH
+    if "zero2" in name:  # planned whole: the make-up of ZeRO-2's peak changes with the depth
+        assert extended.depth_probes is None
     _assert_equal(extended, whole)
 
 
@@ -136,3 +139,11 @@ def test_a_probe_takes_the_whole_models_automatic_streambp_chunk():
     whole = run_step(cfg, gpu)
     assert whole.streambp_chunk == 256
     assert run_step(cfg, gpu, num_layers=2).streambp_chunk == whole.streambp_chunk
+
+
+def test_zero2_is_planned_whole(caplog):
+    """DeepSpeed's ZeRO-2 allocates its fp32 gradient partition at the first reduction: a shallow
+    probe's peak comes before it, a deep model's after it (longtrain/plan/depth.py), so no probes."""
+    with caplog.at_level(logging.WARNING, logger="longtrain.plan.depth"):
+        plan = plan_step(_cfg(["zero.stage=2"]), world_size=2)
+    assert plan.depth_probes is None and "under ZeRO-2 the make-up of the peak changes" in caplog.text
