@@ -40,8 +40,9 @@ plan of the whole model:
   frees it after the step. In a shallow model the step's peak comes before that reduction, in a
   deep one after it, at the same op: the peak's make-up changes with the depth, which no line
   through shallow probes can show (Llama-3.1-8B with StreamBP + offload at 128K tokens: probes of
-  2-4 layers, every quantity but two floating-point time sums on its line, extend to a peak 3.7
-  GiB below the whole model's). Planned whole, a ZeRO-2 row of the 8B sweep takes 1-2 minutes;
+  2-4 layers, every byte count on its line, extend to a peak 3.7 GiB below the whole model's; only
+  a time sum and a collective count off their lines refused them). Planned whole, a ZeRO-2 row of
+  the 8B sweep at 128K takes 18 s to 3.5 minutes;
 - the derived figures (step time with overlap, tokens/s, MFU) are recomputed from the extended
   sums, and the largest tensors at the peak are those of the deepest probe (a per-layer tensor
   is the same at any depth; a flat buffer over every parameter grows with it).
