@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import List, Optional, Tuple
 
 from longtrain.config import Config, ConfigError, register_configs
@@ -32,7 +33,7 @@ from longtrain.plan.comm import Interconnect, parse_interconnect
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
 from longtrain.plan.depth import plan_step
 from longtrain.plan.step import StepPlan, long_chunk
-from longtrain.plan.sweep import LIBRARY_LOGGERS, format_sweep, sweep
+from longtrain.plan.sweep import LIBRARY_LOGGERS, SweepRow, format_sweep, layout_config, sweep
 from longtrain.errors import FULL_ERROR_ENV, error_boundary
 from longtrain.precheck import compose_config, precheck
 
@@ -220,6 +221,23 @@ def summary(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = None
     return "\n".join(lines)
 
 
+def sweep_summary(cfg: Config, gpu: Gpu, rows: List[SweepRow], seconds: float) -> str:
+    """One screen before a sweep's table: how many layouts fit, and the :func:`summary` of the
+    fastest that fits (of the one with the smallest peak when none does)."""
+    planned = [r for r in rows if r.plan is not None]
+    fitting = [r for r in planned if r.fits(gpu)]
+    head = (f"{len(fitting)} of {len(rows)} layouts fit {gpu.name} ({len(planned)} planned, "
+            f"{len(rows) - len(planned)} left out or refused; swept in {seconds:.0f} s)")
+    if fitting:
+        best, what = max(fitting, key=lambda r: r.plan.tokens_per_s), "the fastest"
+    elif planned:
+        best, what = min(planned, key=lambda r: r.plan.peak_bytes), "none fits; the smallest peak"
+    else:
+        return head
+    layout = layout_config(cfg, best.ulysses, best.ring, best.zero_stage, best.memory)
+    return f"{head}, {what}:\n" + summary(layout, gpu, best.plan)
+
+
 def format_plan(cfg: Config, gpu: Gpu, plan: StepPlan, longest: Optional[int] = None) -> str:
     """The plan: the :func:`summary` first, then every detail as a table."""
     rows = [("recipe", f"model {cfg.model.name}, seq_len {plan.seq_len}, {plan.tokens} tokens per step and "
@@ -317,11 +335,12 @@ def _quiet():
 def _planned(own: dict, cfg: Config, gpu: Gpu, world_size: int, net: Interconnect, jobs: int = 1) -> str:
     """The planner's answer to its flags ``own`` (a table, or JSON with ``--json``)."""
     if own["sweep"]:
+        start = time.perf_counter()
         rows = sweep(cfg, gpu, world_size, net, exact=own["exact"], jobs=jobs)
         if own["json"]:
             return json.dumps({"gpu": dataclasses.asdict(gpu), "world_size": world_size,
                                "rows": [r.as_dict(gpu) for r in rows]})
-        return format_sweep(rows, gpu)
+        return sweep_summary(cfg, gpu, rows, time.perf_counter() - start) + "\n\n" + format_sweep(rows, gpu)
     longest = best = None
     if own["max_seq"]:
         longest, best = max_seq(cfg, gpu, world_size, net, exact=own["exact"])

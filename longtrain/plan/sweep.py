@@ -25,7 +25,9 @@ alone exceeds the GPU every row of that ZeRO stage not yet started is listed as 
 worker processes (``longtrain-plan --sweep --jobs N``, default one per CPU, at most 8), each a fresh
 interpreter; the rows are the same as one process's. A fresh interpreter imports the caller's
 ``__main__`` again, so a script that calls :func:`sweep` with ``jobs > 1`` keeps its work under
-``if __name__ == "__main__":`` (the command line does).
+``if __name__ == "__main__":`` (the command line does). Each worker runs torch's ops on its share of
+the CPUs (:func:`worker_threads`): with torch's default, a thread per CPU in every worker, the
+workers' threads wait on one another and every plan ran about four times slower than alone.
 """
 from __future__ import annotations
 
@@ -34,10 +36,13 @@ import copy
 import dataclasses
 import logging
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
 
 from longtrain.config import Config
 from longtrain.models.args import divisors
@@ -211,7 +216,8 @@ def sweep(cfg: Config, gpu: Gpu, world_size: int, net: Optional[Interconnect] = 
             queue[:0] = settle(row, _plan_row(cfg, _row_layout(row), *args))
         return sorted(rows, key=lambda r: _order(r, gpu))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state of this one's plans
-    with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker) as pool:
+    with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker,
+                                     initargs=(worker_threads(jobs, os.cpu_count() or 1),)) as pool:
         pending: Dict[futures.Future, SweepRow] = {}
         while True:
             while len(pending) < jobs and (row := take()) is not None:  # one plan per worker: a queued
@@ -247,9 +253,19 @@ def _plan_row(cfg: Config, layout: Tuple[int, int, int, str], world_size: int, g
     return result, time.perf_counter() - start
 
 
-def _quiet_worker() -> None:
+def worker_threads(jobs: int, cpus: int) -> int:
+    """torch's threads in each of ``jobs`` sweep workers on ``cpus`` CPUs: their share, at least one."""
+    return max(1, cpus // jobs)
+
+
+def _quiet_worker(threads: int) -> None:
     """A sweep worker prints nothing on standard output (the sweep's JSON goes there): what
-    libraries print goes to standard error, and their log lines below WARNING nowhere."""
+    libraries print goes to standard error, and their log lines below WARNING nowhere. It runs
+    torch's ops on ``threads`` threads: each worker's own share of the CPUs. (With torch's default,
+    a thread per CPU in every worker, two workers on two CPUs made every plan about four times
+    slower than alone: the ops' threads wait on one another's CPUs. A plan gains nothing from a
+    second thread alone either: its ops are small, the time is in Python.)"""
+    torch.set_num_threads(threads)
     sys.stdout = sys.stderr
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -294,4 +310,4 @@ def format_sweep(rows: List[SweepRow], gpu: Gpu) -> str:
 
 
 __all__ = ["AT_LEAST_AS_FAST", "HOLDS_AT_MOST", "LIBRARY_LOGGERS", "MEMORY_FEATURES", "PLANNED_FIRST", "SweepRow",
-           "format_sweep", "layout_config", "layouts", "sweep"]
+           "format_sweep", "layout_config", "layouts", "sweep", "worker_threads"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import sys
 
@@ -16,7 +17,7 @@ from longtrain.config import register_configs
 from longtrain.plan import get_gpu, run_step
 from longtrain.plan.depth import plan_step
 from longtrain.plan.sweep import (AT_LEAST_AS_FAST, HOLDS_AT_MOST, MEMORY_FEATURES, PLANNED_FIRST, format_sweep,
-                                  layout_config, sweep)
+                                  layout_config, sweep, worker_threads)
 from longtrain.precheck import compose_config
 
 SMALL = ["data.seq_len=256", "data.micro_batch_size=1", "data.global_batch_size=2"]
@@ -41,6 +42,11 @@ def test_sweep_ranks_fitting_layouts_by_speed_the_same_in_worker_processes(capfd
     assert sorted(r.memory for r in rows[:6]) == ["checkpointing"] * 3 + ["none"] * 3
     assert [r.faster_fits for r in rows[6:]] == ["none"] * 6 and not any(r.plan for r in rows[6:])
     assert {(r.ulysses, r.ring, r.dp) for r in rows} == {(1, 1, 2), (1, 2, 1), (2, 1, 1)}
+    # the table's one-screen summary: the count, then the fastest row's plan as a single plan shows it
+    head, verdict, *_ = plan_cli.sweep_summary(_cfg(), gpu, rows, 5.0).splitlines()
+    assert head == "6 of 12 layouts fit h100 (6 planned, 6 left out or refused; swept in 5 s), the fastest:"
+    assert verdict.startswith(f"FITS: {_cfg().model.name}, seq_len 256") and rows[0].memory in {"none", "checkpointing"}
+    assert f"{rows[0].plan.tokens_per_s:,.0f} tokens/s" in plan_cli.sweep_summary(_cfg(), gpu, rows, 5.0)
     # The command line's sweep, without the ZeRO stages here (the slow test below plans them all), in
     # two worker processes: the same rows in the same order, and nothing but the JSON on standard
     # output (capfd sees what the workers write to the file descriptor too).
@@ -64,6 +70,9 @@ def test_a_zero_stage_whose_state_alone_exceeds_the_gpu_is_not_planned_further()
     assert len(floors) == 11 and len(said) == 12 and not any(r.fits(small) for r in rows)
     assert {r.floor_bytes for r in floors} == {start}
     assert "not planned: the state alone does not fit" in format_sweep(rows, small)
+    head, verdict, *_ = plan_cli.sweep_summary(cfg, small, rows, 1.0).splitlines()
+    assert head.startswith("0 of 12 layouts fit small (1 planned, 11 left out") and "the smallest peak" in head
+    assert verdict.startswith("DOES NOT FIT (device memory)")
     # what the prune rests on: every layout of the stage and every memory feature start the step
     # with the same bytes (and so none fits)
     for ulysses, ring, memory in [(1, 1, PLANNED_FIRST), (2, 1, PLANNED_FIRST),
@@ -124,10 +133,15 @@ def test_memory_features_and_layouts_start_the_step_with_the_same_bytes_under_ze
     assert plans["none"].peak_bytes >= plans["checkpointing"].peak_bytes
 
 
-def test_plans_leave_the_exception_hook_as_they_found_it():
+def test_plans_leave_the_exception_hook_and_the_collector_as_they_found_them():
     hook = sys.excepthook
     run_step(_cfg(), world_size=2)
     assert sys.excepthook is hook
+    assert gc.get_freeze_count() == 0  # a plan freezes the older objects for its own step only
+
+
+def test_sweep_workers_share_the_cpus():
+    assert [worker_threads(jobs, cpus) for jobs, cpus in ((2, 2), (1, 2), (3, 8), (8, 2))] == [1, 2, 2, 1]
 
 
 @pytest.mark.slow
