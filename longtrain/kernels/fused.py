@@ -23,9 +23,12 @@ partly present, indices out of order, document ids that decrease) return ``None`
 block, then runs the reference kernels.
 
 Executors:
-    ``varlen`` (CUDA): all segments of one causality in a single ``aten._flash_attention_forward``
-        / ``_flash_attention_backward`` call with cumulative sequence lengths (flash attention's
-        varlen API; native GQA, lse ``[H, total_q]`` in fp32, bottom-right causal alignment).
+    ``varlen`` (CUDA): flash attention's varlen API (``aten._flash_attention_forward`` /
+        ``_flash_attention_backward`` with cumulative sequence lengths; lse ``[H, total_q]`` in fp32,
+        bottom-right causal alignment). A block of up to :data:`SEGMENT_CALLS` segments runs one
+        call per segment on views of the block's tensors (no gathered copies), its backward one per
+        query head of each KV group (dK/dV never expanded to the query heads, which the GQA backward
+        of one call does); a block of more runs all segments of one causality in a single call.
     ``loop`` (CPU): one ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward) per
         segment, the bottom-right diagonal as an additive mask: the CPU's fused path, and the
         lse/backward plumbing shared with the CUDA path tested on CPU against the reference.
@@ -175,12 +178,67 @@ def _varlen_groups(seg: Segments, device: torch.device, num_q: int, num_k: int):
                int((part.q1 - part.q0).max()), int((part.k1 - part.k0).max()))
 
 
+SEGMENT_CALLS = 64
+"""A block of at most this many segments runs one flash call per segment on views of q, k and v
+(:func:`_spans`), in the backward one per query head of each KV group. The varlen call gathers every
+segment's keys into one tensor (a copy; several times the block's keys where segments share a key
+prefix, as the slices of a Ulysses chunk do) and its backward expands dK and dV of those keys to every
+query head under GQA: for Llama-3.1-8B at 2.9M tokens over Ulysses 8, 4 x 3.2 GiB of gathered keys
+and values and their gradients and a 25.6 GiB workspace, none of which the per-segment calls make.
+More segments (many short documents, each seeing only its own keys) run in one varlen call."""
+
+
+def _spans(seg: Segments, num_q: int, num_k: int):
+    """(qa, qb, ka, kb, causal) per segment: its rows in the flat [B * num_q] queries and [B * num_k] keys."""
+    for b, q0, q1, k0, k1, causal in zip(*(t.tolist() for t in (seg.row, seg.q0, seg.q1, seg.k0, seg.k1,
+                                                                   seg.causal))):
+        yield b * num_q + q0, b * num_q + q1, b * num_k + k0, b * num_k + k1, bool(causal)
+
+
+def _one_sequence(n: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, n], dtype=torch.int32, device=device)
+
+
+def _segments_forward(q_thd, k_thd, v_thd, out_thd, lse_ht, seg: Segments, num_q: int, num_k: int, scale: float):
+    for qa, qb, ka, kb, causal in _spans(seg, num_q, num_k):
+        out, lse, *rng = torch.ops.aten._flash_attention_forward(
+            q_thd[qa:qb], k_thd[ka:kb], v_thd[ka:kb], _one_sequence(qb - qa, q_thd.device),
+            _one_sequence(kb - ka, q_thd.device), qb - qa, kb - ka, 0.0, causal, False, scale=scale)[:4]
+        _RNG_META.setdefault(q_thd.device.type, tuple((tuple(t.shape), t.dtype) for t in rng))
+        out_thd[qa:qb] = out
+        lse_ht[:, qa:qb] = lse
+
+
+def _segments_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, dk_thd, dv_thd, seg: Segments,
+                       num_q: int, num_k: int, scale: float):
+    """Per segment and per position ``j`` in the KV groups: query heads ``j, j + g, ...`` (one per KV
+    head, in KV-head order: head ``h`` reads KV head ``h // g``) against the whole K/V, so the op's
+    dK/dV are the KV heads' own, never expanded to the query heads."""
+    group = q_thd.shape[1] // k_thd.shape[1]
+    rng, unused = _rng_state(q_thd.device)
+    for qa, qb, ka, kb, causal in _spans(seg, num_q, num_k):
+        cu_q, cu_k = _one_sequence(qb - qa, q_thd.device), _one_sequence(kb - ka, q_thd.device)
+        k, v = k_thd[ka:kb], v_thd[ka:kb]
+        for j in range(group):
+            heads = slice(j, None, group)
+            do, q, out = (t[qa:qb, heads].contiguous() for t in (do_thd, q_thd, out_thd))
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                do, q, k, v, out, lse_ht[heads, qa:qb].contiguous(), cu_q, cu_k, qb - qa, kb - ka, 0.0, causal,
+                rng, unused, scale=scale)
+            dq_thd[qa:qb, heads] = dq
+            dk_thd[ka:kb] += dk
+            dv_thd[ka:kb] += dv
+
+
 def varlen_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
     batch, num_q, heads, dim = q_bshd.shape
     num_k = k_bshd.shape[1]
     q_thd, k_thd, v_thd = q_bshd.reshape(-1, heads, dim), k_bshd.flatten(0, 1), v_bshd.flatten(0, 1)
     out_thd = torch.zeros_like(q_thd)
     lse_ht = torch.full((heads, batch * num_q), float("-inf"), dtype=torch.float32, device=q_bshd.device)
+    if len(seg) <= SEGMENT_CALLS:
+        _segments_forward(q_thd, k_thd, v_thd, out_thd, lse_ht, seg, num_q, num_k, scale)
+        return out_thd.view(q_bshd.shape), lse_ht.view(heads, batch, num_q).transpose(0, 1)
     for causal, qi, ki, cu_q, cu_k, max_q, max_k in _varlen_groups(seg, q_bshd.device, num_q, num_k):
         out, lse, *rng = torch.ops.aten._flash_attention_forward(
             q_thd.index_select(0, qi), k_thd.index_select(0, ki), v_thd.index_select(0, ki), cu_q, cu_k,
@@ -200,6 +258,11 @@ def varlen_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: S
     dq_thd = torch.zeros(q_thd.shape, dtype=torch.float32, device=q_bshd.device)
     dk_thd = torch.zeros(batch * num_k, kv_heads, dim, dtype=torch.float32, device=q_bshd.device)
     dv_thd = torch.zeros_like(dk_thd)
+    if len(seg) <= SEGMENT_CALLS:
+        _segments_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, dk_thd, dv_thd, seg, num_q, num_k,
+                           scale)
+        return (dq_thd.view(q_bshd.shape).to(q_bshd.dtype), dk_thd.view(k_bshd.shape).to(k_bshd.dtype),
+                dv_thd.view(v_bshd.shape).to(v_bshd.dtype))
     rng, unused = _rng_state(q_bshd.device)
     for causal, qi, ki, cu_q, cu_k, max_q, max_k in _varlen_groups(seg, q_bshd.device, num_q, num_k):
         dq, dk, dv = torch.ops.aten._flash_attention_backward(

@@ -224,14 +224,19 @@ def test_cuda_local_attention_with_documents_uses_varlen():
 
 
 # ---------------------------------------------------------------- the CUDA executor's plumbing on CPU
+@pytest.mark.parametrize("calls", ["per segment", "one varlen call"])
 @pytest.mark.parametrize("docs", [False, True])
-@pytest.mark.parametrize("hkv", [4, 1])
-def test_varlen_executor_plumbing_with_an_emulated_flash_op(monkeypatch, docs, hkv):
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_varlen_executor_plumbing_with_an_emulated_flash_op(monkeypatch, docs, hkv, calls):
     """The gathers, cumulative lengths, lse layout and scatters of the CUDA executor, checked on CPU
-    against the reference with the flash ops replaced by dense stand-ins of the same contract."""
+    against the reference with the flash ops replaced by dense stand-ins of the same contract: one
+    call per segment (views, and per query head of each KV group in the backward: ``hkv=2`` and 1
+    are Hq/Hkv = 2 and 4) and, with the segment limit at zero, one varlen call for all of them."""
     from longtrain.kernels import fused as fk
     emulated = EmulatedFlash()
     monkeypatch.setattr(fk, "_RNG_META", {})
+    if calls == "one varlen call":
+        monkeypatch.setattr(fk, "SEGMENT_CALLS", 0)
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", emulated.forward, raising=False)
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", emulated.backward, raising=False)
     # CPU fp32 tensors taken as CUDA's (the planner's seam), on the flash backend: the varlen executor

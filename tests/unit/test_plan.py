@@ -157,6 +157,25 @@ def test_flash_flops_count_the_visible_pairs():
     assert tracker.workspace_peak > 2 * 10 * 4 * 64 * 2
 
 
+def test_a_ulysses_chunks_flash_calls_copy_no_keys_and_expand_no_heads(monkeypatch):
+    """Under Ulysses a StreamBP chunk holds the same local positions of every rank: several query
+    runs, each seeing a key prefix from token 0, which overlap. One varlen call gathers every run's
+    keys (copies, several times the prefix) and its GQA backward expands dK/dV of them to every query
+    head (tiny: 4 query / 2 KV heads, 2 / 1 per rank); one call per run on views of the keys, and per
+    query head of each KV group in the backward, makes neither: the same FLOPs, a smaller workspace
+    and peak (kernels/fused.py, SEGMENT_CALLS; the emulated ops check their numerics)."""
+    from longtrain.kernels import fused
+
+    cfg = _cfg(["data.seq_len=4096", "memory.streambp.enabled=true", "memory.streambp.chunk_size=512",
+                "parallel.sp.ulysses=2"])
+    per_run = run_step(cfg, get_gpu("h100"), world_size=2)
+    monkeypatch.setattr(fused, "SEGMENT_CALLS", 0)
+    one_call = run_step(cfg, get_gpu("h100"), world_size=2)
+    assert per_run.flops == one_call.flops
+    assert per_run.largest_by_key["workspace"] < one_call.largest_by_key["workspace"] / 2
+    assert per_run.peak_bytes < one_call.peak_bytes
+
+
 def test_gpu_target_streams_attention_through_the_fused_kernels():
     """Under a GPU target StreamBP's chunks attend through the flash varlen stand-in (as CUDA
     training does), never through the reference kernels' dense score tile."""
