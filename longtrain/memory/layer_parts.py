@@ -76,6 +76,23 @@ def queries_keys_values(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch
     return _queries(layer, h_bsh, cos_bsd, sin_bsd, v_bshd.dtype), k_bshd, v_bshd
 
 
+def whole_in_chunks(parts_of, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
+                    chunk: int) -> Tuple[torch.Tensor, ...]:
+    """``parts_of(layer inputs of a chunk)`` (e.g. :func:`keys_values`) for the whole sequence, computed
+    ``chunk`` tokens at a time into whole-sequence buffers: the norm's fp32 copies and the projections'
+    outputs of one chunk exist at a time, not of the whole sequence (meant without autograd)."""
+    whole: List[torch.Tensor] = []
+    seq = x_bsh.shape[1]
+    for start in range(0, seq, chunk):
+        end = min(start + chunk, seq)
+        parts = parts_of(x_bsh[:, start:end], cos_bsd[:, start:end], sin_bsd[:, start:end])
+        if not whole:
+            whole = [p.new_empty((p.shape[0], seq, *p.shape[2:])) for p in parts]
+        for buffer, part in zip(whole, parts):
+            buffer[:, start:end] = part
+    return tuple(whole)
+
+
 def accumulate(acc: List[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
     """Add ``grads`` into ``acc`` in place, position by position (None: nothing to add)."""
     for i, g in enumerate(grads):

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from longtrain.kernels.attention import ChunkKeys
-from longtrain.memory.layer_parts import accumulate, keys_values, mlp_branch, queries, run
+from longtrain.memory.layer_parts import accumulate, keys_values, mlp_branch, queries, run, whole_in_chunks
 from longtrain.memory.offload import HostCopy
 from longtrain.memory.two_pass import attention_half_whole, backward_attention_whole
 from longtrain.models.llama import DecoderLayer
@@ -111,11 +111,13 @@ def can_stream(attn_fn) -> bool:
     return bool(getattr(attn_fn, "can_stream", False))
 
 
-def _chunk_keys(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
+def _chunk_keys(layer: DecoderLayer, chunk: int, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
                 doc_ids: Optional[torch.Tensor]) -> ChunkKeys:
-    """The attention function's key strategy for ``layer`` (one that streams, :func:`can_stream`)."""
+    """The attention function's key strategy for ``layer`` (one that streams, :func:`can_stream`),
+    over K and V made ``chunk`` tokens at a time (meant without autograd)."""
     attn = layer.self_attn
-    k_bshd, v_bshd = keys_values(layer, x_bsh, cos_bsd, sin_bsd)
+    k_bshd, v_bshd = whole_in_chunks(lambda x, cos, sin: keys_values(layer, x, cos, sin), x_bsh, cos_bsd, sin_bsd,
+                                     chunk)
     keys = attn.attn_fn.chunk_keys(k_bshd, v_bshd, doc_ids, attn.scale, attn.num_heads)
     assert keys is not None, f"{attn.attn_fn!r} says it can stream but returned no chunk keys"
     return keys
@@ -173,7 +175,7 @@ class _StreamedLayer(torch.autograd.Function):
         if held is None:  # the attention half as the layer's own forward runs it
             h_bsh = x_bsh + layer.self_attn(layer.input_layernorm(x_bsh), cos_bsd, sin_bsd, doc_ids)
         else:  # gathered by streamed_layer: compute without the module hooks
-            h_bsh = attention_half_whole(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
+            h_bsh = attention_half_whole(layer, chunk_size, x_bsh, cos_bsd, sin_bsd, doc_ids)
         out_bsh = _mlp_in_chunks(layer, h_bsh, chunk_size)
         ctx.routing_bsk = _routing(layer, x_bsh)
         return out_bsh
@@ -210,7 +212,7 @@ def _stream_whole_layer(layer: DecoderLayer, chunk: int, x_bsh, dout_bsh, cos_bs
     dx_bsh = torch.zeros_like(x_bsh)
     dparams: List[Optional[torch.Tensor]] = [None] * len(params)
     with torch.no_grad():
-        keys = _chunk_keys(layer, x_bsh, cos_bsd, sin_bsd, doc_ids)
+        keys = _chunk_keys(layer, chunk, x_bsh, cos_bsd, sin_bsd, doc_ids)
     acc_dtype = torch.promote_types(keys.k_bshd.dtype, torch.float32)
     dk_bshd = torch.zeros(keys.k_bshd.shape, dtype=acc_dtype, device=x_bsh.device)
     dv_bshd = torch.zeros_like(dk_bshd)

@@ -27,16 +27,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from longtrain.memory.layer_parts import accumulate, mlp_branch, queries_keys_values, run
+from longtrain.memory.layer_parts import accumulate, mlp_branch, queries_keys_values, run, whole_in_chunks
 from longtrain.models.llama import DecoderLayer
 
 
-def attention_half_whole(layer: DecoderLayer, x_bsh: torch.Tensor, cos_bsd: torch.Tensor, sin_bsd: torch.Tensor,
-                         doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+def attention_half_whole(layer: DecoderLayer, chunk: int, x_bsh: torch.Tensor, cos_bsd: torch.Tensor,
+                         sin_bsd: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """``x + attn(norm(x))`` of the whole sequence as the layer's forward computes it, without the
-    modules' hooks (the forward of a layer whose parameters a gather holds)."""
+    modules' hooks (the forward of a layer whose parameters a gather holds), Q, K and V made
+    ``chunk`` tokens at a time (meant without autograd)."""
     attn = layer.self_attn
-    q_bshd, k_bshd, v_bshd = queries_keys_values(layer, x_bsh, cos_bsd, sin_bsd)
+    q_bshd, k_bshd, v_bshd = _whole_qkv(layer, x_bsh, cos_bsd, sin_bsd, chunk)
     out_bshd = attn.attn_fn(q_bshd, k_bshd, v_bshd, doc_ids=doc_ids, scale=attn.scale)
     return x_bsh + run(attn.o_proj, out_bshd.reshape(*x_bsh.shape[:2], -1))
 
@@ -45,16 +46,10 @@ def _spans(seq: int, chunk: int) -> List[Tuple[int, int]]:
     return [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
 
 
-def _whole_qkv(layer: DecoderLayer, x_bsh, cos_bsd, sin_bsd, spans) -> Tuple[torch.Tensor, ...]:
+def _whole_qkv(layer: DecoderLayer, x_bsh, cos_bsd, sin_bsd, chunk: int) -> Tuple[torch.Tensor, ...]:
     """Step 1's Q, K, V of the whole sequence, computed chunk by chunk into preallocated buffers."""
-    whole: List[torch.Tensor] = []
-    for start, end in spans:
-        parts = queries_keys_values(layer, x_bsh[:, start:end], cos_bsd[:, start:end], sin_bsd[:, start:end])
-        if not whole:
-            whole = [p.new_empty((p.shape[0], x_bsh.shape[1], *p.shape[2:])) for p in parts]
-        for buffer, part in zip(whole, parts):
-            buffer[:, start:end] = part
-    return tuple(whole)
+    return whole_in_chunks(lambda x, cos, sin: queries_keys_values(layer, x, cos, sin), x_bsh, cos_bsd, sin_bsd,
+                           chunk)
 
 
 def backward_attention_whole(layer: DecoderLayer, chunk: int, x_bsh: torch.Tensor, dout_bsh: torch.Tensor,
@@ -67,7 +62,7 @@ def backward_attention_whole(layer: DecoderLayer, chunk: int, x_bsh: torch.Tenso
     """
     attn, spans = layer.self_attn, _spans(x_bsh.shape[1], chunk)
     with torch.no_grad():
-        q_bshd, k_bshd, v_bshd = _whole_qkv(layer, x_bsh, cos_bsd, sin_bsd, spans)
+        q_bshd, k_bshd, v_bshd = _whole_qkv(layer, x_bsh, cos_bsd, sin_bsd, chunk)
     with torch.enable_grad():
         leaves = [t.requires_grad_() for t in (q_bshd, k_bshd, v_bshd)]
         out_bshd = attn.attn_fn(*leaves, doc_ids=doc_ids, scale=attn.scale)
