@@ -2,7 +2,7 @@
 out-of-memory error, a crash or a hang costs only that process. Every child prints one JSON line per
 result as it comes, and stops starting new work at its deadline (a row saying what it skipped).
 
-    python bench/gpu_children.py smoke|measure|baseline|moe '<json spec>'
+    python bench/gpu_children.py smoke|measure|baseline|moe|recipe '<json spec>'
 
 - ``smoke``: the real trainer (``longtrain.train.run``) for ``steps`` steps per (memory mode,
   attention backend), the same seed and data: losses and gradient norms per step.
@@ -10,6 +10,7 @@ result as it comes, and stops starting new work at its deadline (a row saying wh
   AdamW's state primed) per configuration, one model per depth: step time and peak memory.
 - ``baseline``: the HF baseline script's own trial (``--baseline``), its model made on the device.
 - ``moe``: the experts' grouped GEMM forward + backward against the per-expert loop.
+- ``recipe``: one trial of a recipe (at a reduced depth) through the real trainer: its peak and step time.
 """
 from __future__ import annotations
 
@@ -197,7 +198,43 @@ def moe(spec: dict) -> None:
     emit(row)
 
 
-CHILDREN = {"smoke": smoke, "measure": measure, "baseline": baseline, "moe": moe}
+# ---------------------------------------------------------------------------- recipe: one trainer step
+def recipe(spec: dict) -> None:
+    """One trial of ``spec["recipe"]`` through the trainer (``longtrain.train.run``): ``spec["steps"]``
+    steps with ``spec["overrides"]`` (the depth, the length), data the recipe's own generator makes;
+    the peak the trainer reports (``max_memory_allocated`` on CUDA) and the last step's time."""
+    import torch
+
+    from longtrain.config import register_configs
+    from longtrain.precheck import compose_config
+    from longtrain.train import run
+
+    register_configs()
+    row = dict(spec["trial"])
+    with tempfile.TemporaryDirectory(prefix="gpu-recipe-") as tmp:
+        seq = spec["seq"]
+        cfg = compose_config(["--config-name", spec["recipe"], *spec["overrides"], f"run.dir={tmp}/run",
+                              f"data.cache_dir={tmp}/cache", f"trainer.max_steps={spec['steps']}",
+                              f"trainer.device={spec['device']}", "data.passkey.num_train=2", "data.passkey.num_eval=0",
+                              f"data.passkey.min_chars={seq}", f"data.passkey.max_chars={2 * seq}",
+                              "checkpoint.every=0", "checkpoint.save_final=false", "logging.progress=false",
+                              "logging.wandb.mode=disabled"])
+        t0 = time.time()
+        try:
+            run(cfg)
+            metrics = [json.loads(x) for x in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
+            steps = [m for m in metrics if "step_time_s" in m]
+            row.update(ok=True, peak_gib=round(max(m["peak_mem_gib"] for m in steps), 3),
+                       step_s=round(steps[-1]["step_time_s"], 3), tokens_per_s=round(steps[-1]["tokens_per_s"]))
+        except torch.OutOfMemoryError:
+            row.update(ok=False, error="out of memory")
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        row["seconds"] = round(time.time() - t0, 1)
+    emit(row)
+
+
+CHILDREN = {"smoke": smoke, "measure": measure, "baseline": baseline, "moe": moe, "recipe": recipe}
 
 if __name__ == "__main__":
     CHILDREN[sys.argv[1]](json.loads(sys.argv[2]))

@@ -6,6 +6,7 @@ file (``--plans``); a configuration missing from it is planned on the GPU machin
 background while the first stages run.
 
     python bench/gpu_plans.py --out .bench/gpu_plans.json              # h100 and h200, every trial
+                                                                       # (the 8B stage's too)
     python bench/gpu_plans.py --dry-run --out /tmp/plans.json          # the dry run's tiny trials
 
 Each entry (key :func:`plan_key`): planned peak GiB, planned step seconds and tokens/s, host GiB, and
@@ -51,8 +52,27 @@ def plan_trial(gpu_name: str, t: dict) -> dict:
                 planned_bound_by=plan.bound_by, plan_seconds=round(time.time() - t0, 1))
 
 
+def recipe_key(gpu: str, t: dict) -> str:
+    """The key of a recipe trial ``t`` (recipe, depth, length, overrides) planned for ``gpu``."""
+    return f"{gpu}|{t['recipe']}|" + "|".join(t["overrides"])
+
+
+def plan_recipe_trial(gpu_name: str, t: dict) -> dict:
+    """Plan one step of recipe trial ``t`` (``bench/gpu_children.py recipe``) for ``gpu_name``."""
+    from longtrain.config import register_configs
+    from longtrain.plan import get_gpu, run_step
+    from longtrain.precheck import compose_config
+
+    register_configs()
+    cfg = compose_config(["--config-name", t["recipe"], *t["overrides"]])
+    t0 = time.time()
+    plan = run_step(cfg, get_gpu(gpu_name))
+    return dict(planned_gib=round(plan.peak_bytes / 2**30, 3), planned_step_s=round(plan.time_s, 3),
+                planned_host_gib=round(plan.host_bytes / 2**30, 3), plan_seconds=round(time.time() - t0, 1))
+
+
 def main(argv=None) -> int:
-    from gpu_stages import plan_trials
+    from gpu_stages import eight_b_trials, plan_trials
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the JSON file (entries already in it are kept)")
@@ -61,12 +81,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     plans = json.loads(out.read_text()) if out.is_file() else {}
+    todo = [(plan_key, plan_trial, t) for t in plan_trials(a.dry_run)]
+    todo += [(recipe_key, plan_recipe_trial, t) for t in eight_b_trials(a.dry_run)]
     for gpu in a.gpus:
-        for t in plan_trials(a.dry_run):
-            key = plan_key(gpu, t)
+        for key_of, plan_of, t in todo:
+            key = key_of(gpu, t)
             if key in plans:
                 continue
-            plans[key] = plan_trial(gpu, t)
+            plans[key] = plan_of(gpu, t)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(plans, indent=1))
             print(json.dumps(dict(key=key, **plans[key])), flush=True)

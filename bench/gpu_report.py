@@ -42,6 +42,10 @@ def targets(stages: Dict[str, dict]) -> Dict[str, dict]:
     for d in plan.get("depth", []):
         out[f"plan_depth_{_k(d['seq'])}_L{d['layers'][0]}_to_L{d['layers'][1]}"] = dict(
             value=d["ratio"], target="1 +- 0.05", passed=d["within"])
+    for r in stages.get("eight_b", {}).get("rows", []):
+        if r.get("peak_ratio") is not None:
+            out[f"plan_peak_8b_L{r['layers']}_{_k(r['seq'])}"] = dict(value=r["peak_ratio"], target="1 +- 0.05",
+                                                                      passed=abs(r["peak_ratio"] - 1) <= 0.05)
     for r in stages.get("speed", {}).get("rows", []):
         if r.get("ratio") is not None:
             out[f"tokens_per_s_vs_liger_{_k(r['seq'])}_{r['mode']}"] = dict(value=r["ratio"], target=1.4,
@@ -124,6 +128,14 @@ def markdown(result: dict) -> str:
                           r.get("peak_mem_gib")] for r in st.get("rows", []) if "largest_shape_that_trains" not in r])
         if st.get("eight_b_skipped"):
             lines += ["", f"8B offload: skipped ({st['eight_b_skipped']})"]
+    st = stages.get("eight_b", {})
+    if st.get("rows"):
+        lines += ["", f"## Llama-3.1-8B, one GPU ({st.get('recipe')} at reduced depth, host {st.get('host_gib')} GiB)", ""]
+        lines += _table(["layers", "seq", "planned GiB", "measured GiB", "peak ratio", "planned host GiB", "step s",
+                         "note"],
+                        [[r["layers"], _k(r["seq"]), r.get("planned_gib"), r.get("peak_gib"), r.get("peak_ratio"),
+                          r.get("planned_host_gib"), r.get("step_s"), r.get("skipped") or r.get("error") or ""]
+                         for r in st["rows"]])
     if result.get("targets"):
         lines += ["", "## Targets", ""]
         lines += _table(["target", "value", "goal", "pass"],

@@ -16,6 +16,8 @@ Tolerances and targets:
   and 128K, measured in the same call; MFU on 989 TFLOP/s.
 - kernels: every attention row within 2e-2 of SDPA (out, dq, dk, dv: max error over max magnitude
   + 1), every decomposition within 2e-2 of the unsplit kernel.
+- eight_b: the 8B one-GPU layout at reduced depth, planned peak within 5% of the trainer's
+  ``max_memory_allocated`` (one step); a trial whose planned host memory the host lacks is skipped.
 """
 from __future__ import annotations
 
@@ -301,8 +303,74 @@ def stage_zero_offload(a, timeout: float, log, ctx: dict) -> dict:
                 eight_b_skipped=eight_b, **build)
 
 
+# ---------------------------------------------------------------------------- 6. the 8B one-GPU layout
+EIGHT_B_RECIPE = "llama8b_1gpu"
+HOST_MARGIN_GIB = 24
+"""Host memory a trial of the 8B stage needs beyond what its plan says (the process, the data, the CUDA
+context, DeepSpeed's CPU Adam)."""
+
+
+def eight_b_trials(dry_run: bool) -> List[dict]:
+    """What the 8B stage runs, in order: the ``llama8b_1gpu`` recipe's layout (ZeRO-3 with parameters and
+    optimizer on the host, StreamBP with the layer inputs offloaded) at 2 and 4 of its 32 layers at 256K
+    tokens, then 2 layers at 512K and 1M, one trainer step each. The dry run: the tiny model at 1 and 2
+    layers, 1,024 tokens, in fp32 and without the host optimizer (CPU Adam is built for CUDA runs)."""
+    if dry_run:
+        base = ["model.name=tiny", "trainer.precision=fp32", "zero.offload_optimizer=none", "zero.offload_params=none",
+                "memory.streambp.chunk_size=256", "trainer.loss_chunk_size=256"]
+        points = [(1, 1024), (2, 1024)]
+    else:
+        base, points = [], [(2, 262144), (4, 262144), (2, 524288), (2, 1048576)]
+    return [dict(recipe=EIGHT_B_RECIPE, layers=n, seq=seq, overrides=[f"model.num_layers={n}", f"data.seq_len={seq}",
+                                                                       *base]) for n, seq in points]
+
+
+def stage_eight_b(a, timeout: float, log, ctx: dict) -> dict:
+    """Planned against measured peak of the 8B one-GPU layout at reduced depth (each trial its own
+    process); a trial is skipped, with the reason, where the host lacks the memory its plan needs."""
+    import psutil
+    from gpu_plans import recipe_key
+
+    plans = ctx["plans"](wait=True, timeout=min(60.0, timeout / 4))
+    rows, deadline = [], time.time() + timeout
+    build = ctx["cpu_adam"]() if a.device == "cuda" else {}
+    for t in eight_b_trials(a.dry_run):
+        row = dict(layers=t["layers"], seq=t["seq"], **(plans.get(recipe_key(ctx["gpu"], t)) or {}))
+        host = psutil.virtual_memory().available / 2**30
+        margin = 1 if a.dry_run else HOST_MARGIN_GIB
+        need = (row.get("planned_host_gib") or 0.0) + margin
+        left = deadline - time.time()
+        guess = (row.get("planned_step_s") or 0.0) * 2 + 60  # one step, the engine's setup and CPU Adam
+        if "planned_gib" not in row:
+            row.update(ok=None, skipped="not planned (bench/gpu_plans.py)")
+        elif host < need:
+            row.update(ok=None, skipped=f"host has {host:.0f} GiB available, the plan needs {need:.0f} "
+                                        f"({row['planned_host_gib']:.0f} + {margin} for the process)")
+        elif not a.dry_run and guess > left:
+            row.update(ok=None, skipped=f"about {guess:.0f} s (planned step x 2 + 60), {left:.0f} s left")
+        else:
+            spec = dict(recipe=t["recipe"], overrides=t["overrides"], seq=t["seq"], steps=1, device=a.device,
+                        trial=dict(layers=t["layers"], seq=t["seq"]))
+            res = child("recipe", spec, left, log)
+            got = res["rows"][-1] if res["rows"] else dict(ok=False, error=f"child rc {res['rc']}" + (
+                " (killed at its budget)" if res["timed_out"] else ""))
+            row.update({k: v for k, v in got.items() if k not in ("layers", "seq")})
+            if row.get("ok") and a.device == "cuda":
+                row["peak_ratio"] = round(row["planned_gib"] / row["peak_gib"], 4)
+        rows.append(row)
+    checked = [r for r in rows if r.get("peak_ratio")]
+    failed = [f"L{r['layers']} {r['seq']}: {r.get('error')}" for r in rows if r.get("ok") is False]
+    ran = any(r.get("ok") for r in rows)
+    return dict(ok=None if not ran and not failed else (ran and not failed), rows=rows, failed=failed,
+                recipe=EIGHT_B_RECIPE, host_gib=round(psutil.virtual_memory().total / 2**30, 1),
+                peak_within=all(abs(r["peak_ratio"] - 1) <= PLAN_PEAK_RTOL for r in checked) if checked else None,
+                **build)
+
+
 STAGES = {"smoke": stage_smoke, "plan": stage_plan, "speed": stage_speed, "kernels": stage_kernels,
-          "pytest_gpu": stage_pytest_gpu, "moe": stage_moe, "zero_offload": stage_zero_offload}
-SHARES = {"smoke": 0.14, "plan": 0.33, "speed": 0.14, "kernels": 0.13, "pytest_gpu": 0.08, "moe": 0.03,
-          "zero_offload": 0.15}
-MIN_S = {"smoke": 40, "plan": 40, "speed": 30, "kernels": 20, "pytest_gpu": 20, "moe": 10, "zero_offload": 40}
+          "pytest_gpu": stage_pytest_gpu, "moe": stage_moe, "zero_offload": stage_zero_offload,
+          "eight_b": stage_eight_b}
+SHARES = {"smoke": 0.14, "plan": 0.28, "speed": 0.12, "kernels": 0.11, "pytest_gpu": 0.07, "moe": 0.03,
+          "zero_offload": 0.12, "eight_b": 0.13}
+MIN_S = {"smoke": 40, "plan": 40, "speed": 30, "kernels": 20, "pytest_gpu": 20, "moe": 10, "zero_offload": 40,
+         "eight_b": 60}

@@ -17,6 +17,10 @@ with its share of one budget, every result written as it comes.
 5. ``pytest_gpu`` (``pytest -m gpu``; a block that fell back to the reference although a fused
    executor takes its dtype fails its test), ``moe`` (grouped GEMM), ``zero_offload`` (ZeRO-2
    optimizer offload on the 1B shape; on 8B only when the host has the memory).
+6. ``eight_b``: the ``llama8b_1gpu`` recipe's layout (Llama-3.1-8B, ZeRO-3 with parameters and
+   optimizer on the host, StreamBP + offload) through the trainer at 2 and 4 of its 32 layers at 256K
+   tokens, then 2 layers at 512K and 1M, one step each: planned against measured peak; a trial is
+   skipped where the host lacks the memory its plan needs (the plans come with ``--plans``).
 
 Tolerances and targets: bench/gpu_stages.py. Budget: ``--budget`` seconds (default 480) in all;
 each stage gets its share (``SHARES``) plus what earlier stages left, and one with less than its
@@ -77,7 +81,7 @@ class Background:
         self.planned.write_text(json.dumps(self.given))
         cmd = [sys.executable, str(REPO / "bench" / "gpu_plans.py"), "--out", str(self.planned), "--gpus", gpu]
         self._start("plans", cmd + (["--dry-run"] if a.dry_run else []), {})
-        if a.device == "cuda" and "zero_offload" in a.stages:
+        if a.device == "cuda" and {"zero_offload", "eight_b"} & set(a.stages):
             code = ("from deepspeed.accelerator import get_accelerator; "
                     "get_accelerator().create_op_builder('CPUAdamBuilder').load()")
             self._start("cpu_adam", [sys.executable, "-c", code], {"DS_ACCELERATOR": "cuda"})

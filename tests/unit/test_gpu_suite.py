@@ -46,7 +46,7 @@ def test_dry_run_writes_every_stage_to_json_and_markdown_and_nothing_else(tmp_pa
     result = json.loads((out / "gpu_suite.json").read_text())
     assert result["meta"]["dry_run"] and result["meta"]["device"] == "cpu"
     stages = result["stages"]
-    assert list(stages) == ["smoke", "plan", "speed", "kernels", "pytest_gpu", "moe", "zero_offload"]
+    assert list(stages) == ["smoke", "plan", "speed", "kernels", "pytest_gpu", "moe", "zero_offload", "eight_b"]
     assert all(s["ok"] for s in stages.values()), {n: s.get("error") or s.get("tail") for n, s in stages.items()}
     smoke = stages["smoke"]
     assert {(r["mode"], r["backend"]) for r in smoke["rows"]} == {
@@ -66,11 +66,15 @@ def test_dry_run_writes_every_stage_to_json_and_markdown_and_nothing_else(tmp_pa
     assert stages["pytest_gpu"]["fallback_tests"] == {} and stages["pytest_gpu"]["counts"].get("skipped", 0) > 0
     assert stages["moe"]["reference_ms"] > 0 and "grouped_skipped" in stages["moe"]
     assert any(r.get("ok") for r in stages["zero_offload"]["rows"])
+    eight_b = stages["eight_b"]  # the trainer at the recipe's layout, each trial planned before it ran
+    assert [(r["layers"], r["seq"]) for r in eight_b["rows"]] == [(t["layers"], t["seq"])
+                                                                   for t in gpu_stages.eight_b_trials(True)]
+    assert all(r["ok"] and r["planned_gib"] > 0 and r["peak_gib"] > 0 for r in eight_b["rows"])
     assert {"smoke_modes_agree", "attention_max_err_vs_sdpa", "decomposition_ratio_ring"} <= set(result["targets"])
     md = (out / "gpu_suite.md").read_text()
     for heading in ("# GPU suite: cpu", "| stage | status | seconds | note |", "## Smoke: every mode trains on CUDA",
                     "## The planner against the GPU (h100)", "## Speed against HF", "## Attention forward + backward",
-                    "## MoE experts", "## ZeRO optimizer offload", "## Targets"):
+                    "## MoE experts", "## ZeRO optimizer offload", "## Llama-3.1-8B, one GPU", "## Targets"):
         assert heading in md
 
 
@@ -97,6 +101,38 @@ def test_plan_comparison_depth_check_and_targets():
     t = gpu_report.targets({"plan": dict(rows=rows, depth=depth)})
     assert t["plan_peak_L4_streambp_offload_256K"]["passed"] and not t["plan_time_L4_streambp_offload_512K"]["passed"]
     assert not t["plan_depth_512K_L2_to_L4"]["passed"]
+
+
+def test_the_8b_stage_skips_what_the_host_cannot_hold_and_compares_the_rest(tmp_path, monkeypatch):
+    """A trial whose plan needs more host memory than the host has is skipped with both figures; one
+    that runs is compared with its plan (peak ratio and target), without another process here."""
+    import argparse
+
+    import gpu_plans
+
+    trials = gpu_stages.eight_b_trials(False)
+    assert [(t["layers"], t["seq"]) for t in trials] == [(2, 262144), (4, 262144), (2, 524288), (2, 1048576)]
+    plans = {gpu_plans.recipe_key("h100", t): dict(planned_gib=40.0, planned_step_s=1.0,
+                                                   planned_host_gib=1e6 if t["seq"] > 262144 else 1.0) for t in trials}
+    ran = []
+
+    def child(kind, spec, timeout, log):
+        ran.append(spec["trial"])
+        return dict(rows=[dict(spec["trial"], ok=True, peak_gib=41.0, step_s=1.2)], rc=0, timed_out=False)
+
+    import psutil
+
+    monkeypatch.setattr(gpu_stages, "child", child)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: argparse.Namespace(available=200 * 2**30, total=256 * 2**30))
+    ctx = dict(gpu="h100", plans=lambda wait=False, timeout=60: plans, cpu_adam=lambda: {})
+    with open(tmp_path / "log", "w") as log:
+        stage = gpu_stages.stage_eight_b(argparse.Namespace(dry_run=False, device="cuda"), 600, log, ctx)
+    assert ran == [dict(layers=2, seq=262144), dict(layers=4, seq=262144)]
+    skipped = [r for r in stage["rows"] if r.get("skipped")]
+    assert len(skipped) == 2 and all(r["skipped"].startswith("host has") and "host has 200 GiB available, the plan needs 1000024" in r["skipped"]
+                                     for r in skipped)
+    assert stage["ok"] and stage["peak_within"] and stage["rows"][0]["peak_ratio"] == round(40 / 41, 4)
+    assert gpu_report.targets({"eight_b": stage})["plan_peak_8b_L2_256K"]["passed"]
 
 
 def test_speed_ratios_against_the_baseline_of_the_same_call(monkeypatch):
