@@ -28,7 +28,9 @@ Executors:
         bottom-right causal alignment). A block of up to :data:`SEGMENT_CALLS` segments runs one
         call per segment on views of the block's tensors (no gathered copies), its backward one per
         query head of each KV group (dK/dV never expanded to the query heads, which the GQA backward
-        of one call does); a block of more runs all segments of one causality in a single call.
+        of one call does); a block of one segment and several KV heads, one backward call per KV
+        head with its query heads, writing that head's dK/dV directly (no fp32 sum over the key
+        prefix); a block of more runs all segments of one causality in a single call.
     ``loop`` (CPU): one ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward) per
         segment, the bottom-right diagonal as an additive mask: the CPU's fused path, and the
         lse/backward plumbing shared with the CUDA path tested on CPU against the reference.
@@ -230,6 +232,31 @@ def _segments_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, dk_
             dv_thd[ka:kb] += dv
 
 
+def _one_segment_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, seg: Segments, num_q: int,
+                          num_k: int, scale: float):
+    """A block of one segment (local attention's StreamBP chunk over its key prefix): one call per KV
+    head, its ``g`` query heads against it, each writing its own KV head's dK/dV in K's dtype: no fp32
+    accumulator over the prefix (nothing is summed) and a GQA expansion of one KV head's keys only.
+    Returns dK, dV [B * num_k, Hkv, D] (zero outside the segment's keys)."""
+    kv_heads = k_thd.shape[1]
+    group = q_thd.shape[1] // kv_heads
+    rng, unused = _rng_state(q_thd.device)
+    dk_thd, dv_thd = torch.zeros_like(k_thd), torch.zeros_like(v_thd)
+    qa, qb, ka, kb, causal = next(_spans(seg, num_q, num_k))
+    cu_q, cu_k = _one_sequence(qb - qa, q_thd.device), _one_sequence(kb - ka, q_thd.device)
+    for c in range(kv_heads):
+        heads = slice(c * group, (c + 1) * group)
+        do, q, out = (t[qa:qb, heads].contiguous() for t in (do_thd, q_thd, out_thd))
+        k, v = (t[ka:kb, c:c + 1].contiguous() for t in (k_thd, v_thd))
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            do, q, k, v, out, lse_ht[heads, qa:qb].contiguous(), cu_q, cu_k, qb - qa, kb - ka, 0.0, causal,
+            rng, unused, scale=scale)
+        dq_thd[qa:qb, heads] = dq
+        dk_thd[ka:kb, c:c + 1] = dk
+        dv_thd[ka:kb, c:c + 1] = dv
+    return dk_thd, dv_thd
+
+
 def varlen_forward(q_bshd, k_bshd, v_bshd, seg: Segments, scale: float):
     batch, num_q, heads, dim = q_bshd.shape
     num_k = k_bshd.shape[1]
@@ -256,6 +283,10 @@ def varlen_backward(dout_bshd, q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, seg: S
     do_thd, q_thd, out_thd, k_thd, v_thd = flat
     lse_ht = lse_bhs.float().transpose(0, 1).reshape(heads, batch * num_q)
     dq_thd = torch.zeros(q_thd.shape, dtype=torch.float32, device=q_bshd.device)
+    if len(seg) == 1 and kv_heads > 1:
+        dk_thd, dv_thd = _one_segment_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, seg, num_q,
+                                               num_k, scale)
+        return dq_thd.view(q_bshd.shape).to(q_bshd.dtype), dk_thd.view(k_bshd.shape), dv_thd.view(v_bshd.shape)
     dk_thd = torch.zeros(batch * num_k, kv_heads, dim, dtype=torch.float32, device=q_bshd.device)
     dv_thd = torch.zeros_like(dk_thd)
     if len(seg) <= SEGMENT_CALLS:

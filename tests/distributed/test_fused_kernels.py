@@ -224,6 +224,39 @@ def test_cuda_local_attention_with_documents_uses_varlen():
 
 
 # ---------------------------------------------------------------- the CUDA executor's plumbing on CPU
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_a_one_segment_block_runs_one_backward_call_per_kv_head(monkeypatch, hkv):
+    """A block of one segment (one row, one document: local attention whole, or a StreamBP chunk over
+    its key prefix) runs its backward as one flash call per KV head with that head's query heads, each
+    writing its own dK/dV (nothing summed in fp32 over the prefix); checked against the reference
+    with the flash ops emulated, and the calls counted."""
+    from longtrain.kernels import fused as fk
+    emulated = EmulatedFlash()
+    calls = []
+
+    def backward(*args, **kwargs):
+        calls.append(args[2].shape[1])  # the KV heads of the call
+        return emulated.backward(*args, **kwargs)
+
+    monkeypatch.setattr(fk, "_RNG_META", {})
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", emulated.forward, raising=False)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", backward, raising=False)
+    kernels = AttentionKernels("flash", cuda_device_types=("cpu",), cuda_dtypes=(torch.float32,))
+    q, k, v, dout = (t[:1] for t in _inputs(hkv, torch.float32))
+    for q0, q1 in ((0, S), (16, 32)):  # the whole sequence; a chunk of queries over its key prefix
+        calls.clear()
+        q_idx, k_idx = torch.arange(q0, q1), torch.arange(0, q1)
+        block = (q[:, q0:q1], k[:, :q1], v[:, :q1], q_idx, k_idx, None, None, 0.3)
+        assert len(plan_segments(q_idx, k_idx, None, None, 1)) == 1
+        out, lse = kernels.forward(*block)
+        want_out, want_lse = reference_block_forward(*block)
+        got = kernels.backward(dout[:, q0:q1], *block[:3], out, lse, *block[3:])
+        want = reference_block_backward(dout[:, q0:q1], *block[:3], want_out, want_lse, *block[3:])
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *got), (want_out, want_lse, *want)):
+            assert _err(a, b) < FP32_TOL, f"[{q0}, {q1}) {name}: {_err(a, b):.3g}"
+        assert calls == [1] * hkv
+
+
 @pytest.mark.parametrize("calls", ["per segment", "one varlen call"])
 @pytest.mark.parametrize("docs", [False, True])
 @pytest.mark.parametrize("hkv", [4, 2, 1])
