@@ -81,11 +81,12 @@ def test_plan_speed_dry_run_times_a_plan():
 
 def test_gpu_plans_dry_run_plans_each_trial(tmp_path):
     """bench/gpu_plans.py (the plans the GPU suite compares with the device) plans every dry-run trial
-    without a GPU, keyed as the suite looks them up, and keeps what the file already holds."""
+    without a GPU, the 8B stage's recipe trials too, keyed as the suite looks them up, and keeps what
+    the file already holds."""
     import sys as _sys
     _sys.path.insert(0, str(REPO / "bench"))
-    from gpu_plans import plan_key
-    from gpu_stages import plan_trials
+    from gpu_plans import plan_key, recipe_key
+    from gpu_stages import eight_b_trials, plan_trials
 
     out = tmp_path / "plans.json"
     out.write_text(json.dumps({"kept": {"planned_gib": 1.0}}))
@@ -93,8 +94,11 @@ def test_gpu_plans_dry_run_plans_each_trial(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plans = json.loads(out.read_text())
-    assert set(plans) == {"kept"} | {plan_key("h100", t) for t in plan_trials(True)}
-    assert all(p["planned_gib"] > 0 and p["planned_tokens_per_s"] > 0 for k, p in plans.items() if k != "kept")
+    recipes = {recipe_key("h100", t) for t in eight_b_trials(True)}
+    assert set(plans) == {"kept"} | {plan_key("h100", t) for t in plan_trials(True)} | recipes
+    assert all(p["planned_gib"] > 0 and p["planned_tokens_per_s"] > 0 for k, p in plans.items()
+               if k != "kept" and k not in recipes)
+    assert all(plans[k]["planned_gib"] > 0 and plans[k]["planned_host_gib"] >= 0 for k in recipes)
 
 
 def test_parity_margins_bench_tabulates_a_capability():
