@@ -36,6 +36,25 @@ def emit(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
+def train_into(row: dict, cfg, summarise) -> None:
+    """Train ``cfg`` with the trainer (``longtrain.train.run``) and add to ``row`` ``ok=True`` and
+    ``summarise(the records of its metrics.jsonl)``, or ``ok=False`` and what stopped it (out of
+    memory, or the exception's first line)."""
+    import torch
+
+    from longtrain.train import run
+    from longtrain.trainer.metrics import METRICS_FILE
+    from longtrain.trainer.plots import read_metrics
+
+    try:
+        run(cfg)
+        row.update(ok=True, **summarise(read_metrics(Path(cfg.run.dir) / METRICS_FILE)))
+    except torch.OutOfMemoryError:
+        row.update(ok=False, error="out of memory")
+    except Exception as exc:  # noqa: BLE001 - reported in the row; the caller's next run still runs
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+
 def free(device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -65,7 +84,7 @@ def smoke(spec: dict) -> None:
 
     from longtrain.config import register_configs
     from longtrain.kernels.dispatch import KERNEL_STATS
-    from longtrain.train import RECIPES_DIR, run
+    from longtrain.train import RECIPES_DIR
 
     register_configs()
     end = time.time() + spec["seconds"]
@@ -79,16 +98,9 @@ def smoke(spec: dict) -> None:
                 cfg = OmegaConf.to_object(compose(config_name="tiny", overrides=smoke_overrides(spec, mode, backend,
                                                                                                  tmp)))
             t0, before = time.time(), dict(KERNEL_STATS.calls)
-            try:
-                run(cfg)
-                lines = (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()
-                metrics = [json.loads(x) for x in lines]
-                row.update(ok=True, loss=[m["loss"] for m in metrics], grad_norm=[m["grad_norm"] for m in metrics],
-                           peak_gib=max(m.get("peak_mem_gib", 0) for m in metrics))
-            except torch.OutOfMemoryError:
-                row.update(ok=False, error="out of memory")
-            except Exception as exc:  # noqa: BLE001 - reported, and the next mode still runs
-                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            train_into(row, cfg, lambda metrics: dict(loss=[m["loss"] for m in metrics],
+                                                      grad_norm=[m["grad_norm"] for m in metrics],
+                                                      peak_gib=max(m.get("peak_mem_gib", 0) for m in metrics)))
             row["kernel_calls"] = {p: KERNEL_STATS.calls[p] - before[p] for p in before if KERNEL_STATS.calls[p] > before[p]}
             row["seconds"] = round(time.time() - t0, 1)
             emit(row)
@@ -203,11 +215,8 @@ def recipe(spec: dict) -> None:
     """One trial of ``spec["recipe"]`` through the trainer (``longtrain.train.run``): ``spec["steps"]``
     steps with ``spec["overrides"]`` (the depth, the length), data the recipe's own generator makes;
     the peak the trainer reports (``max_memory_allocated`` on CUDA) and the last step's time."""
-    import torch
-
     from longtrain.config import register_configs
     from longtrain.precheck import compose_config
-    from longtrain.train import run
 
     register_configs()
     row = dict(spec["trial"])
@@ -220,16 +229,13 @@ def recipe(spec: dict) -> None:
                               "checkpoint.every=0", "checkpoint.save_final=false", "logging.progress=false",
                               "logging.wandb.mode=disabled"])
         t0 = time.time()
-        try:
-            run(cfg)
-            metrics = [json.loads(x) for x in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
+
+        def summarise(metrics):
             steps = [m for m in metrics if "step_time_s" in m]
-            row.update(ok=True, peak_gib=round(max(m["peak_mem_gib"] for m in steps), 3),
-                       step_s=round(steps[-1]["step_time_s"], 3), tokens_per_s=round(steps[-1]["tokens_per_s"]))
-        except torch.OutOfMemoryError:
-            row.update(ok=False, error="out of memory")
-        except Exception as exc:  # noqa: BLE001 - reported in the row
-            row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            return dict(peak_gib=round(max(m["peak_mem_gib"] for m in steps), 3),
+                        step_s=round(steps[-1]["step_time_s"], 3), tokens_per_s=round(steps[-1]["tokens_per_s"]))
+
+        train_into(row, cfg, summarise)
         row["seconds"] = round(time.time() - t0, 1)
     emit(row)
 

@@ -32,24 +32,29 @@ def plan_key(gpu: str, t: dict) -> str:
     return f"{gpu}|{t['shape']}|L{t['layers']}|{t['mode']}|{t['seq']}|c{t['streambp_chunk']}|l{t['loss_chunk']}"
 
 
-def plan_trial(gpu_name: str, t: dict) -> dict:
-    """Plan ``bench/train_step.py``'s step of trial ``t`` for ``gpu_name`` (batch 1, bf16, fused AdamW,
-    no clipping, flash attention kernels)."""
+def _planned(argv, gpu_name: str) -> dict:
+    """The plan of one step of the command line ``argv`` (overrides, ``--config-name``) for ``gpu_name``."""
     from longtrain.config import register_configs
     from longtrain.plan import get_gpu, run_step
     from longtrain.precheck import compose_config
 
     register_configs()
-    cfg = compose_config([f"model.name={t['shape']}", f"model.num_layers={t['layers']}", f"data.seq_len={t['seq']}",
-                          "data.micro_batch_size=1", "data.global_batch_size=1",
-                          f"trainer.loss_chunk_size={t['loss_chunk']}", "trainer.attention_backend=flash",
-                          f"memory.streambp.chunk_size={t['streambp_chunk']}", "optim.clip_grad_norm=0",
-                          *MODES[t["mode"]]])
+    cfg = compose_config(argv)
     t0 = time.time()
     plan = run_step(cfg, get_gpu(gpu_name))
     return dict(planned_gib=round(plan.peak_bytes / 2**30, 3), planned_step_s=round(plan.time_s, 3),
                 planned_tokens_per_s=round(plan.tokens_per_s), planned_host_gib=round(plan.host_bytes / 2**30, 3),
                 planned_bound_by=plan.bound_by, plan_seconds=round(time.time() - t0, 1))
+
+
+def plan_trial(gpu_name: str, t: dict) -> dict:
+    """Plan ``bench/train_step.py``'s step of trial ``t`` for ``gpu_name`` (batch 1, bf16, fused AdamW,
+    no clipping, flash attention kernels)."""
+    return _planned([f"model.name={t['shape']}", f"model.num_layers={t['layers']}", f"data.seq_len={t['seq']}",
+                     "data.micro_batch_size=1", "data.global_batch_size=1",
+                     f"trainer.loss_chunk_size={t['loss_chunk']}", "trainer.attention_backend=flash",
+                     f"memory.streambp.chunk_size={t['streambp_chunk']}", "optim.clip_grad_norm=0",
+                     *MODES[t["mode"]]], gpu_name)
 
 
 def recipe_key(gpu: str, t: dict) -> str:
@@ -59,16 +64,7 @@ def recipe_key(gpu: str, t: dict) -> str:
 
 def plan_recipe_trial(gpu_name: str, t: dict) -> dict:
     """Plan one step of recipe trial ``t`` (``bench/gpu_children.py recipe``) for ``gpu_name``."""
-    from longtrain.config import register_configs
-    from longtrain.plan import get_gpu, run_step
-    from longtrain.precheck import compose_config
-
-    register_configs()
-    cfg = compose_config(["--config-name", t["recipe"], *t["overrides"]])
-    t0 = time.time()
-    plan = run_step(cfg, get_gpu(gpu_name))
-    return dict(planned_gib=round(plan.peak_bytes / 2**30, 3), planned_step_s=round(plan.time_s, 3),
-                planned_host_gib=round(plan.host_bytes / 2**30, 3), plan_seconds=round(time.time() - t0, 1))
+    return _planned(["--config-name", t["recipe"], *t["overrides"]], gpu_name)
 
 
 def main(argv=None) -> int:

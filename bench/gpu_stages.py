@@ -334,10 +334,10 @@ def stage_eight_b(a, timeout: float, log, ctx: dict) -> dict:
     plans = ctx["plans"](wait=True, timeout=min(60.0, timeout / 4))
     rows, deadline = [], time.time() + timeout
     build = ctx["cpu_adam"]() if a.device == "cuda" else {}
+    margin = 1 if a.dry_run else HOST_MARGIN_GIB
     for t in eight_b_trials(a.dry_run):
         row = dict(layers=t["layers"], seq=t["seq"], **(plans.get(recipe_key(ctx["gpu"], t)) or {}))
-        host = psutil.virtual_memory().available / 2**30
-        margin = 1 if a.dry_run else HOST_MARGIN_GIB
+        host = psutil.virtual_memory().available / 2**30  # what earlier trials left
         need = (row.get("planned_host_gib") or 0.0) + margin
         left = deadline - time.time()
         guess = (row.get("planned_step_s") or 0.0) * 2 + 60  # one step, the engine's setup and CPU Adam
