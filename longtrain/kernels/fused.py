@@ -217,19 +217,28 @@ def _segments_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, dk_
     head, in KV-head order: head ``h`` reads KV head ``h // g``) against the whole K/V, so the op's
     dK/dV are the KV heads' own, never expanded to the query heads."""
     group = q_thd.shape[1] // k_thd.shape[1]
-    rng, unused = _rng_state(q_thd.device)
-    for qa, qb, ka, kb, causal in _spans(seg, num_q, num_k):
-        cu_q, cu_k = _one_sequence(qb - qa, q_thd.device), _one_sequence(kb - ka, q_thd.device)
-        k, v = k_thd[ka:kb], v_thd[ka:kb]
+    rng = _rng_state(q_thd.device)
+    for span in _spans(seg, num_q, num_k):
+        qa, qb, ka, kb, causal = span
+        cu = (_one_sequence(qb - qa, q_thd.device), _one_sequence(kb - ka, q_thd.device))
         for j in range(group):
-            heads = slice(j, None, group)
-            do, q, out = (t[qa:qb, heads].contiguous() for t in (do_thd, q_thd, out_thd))
-            dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                do, q, k, v, out, lse_ht[heads, qa:qb].contiguous(), cu_q, cu_k, qb - qa, kb - ka, 0.0, causal,
-                rng, unused, scale=scale)
-            dq_thd[qa:qb, heads] = dq
+            dk, dv = _heads_backward(do_thd, q_thd, out_thd, lse_ht, dq_thd, k_thd[ka:kb], v_thd[ka:kb],
+                                     slice(j, None, group), span, cu, rng, scale)
             dk_thd[ka:kb] += dk
             dv_thd[ka:kb] += dv
+
+
+def _heads_backward(do_thd, q_thd, out_thd, lse_ht, dq_thd, k, v, heads: slice, span, cu, rng, scale: float):
+    """One flash backward call: the query heads ``heads`` of segment ``span`` (:func:`_spans`; ``cu``
+    its cumulative lengths, ``rng`` :func:`_rng_state`'s pair) against ``k``/``v`` (its keys, as many
+    heads as ``heads`` selects or one to share); writes their dQ into ``dq_thd`` and returns the
+    call's dK, dV."""
+    qa, qb, ka, kb, causal = span
+    do, q, out = (t[qa:qb, heads].contiguous() for t in (do_thd, q_thd, out_thd))
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        do, q, k, v, out, lse_ht[heads, qa:qb].contiguous(), *cu, qb - qa, kb - ka, 0.0, causal, *rng, scale=scale)
+    dq_thd[qa:qb, heads] = dq
+    return dk, dv
 
 
 def _one_segment_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, seg: Segments, num_q: int,
@@ -240,18 +249,14 @@ def _one_segment_backward(do_thd, q_thd, k_thd, v_thd, out_thd, lse_ht, dq_thd, 
     Returns dK, dV [B * num_k, Hkv, D] (zero outside the segment's keys)."""
     kv_heads = k_thd.shape[1]
     group = q_thd.shape[1] // kv_heads
-    rng, unused = _rng_state(q_thd.device)
     dk_thd, dv_thd = torch.zeros_like(k_thd), torch.zeros_like(v_thd)
-    qa, qb, ka, kb, causal = next(_spans(seg, num_q, num_k))
-    cu_q, cu_k = _one_sequence(qb - qa, q_thd.device), _one_sequence(kb - ka, q_thd.device)
+    span = next(_spans(seg, num_q, num_k))
+    qa, qb, ka, kb, causal = span
+    cu, rng = (_one_sequence(qb - qa, q_thd.device), _one_sequence(kb - ka, q_thd.device)), _rng_state(q_thd.device)
     for c in range(kv_heads):
-        heads = slice(c * group, (c + 1) * group)
-        do, q, out = (t[qa:qb, heads].contiguous() for t in (do_thd, q_thd, out_thd))
         k, v = (t[ka:kb, c:c + 1].contiguous() for t in (k_thd, v_thd))
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            do, q, k, v, out, lse_ht[heads, qa:qb].contiguous(), cu_q, cu_k, qb - qa, kb - ka, 0.0, causal,
-            rng, unused, scale=scale)
-        dq_thd[qa:qb, heads] = dq
+        dk, dv = _heads_backward(do_thd, q_thd, out_thd, lse_ht, dq_thd, k, v, slice(c * group, (c + 1) * group),
+                                 span, cu, rng, scale)
         dk_thd[ka:kb, c:c + 1] = dk
         dv_thd[ka:kb, c:c + 1] = dv
     return dk_thd, dv_thd
