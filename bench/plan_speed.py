@@ -61,7 +61,8 @@ def run_case(name: str, args: List[str], target: Optional[float]) -> dict:
         return out
     plan = answer["plan"]
     out.update(fits=answer["fits"], peak_gib=round(plan["peak_bytes"] / 2**30, 2),
-               host_gib=round(plan["host_bytes"] / 2**30, 2), depth_probes=plan["depth_probes"])
+               host_gib=round(plan["host_bytes"] / 2**30, 2), depth_probes=plan["depth_probes"],
+               seq_probes=plan.get("seq_probes"))
     if "max_seq" in answer:
         out["max_seq"] = answer["max_seq"]
         out["max_seq_peak_gib"] = round(answer["max_seq_plan"]["peak_bytes"] / 2**30, 2)

@@ -51,7 +51,7 @@ def run_row(name: str, model: str, overrides: List[str], gpu_name: str, world_si
     from longtrain.config import register_configs
     from longtrain.plan import get_gpu
     from longtrain.plan.cli import SEQ_MULTIPLE, max_seq, with_seq
-    from longtrain.plan.depth import plan_step
+    from longtrain.plan.length import plan_step
     from longtrain.precheck import compose_config
 
     register_configs()

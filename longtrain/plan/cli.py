@@ -25,13 +25,13 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from longtrain.config import Config, ConfigError, register_configs
 from longtrain.plan.calibration import calibrated
 from longtrain.plan.comm import Interconnect, parse_interconnect
 from longtrain.plan.gpus import GPUS, Gpu, get_gpu
-from longtrain.plan.depth import plan_step
+from longtrain.plan.length import Probes, plan_step, seq_unit, with_chunk, with_seq
 from longtrain.plan.step import StepPlan, long_chunk
 from longtrain.plan.sweep import LIBRARY_LOGGERS, SweepRow, format_sweep, layout_config, sweep
 from longtrain.errors import FULL_ERROR_ENV, error_boundary
@@ -74,11 +74,6 @@ def _split(argv: List[str]) -> Tuple[dict, List[str]]:
             rest.append(argv[i])
         i += 1
     return own, rest
-
-
-def with_seq(cfg: Config, seq_len: int) -> Config:
-    """``cfg`` with ``data.seq_len=seq_len``."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
 
 
 def _host_mem(gpu: Gpu, text: str) -> Gpu:
@@ -137,17 +132,23 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
     the same end moved twice running) until it is :data:`SEQ_TOLERANCE` of the length wide (at least
     :data:`SEQ_MULTIPLE`) or the fitting end fills :data:`FILLED` of the memory: a handful of plans
     instead of a doubling and a bisection. Each plan
-    extends a few layers to the model's depth (:mod:`longtrain.plan.depth`) unless ``exact``.
+    extends a few layers to the model's depth (:mod:`longtrain.plan.depth`) unless ``exact``, and
+    under StreamBP a few shorter steps to its length (:mod:`longtrain.plan.length`): the search then
+    first narrows the bracket to whole StreamBP units (a chunk on every rank; every such length
+    shares one set of sequence probes), then to :data:`SEQ_MULTIPLE` (a set of probes per length).
     """
-    seen = {}
+    seen: Dict[int, StepPlan] = {}
+    cache: Probes = {}  # the sequence probes of each remainder, shared by every length
+    unit = None if exact else seq_unit(with_chunk(with_seq(cfg, MAX_SEQ_LIMIT), gpu))
+    granule = unit or SEQ_MULTIPLE
 
     def at(seq) -> float:
         if seq not in seen:
-            seen[seq] = plan_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net, exact=exact)
+            seen[seq] = plan_step(with_seq(cfg, seq), gpu, world_size=world_size, net=net, exact=exact, probes=cache)
         return gpu.load(seen[seq])
 
     def down(x: float) -> int:
-        return int(x) // SEQ_MULTIPLE * SEQ_MULTIPLE
+        return int(x) // granule * granule
 
     lo, hi = 0, None  # longest length known to fit, shortest known not to
     first = SEQ_MULTIPLE * 16
@@ -166,7 +167,7 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
             slope = max(at(b) - at(a), 1e-12) / (b - a)
             # the line's length at AIM (just under a full GPU), and on
             guess = min(MAX_SEQ_LIMIT, max(down(b + (AIM - at(b)) / slope),
-                                           lo + max(SEQ_MULTIPLE, down(SEQ_TOLERANCE * lo))))
+                                           lo + max(granule, down(SEQ_TOLERANCE * lo))))
             if at(guess) > 1:
                 hi = guess
             else:
@@ -174,18 +175,20 @@ def max_seq(cfg: Config, gpu: Gpu, world_size: int = 1, net: Optional[Interconne
         if hi is None:
             return lo, seen[lo]
     if lo == 0:  # below the first probe: bisect down to SEQ_MULTIPLE
+        granule = SEQ_MULTIPLE
         lo = SEQ_MULTIPLE if at(SEQ_MULTIPLE) <= 1 else 0
         if lo == 0:
             return 0, None
-    moved = None
-    while hi - lo > max(SEQ_MULTIPLE, SEQ_TOLERANCE * lo) and at(lo) < FILLED:
-        mid = down(lo + (1 - at(lo)) * (hi - lo) / max(at(hi) - at(lo), 1e-12))
-        if moved == "twice":
-            mid = down((lo + hi) // 2)
-        mid = min(max(mid, lo + SEQ_MULTIPLE), hi - SEQ_MULTIPLE)
-        side = "lo" if at(mid) <= 1 else "hi"
-        moved = "twice" if side == moved else side
-        lo, hi = (mid, hi) if side == "lo" else (lo, mid)
+    for granule in dict.fromkeys((granule, SEQ_MULTIPLE)):  # whole StreamBP units first (module docstring)
+        moved = None
+        while hi - lo > max(granule, SEQ_TOLERANCE * lo) and at(lo) < FILLED:
+            mid = down(lo + (1 - at(lo)) * (hi - lo) / max(at(hi) - at(lo), 1e-12))
+            if moved == "twice":
+                mid = down((lo + hi) // 2)
+            mid = min(max(mid, lo + granule), hi - granule)
+            side = "lo" if at(mid) <= 1 else "hi"
+            moved = "twice" if side == moved else side
+            lo, hi = (mid, hi) if side == "lo" else (lo, mid)
     return lo, seen[lo]
 
 

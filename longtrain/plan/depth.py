@@ -54,12 +54,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from longtrain.config import Config
 from longtrain.models import ModelArgs
 from longtrain.plan.comm import Interconnect
 from longtrain.plan.gpus import Gpu
+from longtrain.plan.split import PEAK_TENSORS
 from longtrain.plan.step import DERIVED, StepPlan, derive_totals, run_step
 from longtrain.trainer.build import build_model_args
 
@@ -106,38 +110,86 @@ def probe_depths(args: ModelArgs, start: int = FIRST_PROBE, spacing: int = 1) ->
     return depths if depths[-1] < args.num_layers else None
 
 
-def _extend(values: Sequence, depths: Sequence[int], depth: int, what: str):
-    """The line through ``values`` at ``depths`` (evenly spaced), checked, at ``depth``."""
-    (a, b, c), step = values, depths[1] - depths[0]
-    if isinstance(a, bool) or a is None or isinstance(a, str):
-        if not a == b == c:
-            raise NotPeriodic(f"{what}: {a!r}, {b!r}, {c!r}")
-        return a
-    slope1, slope2 = b - a, c - b
-    if isinstance(a, int):
-        if slope1 != slope2:
-            raise NotPeriodic(f"{what}: {a}, {b}, {c} at depths {list(depths)}")
-        return c + slope2 * (depth - depths[-1]) // step
-    if abs(slope1 - slope2) > FLOAT_RTOL * max(abs(a), abs(b), abs(c), 1e-300):
-        raise NotPeriodic(f"{what}: {a!r}, {b!r}, {c!r} at depths {list(depths)}")
-    return c + slope2 * (depth - depths[-1]) / step
+@dataclass(frozen=True)
+class Axis:
+    """Where probes were planned and where their plan is extended: evenly spaced ``positions``
+    (depths, or sequence lengths: :mod:`longtrain.plan.length`) and the ``target``, with every
+    quantity a polynomial of ``degree`` in the position (1: a line; ``degree + 2`` probes check it).
+
+    Integers must follow it exactly, floats within ``rtol`` of the largest value (on the
+    ``degree``-th differences); names in ``loose`` are integers held to the floats' tolerance and
+    rounded (collective counts along the sequence: DeepSpeed's parameter prefetch varies by a few
+    gathers)."""
+
+    positions: Tuple[int, ...]
+    target: int
+    degree: int = 1
+    rtol: float = FLOAT_RTOL
+    loose: Tuple[str, ...] = ()
+    follow_peak: bool = False
+    """A peak that moves to another op at the target takes its split into kinds from that op's
+    local peak (each kind extended), instead of sending the plan to other probes."""
+
+    @property
+    def steps(self) -> int:
+        """Probe spacings from the last probe to the target."""
+        return (self.target - self.positions[-1]) // (self.positions[1] - self.positions[0])
+
+    def differences(self, values: Sequence) -> List[list]:
+        """The first to ``degree``-th differences of ``values``."""
+        out, row = [], list(values)
+        for _ in range(self.degree):
+            row = [b - a for a, b in zip(row, row[1:])]
+            out.append(row)
+        return out
+
+    def at_target(self, last, slopes: Sequence, top) -> object:
+        """The polynomial through the last probe with ``slopes`` (its latest difference of each
+        order, the highest ``top``) at the target (Newton's forward differences; integers stay exact)."""
+        k = self.steps
+        if self.degree == 1:
+            return last + top * k
+        return last + slopes[0] * k + top * (k * (k + 1) // 2)
 
 
-def _extend_rows(rows: Sequence[List[dict]], depths, depth: int) -> List[dict]:
+def extend_value(values: Sequence, axis: Axis, what: str, loose: bool = False):
+    """The polynomial through ``values`` (at ``axis.positions``), checked, at ``axis.target``;
+    ``loose``: integers held to the floats' tolerance (:attr:`Axis.loose`)."""
+    if isinstance(values[0], bool) or values[0] is None or isinstance(values[0], str):
+        if any(v != values[0] for v in values):
+            raise NotPeriodic(f"{what}: {list(values)!r}")
+        return values[0]
+    diffs = axis.differences(values)
+    top = diffs[-1]
+    if isinstance(values[0], int) and not loose:
+        if any(d != top[0] for d in top):
+            raise NotPeriodic(f"{what}: {list(values)} at {list(axis.positions)}")
+        return axis.at_target(values[-1], [d[-1] for d in diffs[:-1]], top[-1])
+    if max(top) - min(top) > axis.rtol * max(max(abs(v) for v in values), 1e-300):
+        raise NotPeriodic(f"{what}: {list(values)!r} at {list(axis.positions)}")
+    if axis.degree == 1:
+        out = axis.at_target(values[-1], [d[-1] for d in diffs[:-1]], top[-1])
+    else:  # the least-squares polynomial over every probe: the sums' small wobble is not amplified
+        out = float(np.polyval(np.polyfit(np.arange(len(values)), np.asarray(values, dtype=float), axis.degree),
+                               len(values) - 1 + axis.steps))
+    return round(out) if isinstance(values[0], int) else out
+
+
+def _extend_rows(rows: Sequence[List[dict]], axis: Axis) -> List[dict]:
     """Collective rows, matched by (axis, kind, link), each number extended."""
     keyed = [{(r["axis"], r["kind"], r["link"]): r for r in plan_rows} for plan_rows in rows]
-    if not keyed[0].keys() == keyed[1].keys() == keyed[2].keys():
-        raise NotPeriodic("the collectives differ between depths")
+    if any(k.keys() != keyed[0].keys() for k in keyed):
+        raise NotPeriodic("the collectives differ between probes")
     out = []
     for key, row in keyed[-1].items():
-        out.append({f: _extend([k[key][f] for k in keyed], depths, depth, f"{key} {f}")
+        out.append({f: extend_value([k[key][f] for k in keyed], axis, f"comm {key} {f}", "comm" in axis.loose)
                     if isinstance(row[f], (int, float)) and not isinstance(row[f], bool) else row[f] for f in row})
     return out
 
 
-def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], depth: int,
-                   what: str, bound: bool = False) -> Tuple[Dict[str, int], str]:
-    """A maximum over keys (the local peaks, the largest transient by op) at ``depth``: each key's
+def _extend_maxima(by_key: Sequence[Dict[str, int]], axis: Axis, what: str,
+                   bound: bool = False) -> Tuple[Dict[str, int], str]:
+    """A maximum over keys (the local peaks, the largest transient by op) at the target: each key's
     value on its line, and the key of the largest. A key off the line is left out where its value
     extended at its steepest step between the probes stays below the largest (module docstring);
     with ``bound``, it is kept at that value instead, so the maximum is an upper bound (for a figure
@@ -150,10 +202,9 @@ def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], dept
     for key in by_key[-1]:
         values = [b.get(key, 0) for b in by_key]
         try:
-            lines[key] = _extend(values, depths, depth, f"{what} at {key}")
+            lines[key] = extend_value(values, axis, f"{what} at {key}")
         except NotPeriodic:  # off the line: extended at its steepest step, an upper bound
-            steps = (depth - depths[-1]) // (depths[1] - depths[0])
-            bounds[key] = values[-1] + max(values[1] - values[0], values[2] - values[1], 0) * steps
+            bounds[key] = values[-1] + max(max(axis.differences(values)[0]), 0) * axis.steps
     if bound:
         lines.update(bounds)
         bounds = {}
@@ -162,57 +213,88 @@ def _extend_maxima(by_key: Sequence[Dict[str, int]], depths: Sequence[int], dept
     top = max(lines, key=lines.get)
     for key, bound in bounds.items():
         if bound >= lines[top]:
-            raise NotPeriodic(f"{what} at {key}: {[b.get(key, 0) for b in by_key]} at depths {list(depths)} "
+            raise NotPeriodic(f"{what} at {key}: {[b.get(key, 0) for b in by_key]} at {list(axis.positions)} "
                               f"is off the line and could reach the {what}")
     return lines, top
 
 
-def extend(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int, gpu: Optional[Gpu]) -> StepPlan:
-    """The plan at ``depth`` from the probes' ``plans`` at ``depths`` (module docstring).
+def _extend_kinds(by_key: Sequence[Dict[str, Dict[str, int]]], axis: Axis) -> Dict[str, Dict[str, int]]:
+    """Each local peak's split into kinds at the target (a key missing from a probe, or with a kind
+    off its line, is left out: only the peak's own key is needed, and it is checked)."""
+    out = {}
+    for key, kinds in by_key[-1].items():
+        if all(key in b for b in by_key):
+            try:
+                out[key] = {k: extend_value([b[key][k] for b in by_key], axis, f"{key} {k}") for k in kinds}
+            except NotPeriodic:
+                continue
+    return out
+
+
+def extend(plans: Sequence[StepPlan], axis: Axis, dp: int, gpu: Optional[Gpu]) -> StepPlan:
+    """The plan at ``axis.target`` from the probes' ``plans`` at ``axis.positions`` (module
+    docstring); the largest tensors at the peak are the last probe's (the caller may extend them).
 
     Raises:
-        NotPeriodic: a quantity is not linear over the probes.
+        NotPeriodic: a quantity is not on its polynomial over the probes.
     """
-    peaks, top = _extend_maxima([p.peak_by_key for p in plans], depths, depth, "peak")
-    for d, p in zip(depths, plans):
-        here = max(p.peak_by_key, key=p.peak_by_key.get)
-        if here != top:  # the split of the peak into kinds was measured elsewhere
-            raise NotPeriodic(f"the peak moves from {here} ({d} layers) to {top} ({depth} layers)")
-    largest, top_transient = _extend_maxima([p.largest_by_key for p in plans], depths, depth, "largest transient",
+    peaks, top = _extend_maxima([p.peak_by_key for p in plans], axis, "peak")
+    kinds_by_key = _extend_kinds([p.kinds_by_key for p in plans], axis)
+    moved = [(x, here) for x, p in zip(axis.positions, plans)
+             if (here := max(p.peak_by_key, key=p.peak_by_key.get)) != top]
+    if moved and not (axis.follow_peak and top in kinds_by_key):  # the split was measured elsewhere
+        raise NotPeriodic(f"the peak moves from {moved[0][1]} (at {moved[0][0]}) to {top} (at {axis.target})")
+    largest, top_transient = _extend_maxima([p.largest_by_key for p in plans], axis, "largest transient",
                                             bound=True)
-    out = {"peak_by_key": peaks, "largest_by_key": largest, "largest_transient": largest[top_transient]}
+    out = {"peak_by_key": peaks, "largest_by_key": largest, "largest_transient": largest[top_transient],
+           "kinds_by_key": kinds_by_key}
+    if moved:  # the figures of the peak: the split at the op it moved to (set below)
+        out.update(peak_bytes=peaks[top], peak_phase=top.split(":")[0], peak_tensors=[],
+                   activations_at_peak=kinds_by_key[top]["other"], buffers_bytes=kinds_by_key[top]["buffers"])
     for f in dataclasses.fields(StepPlan):
         values = [getattr(p, f.name) for p in plans]
         if f.name in out:
             continue
-        if f.name in DERIVED or f.name == "peak_tensors":
+        if moved and f.name == "extra":
+            values = [{k: v for k, v in e.items() if not k.startswith("peak_")} for e in values]
+        if f.name in DERIVED or f.name in ("peak_tensors", "depth_probes", "seq_probes"):
             out[f.name] = values[-1]
         elif f.name == "comm":
-            out[f.name] = _extend_rows(values, depths, depth)
+            out[f.name] = _extend_rows(values, axis)
         elif isinstance(values[0], dict):
-            if not values[0].keys() == values[1].keys() == values[2].keys():
-                raise NotPeriodic(f"{f.name}: keys differ between depths")
-            out[f.name] = {k: _extend([v[k] for v in values], depths, depth, f"{f.name}.{k}") for k in values[-1]
+            if any(v.keys() != values[0].keys() for v in values):
+                raise NotPeriodic(f"{f.name}: keys differ between probes")
+            out[f.name] = {k: extend_value([v[k] for v in values], axis, f"{f.name}.{k}", f.name in axis.loose)
+                           for k in values[-1]
                            if (f.name, k) != ("time_breakdown", "comm_exposed")}  # derived: recombined below
         else:
-            out[f.name] = _extend(values, depths, depth, f.name)
+            out[f.name] = extend_value(values, axis, f.name, f.name in axis.loose)
     plan = StepPlan(**out)
-    if plan.peak_bytes != peaks[top]:
+    if moved:  # the tensors the probes listed were alive elsewhere: none listed
+        plan.extra = {**plan.extra, **{f"peak_{kind}": n for kind, n in kinds_by_key[top].items()}}
+    if plan.peak_bytes != peaks[top] or sum(kinds_by_key.get(top, {}).values()) not in (0, plan.peak_bytes):
         raise NotPeriodic(f"peak_bytes {plan.peak_bytes} is not the largest local peak {peaks[top]} ({top})")
     if gpu is not None:
         derive_totals(plan, dp, gpu)
+    return plan
+
+
+def _extend_depth(plans: Sequence[StepPlan], depths: Sequence[int], depth: int, dp: int,
+                  gpu: Optional[Gpu]) -> StepPlan:
+    plan = extend(plans, Axis(tuple(depths), depth), dp, gpu)
     plan.extra = {**plan.extra, "planned_layers": float(depth)}
     plan.depth_probes = list(depths)
     return plan
 
 
 def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: Optional[Interconnect] = None,
-              exact: bool = False) -> StepPlan:
+              exact: bool = False, listed: int = PEAK_TENSORS) -> StepPlan:
     """The plan of ``cfg``'s step: from shallow probes (module docstring), or of the whole model when
     ``exact``, when the model is too shallow to probe, or when no probe set below its depth is linear.
 
     Args: as :func:`~longtrain.plan.step.run_step`; ``exact`` plans every layer and every
-    micro-batch (:mod:`longtrain.plan.micro`).
+    micro-batch (:mod:`longtrain.plan.micro`); ``listed``: how many of the largest tensors at the
+    peak the plan lists.
     """
     args = build_model_args(cfg.model)
     dp = world_size // (cfg.parallel.sp.ulysses * cfg.parallel.sp.ring)
@@ -228,14 +310,14 @@ def plan_step(cfg: Config, gpu: Optional[Gpu] = None, world_size: int = 1, net: 
             continue  # the probes would cost more than the whole model
         for d in depths:
             if d not in planned:
-                planned[d] = run_step(cfg, gpu, world_size=world_size, net=net, num_layers=d)
+                planned[d] = run_step(cfg, gpu, world_size=world_size, net=net, num_layers=d, listed=listed)
         try:
-            return extend([planned[d] for d in depths], depths, args.num_layers, dp, gpu)
+            return _extend_depth([planned[d] for d in depths], depths, args.num_layers, dp, gpu)
         except NotPeriodic as err:
             why = f"the probes at depths {depths} are not linear ({err})"
     if not exact:
         log.warning("planning all %d layers: %s", args.num_layers, why)
-    return run_step(cfg, gpu, world_size=world_size, net=net, every_micro_batch=exact)
+    return run_step(cfg, gpu, world_size=world_size, net=net, every_micro_batch=exact, listed=listed)
 
 
-__all__ = ["NotPeriodic", "ZERO_PLANNED_WHOLE", "extend", "layer_period", "plan_step", "probe_depths"]
+__all__ = ["Axis", "NotPeriodic", "ZERO_PLANNED_WHOLE", "extend", "extend_value", "layer_period", "plan_step", "probe_depths"]

@@ -41,9 +41,10 @@ class StepKinds:
         return "other"
 
 
-def split(tracker, kinds: StepKinds, snapshot: Dict[int, Tuple[int, str]], phase: str) -> Tuple[Dict[str, int], List[dict]]:
+def split(tracker, kinds: StepKinds, snapshot: Dict[int, Tuple[int, str]], phase: str,
+          listed: int = PEAK_TENSORS) -> Tuple[Dict[str, int], List[dict]]:
     """Device bytes of ``snapshot`` (a tracker snapshot: serial -> (bytes, where)) by kind, and its
-    :data:`PEAK_TENSORS` largest storages described."""
+    ``listed`` largest storages described."""
     by_kind = dict.fromkeys(KINDS, 0)
     top = []
     for serial, (size, where) in snapshot.items():
@@ -53,7 +54,7 @@ def split(tracker, kinds: StepKinds, snapshot: Dict[int, Tuple[int, str]], phase
         by_kind[kind] += size
         top.append((size, serial, kind))
     return by_kind, [_described(tracker, serial, size, kind, phase)
-                     for size, serial, kind in sorted(top, reverse=True)[:PEAK_TENSORS]]
+                     for size, serial, kind in sorted(top, reverse=True)[:listed]]
 
 
 def _described(tracker, serial: int, size: int, kind: str, phase: str) -> dict:

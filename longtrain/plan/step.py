@@ -42,8 +42,8 @@ import dataclasses
 import functools
 import gc
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import asdict
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -60,106 +60,12 @@ from longtrain.plan.comm import Interconnect, by_phase, parse_interconnect, summ
 from longtrain.plan.fakes import HostAdamStandIn, PlannedHostCopy, local_rank, zero_offload_on_host
 from longtrain.plan.gpus import Gpu
 from longtrain.plan.micro import MiddleMarks, planned_micro_batches
-from longtrain.plan.split import StepKinds, split
-from longtrain.plan.tracker import START_KEY, StepTracker
+from longtrain.plan.split import KINDS, PEAK_TENSORS, StepKinds, split
+from longtrain.plan.stepplan import StepPlan
+from longtrain.plan.tracker import StepTracker
 from longtrain.plan.world import fake_world
 from longtrain.trainer.build import Seams, build_model_args, build_run, layout_run
 from longtrain.trainer.step import micro_batches
-
-
-@dataclass
-class StepPlan:
-    """What one training step holds and costs on one rank (bytes, FLOPs, seconds).
-
-    ``tokens`` are the tokens of one data-parallel replica's step (whole sequences); the rank holds
-    ``tokens / sp`` of them. ``tokens_per_s`` is the whole job's (``dp`` replicas), ``mfu`` the
-    trainer's definition per GPU.
-    """
-
-    seq_len: int
-    tokens: int
-    precision: str
-    peak_bytes: int
-    params_bytes: int
-    grads_bytes: int
-    optimizer_bytes: int
-    activations_at_peak: int
-    activations_kept: int
-    largest_transient: int
-    host_bytes: int
-    """Peak of host memory under offload (layer inputs, ZeRO's optimizer partitions)."""
-    peak_phase: str
-    flops: int
-    formula_flops: float
-    world_size: int = 1
-    layout: str = "dp=1 x ring=1 x ulysses=1"
-    sp: int = 1
-    time_s: float = 0.0
-    """The clock's step time (:mod:`longtrain.plan.clock`), copies and communication overlapped
-    (``time_overlap_s``)."""
-    compute_s: float = 0.0
-    """Datasheet roofline: the ops' compute terms at the dense bf16 peak."""
-    memory_s: float = 0.0
-    """Datasheet roofline: the ops' memory terms at the datasheet HBM bandwidth."""
-    roofline_s: float = 0.0
-    """The ops' datasheet roofline time alone (sum of max(compute, memory); no communication): a
-    bound no run reaches, kept for comparison with the clock."""
-    comm_s: float = 0.0
-    """Every collective's bandwidth time, one after the other."""
-    time_serial_s: float = 0.0
-    """The clock with nothing overlapped: device work + every host copy + host optimizer + communication."""
-    time_overlap_s: float = 0.0
-    """The clock with host copies and communication overlapped as :mod:`longtrain.plan.clock` models it."""
-    time_breakdown: Dict[str, float] = field(default_factory=dict)
-    """Seconds of ``time_s`` per category (:data:`longtrain.plan.clock.CATEGORIES`: matmul, attention,
-    memory, host_copy_exposed, host_optimizer, comm_exposed); they add up to ``time_s``."""
-    bound_by: str = ""
-    """The largest category of ``time_breakdown``: what bounds the step."""
-    host_copy_s: float = 0.0
-    """Every host <-> device copy of the step (offloaded layer inputs, ZeRO-Offload), overlapped or not."""
-    clock: str = ""
-    """The achieved rates the clock used and their source."""
-    comm_bytes: int = 0
-    comm: List[dict] = field(default_factory=list)
-    """Per (axis, kind) of collective: count, bytes sent by this rank, link, time."""
-    comm_by_phase: Dict[str, int] = field(default_factory=dict)
-    interconnect: str = ""
-    tokens_per_s: float = 0.0
-    tokens_per_s_serial: float = 0.0
-    mfu: float = 0.0
-    streambp_chunk: Optional[int] = None
-    buffers_bytes: int = 0
-    """At the peak: engine and communication buffers, i.e. storages that are not parameters,
-    gradients or optimizer state and either were alive before the step (the engine's buckets,
-    model buffers such as RoPE tables) or were read or written by a collective (reduce buckets,
-    Ulysses' all-to-all receive buffers)."""
-    peak_tensors: List[dict] = field(default_factory=list)
-    """The largest storages alive at the peak (:data:`~longtrain.plan.split.PEAK_TENSORS`): bytes, kind (params, grads,
-    optimizer, buffers, other), the op that made them, shape, dtype and the phase it ran in."""
-    extra: Dict[str, float] = field(default_factory=dict)
-    host_pinned_bytes: int = 0
-    """Peak of the page-locked part of the host memory (offloaded layer inputs, DeepSpeed's pinned
-    buffers); the rest of :attr:`host_bytes` is pageable (a host optimizer's state)."""
-    peak_by_key: Dict[str, int] = field(default_factory=dict)
-    """Device bytes alive at every local peak, by ``"phase:op"`` (the tracker's); the plan's peak is
-    their maximum. How :mod:`longtrain.plan.depth` extends the peak to a deeper model."""
-    largest_by_key: Dict[str, int] = field(default_factory=dict)
-    """The largest single transient storage (or op workspace) by ``"phase:op"`` that made it;
-    :attr:`largest_transient` is their maximum (extended by key as :attr:`peak_by_key` is)."""
-    depth_probes: Optional[List[int]] = None
-    """The depths whose plans were extended to the model's (:mod:`longtrain.plan.depth`); None:
-    every layer was planned."""
-
-    @property
-    def start_bytes(self) -> int:
-        """Device bytes alive when the step starts: parameters, optimizer state, the engine's and the
-        model's buffers. The memory features (checkpointing, StreamBP, offload) do not change them."""
-        return self.peak_by_key.get(START_KEY, 0)
-
-    @property
-    def bytes_per_token(self) -> float:
-        """Device bytes per token of context this rank holds (its ``tokens / sp``)."""
-        return self.peak_bytes * self.sp / max(self.tokens, 1)
 
 
 def _config_for_target(cfg: Config, args, on_gpu: bool, bf16: bool, memory_bytes: Optional[int]) -> Config:
@@ -232,7 +138,7 @@ def _batches(cfg: Config, args, dims: ParallelDims, grad_accum: int, seq: Option
 
 def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_size: int = 1,
              net: Optional[Interconnect] = None, num_layers: Optional[int] = None,
-             every_micro_batch: bool = False) -> StepPlan:
+             every_micro_batch: bool = False, listed: int = PEAK_TENSORS) -> StepPlan:
     """Run one training step of ``cfg`` as rank 0 of ``world_size`` ranks and return its plan.
 
     Args:
@@ -247,6 +153,7 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
             is checked for the whole model): a probe of :mod:`longtrain.plan.depth`.
         every_micro_batch: plan every micro-batch of a fake step (else three of a longer one and the
             middle one repeated: :mod:`longtrain.plan.micro`); a real step runs every one.
+        listed: how many of the largest tensors alive at the peak the plan lists.
     """
     with ExitStack() as stack:
         stack.enter_context(process_state_kept())  # one plan's engine must not change the next plan's step
@@ -278,7 +185,8 @@ def run_step(cfg: Config, gpu: Optional[Gpu] = None, fake: bool = True, world_si
                 mark = tracker.mark_host if gpu is not None else (lambda t: None)
                 cfg.zero.extra = stack.enter_context(zero_offload_on_host(cfg.zero.extra, offloads, mark))
                 seams.host_optimizer = HostAdamStandIn
-        plan = _tracked_step(cfg, layout, batches, num_valid, tracker, seams, warm_up, every_micro_batch or not fake)
+        plan = _tracked_step(cfg, layout, batches, num_valid, tracker, seams, warm_up, every_micro_batch or not fake,
+                             listed)
         _add_time(plan, tracker, dims, gpu, net)
         return plan
 
@@ -328,7 +236,8 @@ def _optimizer_step(engine, balancer, tracker: StepTracker) -> None:
 
 
 def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: StepTracker, seams: Seams,
-                  warm_up: Callable[[], Tuple[list, int]], every_micro_batch: bool) -> StepPlan:
+                  warm_up: Callable[[], Tuple[list, int]], every_micro_batch: bool,
+                  listed: int = PEAK_TENSORS) -> StepPlan:
     """Build the run as the trainer does (:func:`~longtrain.trainer.build.build_run`, with the plan's
     seams) and run one step of its micro-batch loop under ``tracker`` (every micro-batch, or three
     and the middle one repeated: :mod:`longtrain.plan.micro`).
@@ -381,7 +290,8 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
         optimizer_bytes = sum(tracker.size_of(s) for s in state_keys)
     kinds = StepKinds(param_keys, grad_keys, state_keys, buffer_keys, input_keys, tracker.step_start,
                       tracker.comm_serials)
-    cats, peak_tensors = split(tracker, kinds, tracker.peak_snapshot, tracker.peak_phase)
+    cats, peak_tensors = split(tracker, kinds, tracker.peak_snapshot, tracker.peak_phase, listed)
+    kinds_by_key = tracker.bytes_at_keys(kinds.of)
     largest_by_key, held = {"workspace": tracker.workspace_peak}, grad_keys | buffer_keys
     for serial, size in tracker.allocations:
         if serial not in held:
@@ -402,6 +312,7 @@ def _tracked_step(cfg: Config, layout, batches: list, num_valid: int, tracker: S
     if planned_micro is not None:
         plan.extra["planned_micro_batches"] = float(planned_micro)
     plan.peak_by_key = dict(tracker.peak_by_key)
+    plan.kinds_by_key = {key: {kind: by_kind.get(kind, 0) for kind in KINDS} for key, by_kind in kinds_by_key.items()}
     plan.largest_by_key = largest_by_key
     plan.host_pinned_bytes = tracker.pinned_peak
     plan.peak_tensors = peak_tensors

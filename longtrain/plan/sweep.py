@@ -48,7 +48,7 @@ from longtrain.config import Config
 from longtrain.models.args import divisors
 from longtrain.plan.comm import Interconnect
 from longtrain.plan.gpus import Gpu
-from longtrain.plan.depth import plan_step
+from longtrain.plan.length import plan_step
 from longtrain.plan.step import StepPlan
 
 MEMORY_FEATURES = ("none", "checkpointing", "streambp", "streambp+offload")

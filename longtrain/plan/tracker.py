@@ -43,6 +43,8 @@ which for the load-balanced zigzag layout is the same causal work per rank in to
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import weakref
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
@@ -55,6 +57,11 @@ from longtrain.plan.comm import Collective, collective_of
 from longtrain.plan.flops import op_flops, workspace_bytes
 
 aten = torch.ops.aten
+_DEVICE = torch.ops.prim.device.default
+_METADATA_OPS = frozenset((_DEVICE, torch.ops.prim.layout.default))
+"""Ops that only read a tensor's metadata (``t.device``, which Python code and the autograd engine ask
+of every tensor: half the ops a plan dispatches): they allocate, read and write nothing, so the
+tracker passes them straight through."""
 
 
 WORKSPACE = 0
@@ -144,6 +151,8 @@ class StepTracker(TorchDispatchMode):
         self.buffer_serials: Set[int] = set()
         """Serials of every storage :attr:`buffer_probe` answered."""
         self.peak_by_key: Dict[str, int] = {}
+        self._key_at: Dict[str, Tuple[int, int]] = {}
+        """Key of :attr:`peak_by_key` -> (event count, op workspace) when its local peak happened."""
         """``"phase:op"`` -> the most device bytes alive when that op of that phase ran: every local
         peak of the step, by where it happens (the planner extends each to a deeper model apart)."""
 
@@ -152,6 +161,7 @@ class StepTracker(TorchDispatchMode):
         after the warm-up step) stays counted; the peak, FLOPs, time and collectives restart."""
         self.peak, self.peak_phase = self.live, self.phase
         self.peak_by_key = {START_KEY: self.live}
+        self._key_at = {START_KEY: (self._clock, 0)}
         self.host_peak = self.host_live
         self.pinned_peak = self.pinned_live
         self._snapshot()
@@ -197,10 +207,38 @@ class StepTracker(TorchDispatchMode):
             self.peak, self.peak_phase = self.live, self.phase
             self._snapshot()
 
-    def _at_key(self, live: int, op: Optional[str] = None) -> None:
+    def _at_key(self, live: int, op: Optional[str] = None, workspace: int = 0) -> None:
         key = f"{self.phase}:{op or self._op}"
         if live > self.peak_by_key.get(key, -1):
             self.peak_by_key[key] = live
+            self._key_at[key] = (self._clock, workspace)
+
+    def bytes_at_keys(self, kind_of: Callable[[int], str]) -> Dict[str, Dict[str, int]]:
+        """Device bytes alive at each local peak of :attr:`peak_by_key`, by ``kind_of(serial)`` (an
+        op's workspace: ``kind_of(WORKSPACE)``), exact: rebuilt from the events at once for every key
+        (a storage is alive on the device from its birth until it dies or moves to the host)."""
+        keys = [k for k in self.peak_by_key if k in self._key_at]
+        times = sorted({self._key_at[k][0] for k in keys})
+        if not times:
+            return {}
+        deltas: Dict[str, List[int]] = {}
+        for serial, born in self._born.items():
+            end = min(self._died.get(serial, times[-1] + 1), self._hosted.get(serial, times[-1] + 1))
+            first, last = bisect.bisect_left(times, born), bisect.bisect_left(times, end)
+            if first < last:  # alive at times[first:last]
+                row = deltas.setdefault(kind_of(serial), [0] * (len(times) + 1))
+                row[first] += self._sizes[serial]
+                row[last] -= self._sizes[serial]
+        alive = {kind: list(itertools.accumulate(row)) for kind, row in deltas.items()}
+        place = {t: i for i, t in enumerate(times)}
+        out = {}
+        for key in keys:
+            t, workspace = self._key_at[key]
+            out[key] = {kind: alive[kind][place[t]] for kind in alive}
+            if workspace:
+                kind = kind_of(WORKSPACE)
+                out[key][kind] = out[key].get(kind, 0) + workspace
+        return out
 
     def _snapshot(self, workspace: int = 0) -> None:
         """The peak is now: remember the event (the storages alive then are found from the events)."""
@@ -338,6 +376,10 @@ class StepTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _METADATA_OPS:  # a tensor's device or layout: no storage, no work
+            if func is _DEVICE and isinstance(args[0], FakeTensor):  # FakeTensorMode's own answer, without its dispatch
+                return torch.device("meta") if args[0].fake_mode.in_kernel_invocation else args[0].fake_device
+            return func(*args, **kwargs)
         self.buffer_serials |= self.serials(self.buffer_probe())
         if self.fake and func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             if args[0].dtype in (torch.bool, torch.uint8):  # a flag on float values (inf/nan, overflow)
@@ -392,7 +434,7 @@ class StepTracker(TorchDispatchMode):
         """A workspace of ``nbytes`` an op allocates and frees inside itself, alive with its outputs."""
         self.workspace_peak = max(self.workspace_peak, nbytes)
         if nbytes:
-            self._at_key(self.live + nbytes, op)
+            self._at_key(self.live + nbytes, op, nbytes)
         if nbytes and self.live + nbytes > self.peak:
             self.live += nbytes
             self.peak, self.peak_phase = self.live, self.phase

@@ -12,7 +12,7 @@ import pytest
 from longtrain.config import register_configs
 from longtrain.models import get_model_args
 from longtrain.plan import get_gpu, run_step
-from longtrain.plan.depth import NotPeriodic, extend, layer_period, plan_step, probe_depths
+from longtrain.plan.depth import Axis, NotPeriodic, extend, layer_period, plan_step, probe_depths
 from longtrain.plan.step import StepPlan
 from longtrain.precheck import compose_config
 
@@ -49,7 +49,8 @@ def _cfg(overrides):
 
 def _assert_equal(got: StepPlan, want: StepPlan) -> None:
     for f in dataclasses.fields(StepPlan):
-        if f.name in ("peak_tensors", "depth_probes", "extra", "peak_by_key", "largest_by_key"):  # maxima: below
+        if f.name in ("peak_tensors", "depth_probes", "extra", "peak_by_key", "largest_by_key",
+                      "kinds_by_key"):  # maxima and the peak's split: below
             continue
         a, b = getattr(got, f.name), getattr(want, f.name)
         if f.name == "comm":
@@ -66,6 +67,7 @@ def _assert_equal(got: StepPlan, want: StepPlan) -> None:
     assert {k: v for k, v in got.extra.items() if k != "planned_layers"} == pytest.approx(want.extra, rel=1e-9)
     top = max(want.peak_by_key, key=want.peak_by_key.get)  # the local peaks: the largest one is the same
     assert got.peak_by_key[top] == want.peak_by_key[top] == want.peak_bytes
+    assert got.kinds_by_key[top] == want.kinds_by_key[top] and sum(want.kinds_by_key[top].values()) == want.peak_bytes
     top = max(want.largest_by_key, key=want.largest_by_key.get)  # so is the largest transient's op
     assert got.largest_by_key[top] == want.largest_by_key[top] == want.largest_transient
 
@@ -102,27 +104,27 @@ def test_a_quantity_off_the_line_is_refused_and_the_whole_model_planned(caplog):
     probes = [run_step(cfg, num_layers=d) for d in (2, 3, 4)]
     probes[1] = dataclasses.replace(probes[1], params_bytes=probes[1].params_bytes + 1)
     with pytest.raises(NotPeriodic, match="params_bytes"):
-        extend(probes, [2, 3, 4], DEPTH, 1, None)
+        extend(probes, Axis((2, 3, 4), DEPTH), 1, None)
     top = max(probes[1].peak_by_key, key=probes[1].peak_by_key.get)
     probes[1].peak_by_key[top] += 1  # a local peak off the line
     with pytest.raises(NotPeriodic, match="peak at"):
-        extend(probes, [2, 3, 4], DEPTH, 1, None)
+        extend(probes, Axis((2, 3, 4), DEPTH), 1, None)
     probes[1].peak_by_key[top] -= 1
     top = max(probes[1].largest_by_key, key=probes[1].largest_by_key.get)
     before = [p.largest_by_key[top] for p in probes]
     probes[1].largest_by_key[top] += 1  # the largest transient off its line: a figure only reported,
     with pytest.raises(NotPeriodic, match="params_bytes"):  # kept at its bound, an upper bound
-        extend(probes, [2, 3, 4], DEPTH, 1, None)
+        extend(probes, Axis((2, 3, 4), DEPTH), 1, None)
     probes[1] = dataclasses.replace(probes[1], params_bytes=probes[1].params_bytes - 1)
     steepest = max(before[1] + 1 - before[0], before[2] - before[1] - 1, 0)
-    deep = extend(probes, [2, 3, 4], DEPTH, 1, None)
+    deep = extend(probes, Axis((2, 3, 4), DEPTH), 1, None)
     assert deep.largest_by_key[top] == before[2] + steepest * (DEPTH - 4) == deep.largest_transient
     probes[1].largest_by_key[top] -= 1
     # a maximum whose key changes deeper (ZeRO-2's float64 copy of its flat gradient partition, which
     # grows with the depth, overtakes the embedding-sized copy): each key on its line, the largest wins
     for d, probe in zip((2, 3, 4), probes):
         probe.largest_by_key = {"forward:embedding": 1000, "optimizer:_to_copy": 100 * d}
-    deep = extend(probes, [2, 3, 4], DEPTH, 1, None)
+    deep = extend(probes, Axis((2, 3, 4), DEPTH), 1, None)
     assert deep.largest_transient == 100 * DEPTH and deep.largest_by_key["forward:embedding"] == 1000
     plan = plan_step(cfg, exact=True)
     assert plan.depth_probes is None and plan.peak_bytes == run_step(cfg).peak_bytes
