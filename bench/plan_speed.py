@@ -8,7 +8,7 @@ for ``--max-seq``, the rows of ``--sweep``).
 Usage:
   python bench/plan_speed.py                    # the three timed plans (about 4 minutes on 2 cores)
   python bench/plan_speed.py --cases 1b-1m
-  python bench/plan_speed.py --cases 8b-8rank-sweep-128k   # about 15 minutes on 2 cores
+  python bench/plan_speed.py --cases 8b-8rank-sweep-128k   # about 20 minutes on 2 cores
   python bench/plan_speed.py --dry-run          # the tiny model: seconds
 """
 from __future__ import annotations

@@ -61,7 +61,7 @@ _DEVICE = torch.ops.prim.device.default
 _METADATA_OPS = frozenset((_DEVICE, torch.ops.prim.layout.default))
 """Ops that only read a tensor's metadata (``t.device``, which Python code and the autograd engine ask
 of every tensor: half the ops a plan dispatches): they allocate, read and write nothing, so the
-tracker passes them straight through."""
+tracker answers them without its per-op bookkeeping."""
 
 
 WORKSPACE = 0
@@ -151,10 +151,10 @@ class StepTracker(TorchDispatchMode):
         self.buffer_serials: Set[int] = set()
         """Serials of every storage :attr:`buffer_probe` answered."""
         self.peak_by_key: Dict[str, int] = {}
-        self._key_at: Dict[str, Tuple[int, int]] = {}
-        """Key of :attr:`peak_by_key` -> (event count, op workspace) when its local peak happened."""
         """``"phase:op"`` -> the most device bytes alive when that op of that phase ran: every local
         peak of the step, by where it happens (the planner extends each to a deeper model apart)."""
+        self._key_at: Dict[str, Tuple[int, int]] = {}
+        """Key of :attr:`peak_by_key` -> (event count, op workspace) when its local peak happened."""
 
     def start_step(self) -> None:
         """Start measuring the step proper: what is alive now (model, optimizer and engine state
